@@ -1,0 +1,28 @@
+"""Test-wide setup: simulate 8 CPU devices so multi-device code runs everywhere.
+
+XLA reads XLA_FLAGS once, when jax initialises its backends, so this must run
+before any test module imports jax.
+"""
+import os
+
+_FLAG = "--xla_force_host_platform_device_count=8"
+if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+
+import pytest  # noqa: E402
+
+DEVICE_COUNTS = (1, 8)
+
+
+@pytest.fixture(params=DEVICE_COUNTS, ids=lambda n: f"{n}dev")
+def devices(request):
+    """The first 1 or 8 local devices; a test using it runs once per count."""
+    import jax
+
+    local = jax.local_devices()
+    if len(local) < request.param:
+        pytest.fail(
+            f"need {request.param} devices, jax sees {len(local)}: XLA_FLAGS was set "
+            "after jax initialised (import jax only inside tests or fixtures)"
+        )
+    return local[: request.param]

@@ -1,0 +1,135 @@
+"""Shared test helpers: small Flower-schema TFRecord sets and randomised timm BatchNorm.
+
+The Kaggle "Flower Classification with TPUs" schema: `image` (JPEG bytes),
+`class` (int64) and `id` (bytes); test files carry no `class`. Files are
+written with the `tfrecord` package's own writer, an implementation independent
+of ours, so reading them back checks our reader against a second opinion.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# Distinct, well-separated RGB colours: class k paints its shape in PALETTE[k].
+PALETTE = np.array(
+    [
+        [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212],
+        [0, 128, 128], [170, 110, 40], [128, 0, 0], [0, 0, 128], [128, 128, 0], [255, 255, 255],
+    ],
+    dtype=np.uint8,
+)
+
+
+@dataclass
+class FlowerSet:
+    """What `write_flower_tfrecords` wrote, in file order."""
+
+    files: list[str]
+    ids: list[str]
+    labels: list[int] | None
+    jpegs: list[bytes] = field(repr=False)
+    records_per_file: list[int]
+
+
+def synthetic_images(
+    n: int, num_classes: int, size: int | tuple[int, int], seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable images: a class-coloured disc at a random place on a noisy background.
+
+    Returns `uint8` images of shape (n, H, W, 3) and `int64` labels cycling over
+    the classes (balanced), in a seeded random order.
+    """
+    if num_classes > len(PALETTE):
+        raise ValueError(f"at most {len(PALETTE)} classes, got {num_classes}")
+    h, w = (size, size) if isinstance(size, int) else size
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.arange(n) % num_classes).astype(np.int64)
+    yy, xx = np.mgrid[0:h, 0:w]
+    images = rng.integers(0, 90, size=(n, h, w, 3), dtype=np.uint8)
+    for i, label in enumerate(labels):
+        r = rng.uniform(0.2, 0.35) * min(h, w)
+        cy, cx = rng.uniform(r, h - r), rng.uniform(r, w - r)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        images[i][disc] = PALETTE[label]
+    return images, labels
+
+
+def encode_jpeg(image: np.ndarray, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def write_flower_tfrecords(
+    out_dir: str | os.PathLike,
+    *,
+    num_records: int,
+    num_shards: int = 2,
+    num_classes: int = 5,
+    size: int = 32,
+    labels: bool = True,
+    seed: int = 0,
+    id_prefix: str = "",
+) -> FlowerSet:
+    """Write a Flower-schema shard set with the `tfrecord` package's writer.
+
+    Shards are named like Kaggle's (`00-32x32-13.tfrec`); records are split as
+    evenly as possible. Ids are unique: `{id_prefix}{seed}-{i:05d}`.
+    """
+    from tfrecord.writer import TFRecordWriter
+
+    os.makedirs(out_dir, exist_ok=True)
+    images, classes = synthetic_images(num_records, num_classes, size, seed)
+    ids = [f"{id_prefix}{seed}-{i:05d}" for i in range(num_records)]
+    jpegs = [encode_jpeg(img) for img in images]
+    h, w = images.shape[1:3]
+    files, counts = [], []
+    for shard, idx in enumerate(np.array_split(np.arange(num_records), num_shards)):
+        path = os.path.join(out_dir, f"{shard:02d}-{h}x{w}-{len(idx)}.tfrec")
+        writer = TFRecordWriter(path)
+        for i in idx:
+            record = {"image": (jpegs[i], "byte"), "id": (ids[i].encode(), "byte")}
+            if labels:
+                record["class"] = (int(classes[i]), "int")
+            writer.write(record)
+        writer.close()
+        files.append(path)
+        counts.append(len(idx))
+    return FlowerSet(
+        files=files,
+        ids=ids,
+        labels=[int(c) for c in classes] if labels else None,
+        jpegs=jpegs,
+        records_per_file=counts,
+    )
+
+
+def randomize_batchnorm(model, seed: int = 0):
+    """Give every BatchNorm non-trivial statistics and affine parameters, in place.
+
+    running_mean ~ N(0, 0.1), running_var ~ U(0.5, 2), weight ~ U(0.5, 1.5),
+    bias ~ N(0, 0.1). timm initialises running stats to 0/1 and zeroes the last
+    BN weight of residual blocks; parity tests on those values cannot see a
+    swapped mean/var, a wrong eps or a dropped branch.
+    """
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._NormBase):
+                if module.track_running_stats:
+                    shape = module.running_mean.shape
+                    module.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
+                    module.running_var.copy_(torch.rand(shape, generator=gen) * 1.5 + 0.5)
+                if module.affine:
+                    shape = module.weight.shape
+                    module.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
+                    module.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
+    return model

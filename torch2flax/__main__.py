@@ -1,0 +1,3 @@
+from torch2flax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Training, evaluation and prediction: composes ``loaders`` with ``torch2flax`` models."""
