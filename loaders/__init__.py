@@ -2,3 +2,30 @@
 
 Knows nothing of Flax models; everything here produces NumPy arrays or jax.Arrays.
 """
+import importlib
+
+# Exports load on first use (PEP 562): the `torch2flax` CLI and DataLoader workers import
+# `loaders` submodules, and must not pay for jax, torch and albumentations they do not use.
+_EXPORTS = {
+    "numpy_collate": "collate", "pad_batch": "collate", "shard_batch": "collate",
+    "make_mesh": "device", "normalize_on_device": "device", "prefetch_to_device": "device",
+    "put_batch": "device",
+    "Loader": "loader", "make_loader": "loader",
+    "RecordTransform": "transforms", "eval_transform": "transforms", "train_transform": "transforms",
+    "ImageDecodeError": "image", "decode_image": "image",
+    "CorruptRecordError": "tfrecord", "RecordError": "tfrecord", "TFRecordDataset": "tfrecord",
+    "write_tfrecords": "writer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"loaders.{_EXPORTS[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

@@ -1,0 +1,252 @@
+"""`make_loader`: a torch DataLoader with the defaults a JAX training loop needs.
+
+- Batches are host dicts of NumPy arrays already shaped for `pmap`:
+  `[num_devices, batch_size // num_devices, ...]` (`image` uint8, `label` int64,
+  `id` strings; `mask` bool in evaluation).
+- Training batches are full and shuffled (drop_last); evaluation batches cover
+  every sample exactly once, the last one padded to the full batch size (shapes
+  stay static, so a jitted step compiles once) with `mask` False on padding.
+- Shuffling is a function of (seed, epoch) and each sample's augmentation of
+  (seed, epoch, index): batches do not depend on `num_workers` or on which
+  worker loads what, two runs with one seed are identical, epochs differ.
+- Workers start with forkserver (spawn where unavailable), never fork: JAX runs
+  threads, and forking a process with threads can deadlock. They persist
+  across epochs, so their start-up cost is paid once.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import sys
+import warnings
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.utils.data
+
+from loaders.collate import numpy_collate, shard_batch
+from loaders.transforms import find_augmenters, reseed_augmenters, sample_seed
+
+__all__ = ["Loader", "make_loader"]
+
+
+class _SeededDataset(torch.utils.data.Dataset):
+    """Loads `dataset[index]` for keys (epoch, index), reseeding its augmenters first.
+
+    The epoch travels inside the key because persistent workers hold their own
+    copy of this object and never see `Loader.set_epoch`.
+    """
+
+    def __init__(self, dataset: Any, seed: int):
+        self.dataset = dataset
+        self.seed = seed
+        self._augmenters: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_augmenters"] = None  # found again in each worker's own copy
+        return state
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        epoch, index = key
+        if self._augmenters is None:
+            self._augmenters = find_augmenters(self.dataset)
+        if self._augmenters:
+            reseed_augmenters(self._augmenters, sample_seed(self.seed, epoch, index))
+        try:
+            return self.dataset[index]
+        except Exception as e:
+            if hasattr(e, "add_note"):  # Python >= 3.11
+                e.add_note(f"(make_loader: while loading sample {index} of epoch {epoch})")
+            raise
+
+
+class _EpochBatchSampler(torch.utils.data.Sampler):
+    """Batches of (epoch, index) keys; the order is a function of (seed, epoch) only."""
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int):
+        self.num_samples = num_samples
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.drop_last = drop_last
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        if self.drop_last:
+            return self.num_samples // self.batch_size
+        return -(-self.num_samples // self.batch_size)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        else:
+            order = np.arange(self.num_samples)
+        epoch = self.epoch
+        for b in range(len(self)):
+            yield [(epoch, int(i)) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+
+
+class _Collate:
+    """numpy_collate + shard_batch, run inside the workers (picklable)."""
+
+    def __init__(self, batch_size: int, num_devices: int, pad: bool):
+        self.batch_size = batch_size
+        self.num_devices = num_devices
+        self.pad = pad
+
+    def __call__(self, samples: Sequence[Any]) -> dict[str, Any]:
+        batch = numpy_collate(samples)
+        batch = shard_batch(batch, self.num_devices, pad=self.pad,
+                            pad_to=self.batch_size if self.pad else None)
+        # Numeric arrays travel back to the main process as torch tensors: torch
+        # hands their storage over in shared memory instead of pickling ~10 MB of
+        # pixels per batch through a pipe. `Loader.__iter__` turns them back into
+        # NumPy views (no copy). Strings stay NumPy.
+        return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
+
+
+def _worker_init(worker_id: int) -> None:
+    # One worker is one core's worth of work: OpenCV's own thread pool (used by
+    # resizes) would oversubscribe the cores the other workers are using.
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def _multiprocessing_context(dataset: Any) -> mp.context.BaseContext:
+    """forkserver where available (cheap starts: modules are imported once, in the server)."""
+    if "forkserver" not in mp.get_all_start_methods():
+        return mp.get_context("spawn")
+    ctx = mp.get_context("forkserver")
+    # Only effective before the server first starts; failed imports are ignored by it.
+    preload = ["__main__", "torch", "albumentations", "cv2", "loaders.loader"]
+    module = type(dataset).__module__
+    if module and module != "__main__" and module in sys.modules:
+        preload.append(module)
+    ctx.set_forkserver_preload(preload)
+    return ctx
+
+
+class Loader:
+    """Iterable of host batches; see `make_loader`."""
+
+    def __init__(self, dataloader: torch.utils.data.DataLoader, sampler: _EpochBatchSampler,
+                 *, num_devices: int, train: bool):
+        self.dataloader = dataloader
+        self.sampler = sampler
+        self.num_devices = num_devices
+        self.train = train
+
+    @property
+    def batch_size(self) -> int:
+        return self.sampler.batch_size
+
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the shuffle order and augmentation draws of `epoch` (deterministic)."""
+        self.sampler.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        for batch in self.dataloader:
+            yield {k: v.numpy() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def __repr__(self) -> str:
+        return (f"Loader(batches={len(self)}, batch_size={self.batch_size}, "
+                f"num_devices={self.num_devices}, train={self.train}, "
+                f"num_workers={self.dataloader.num_workers})")
+
+
+def make_loader(
+    dataset: Any,
+    batch_size: int,
+    *,
+    train: bool,
+    num_devices: int | None = None,
+    num_workers: int = 2,
+    seed: int = 0,
+    prefetch_factor: int = 2,
+    multiprocessing_context: str | mp.context.BaseContext | None = None,
+    timeout: float = 0,
+) -> Loader:
+    """Wrap a map-style dataset in a DataLoader yielding `[num_devices, per_device, ...]` batches.
+
+    Args:
+      dataset: map-style dataset whose items are dicts (or tuples) of arrays /
+        scalars / strings, e.g. `TFRecordDataset(files, transform=RecordTransform(...))`.
+        albumentations Composes it holds are reseeded per sample (see module doc).
+      batch_size: global batch per process; must be divisible by `num_devices`.
+      train: True: shuffled, full batches (drop_last), no mask. False: in order,
+        every sample exactly once, last batch padded, bool `mask` always present.
+      num_devices: leading axis of every array; None means `jax.local_device_count()`.
+      num_workers: DataLoader worker processes (0 loads in the main process).
+      seed: seeds the shuffle order and the augmentations, together with the epoch.
+      prefetch_factor: batches each worker loads ahead.
+      multiprocessing_context: override the start method ("forkserver"/"spawn");
+        "fork" is refused because JAX's threads make it deadlock-prone.
+      timeout: seconds to wait for a batch from a worker (0: forever).
+    """
+    if num_devices is None:
+        import jax
+
+        num_devices = jax.local_device_count()
+    if batch_size < 1 or num_devices < 1:
+        raise ValueError(f"batch_size and num_devices must be >= 1, got {batch_size} and {num_devices}")
+    if batch_size % num_devices:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by num_devices {num_devices}: the global "
+            f"batch is split evenly over the devices; use a multiple of {num_devices} "
+            f"(e.g. {max(num_devices, batch_size - batch_size % num_devices)})"
+        )
+    num_samples = len(dataset)
+    if train and num_samples < batch_size:
+        raise ValueError(
+            f"dataset has {num_samples} samples, fewer than one training batch of {batch_size} "
+            "(training drops incomplete batches)"
+        )
+    if num_workers < 0:
+        raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+    if train and not find_augmenters(dataset):
+        warnings.warn(
+            f"make_loader: found no albumentations Compose in {type(dataset).__name__} to reseed "
+            "per sample; any randomness in its transform is not controlled by `seed` and may "
+            "repeat across workers",
+            stacklevel=2,
+        )
+    sampler = _EpochBatchSampler(num_samples, batch_size, shuffle=train, drop_last=train, seed=seed)
+    kwargs: dict[str, Any] = {}
+    if num_workers > 0:
+        if multiprocessing_context is None:
+            multiprocessing_context = _multiprocessing_context(dataset)
+        elif isinstance(multiprocessing_context, str):
+            multiprocessing_context = mp.get_context(multiprocessing_context)
+        if multiprocessing_context.get_start_method() == "fork":
+            raise ValueError(
+                "make_loader: the 'fork' start method can deadlock once JAX has started its "
+                "threads; use 'forkserver' or 'spawn'"
+            )
+        kwargs = dict(
+            multiprocessing_context=multiprocessing_context,
+            persistent_workers=True,
+            prefetch_factor=prefetch_factor,
+            worker_init_fn=_worker_init,
+            timeout=timeout,
+        )
+    dataloader = torch.utils.data.DataLoader(
+        _SeededDataset(dataset, seed),
+        batch_sampler=sampler,
+        collate_fn=_Collate(batch_size, num_devices, pad=not train),
+        num_workers=num_workers,
+        pin_memory=False,
+        **kwargs,
+    )
+    return Loader(dataloader, sampler, num_devices=num_devices, train=train)

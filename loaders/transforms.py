@@ -1,0 +1,307 @@
+"""Augmentation presets (albumentations 2.x, uint8 HWC in and out) and the record transform.
+
+Images stay uint8 through the host pipeline; normalisation happens on the device
+(`loaders.device.normalize_on_device`), which moves 4x fewer bytes than float32.
+
+Randomness: albumentations 2.x gives every `A.Compose` its own generators
+(`random_generator`, `py_random`), independent of numpy's and Python's global
+state, so copies of one Compose in several DataLoader workers would draw the
+same crops. `reseed_augmenters` gives the Composes found in a dataset fresh
+generators; `loaders.make_loader` calls it before every sample with a seed
+derived from (seed, epoch, sample index), which makes the draws independent of
+the worker count and of which worker happens to load which sample.
+"""
+from __future__ import annotations
+
+import functools
+import io
+import random
+from typing import Any, Mapping, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+
+from loaders.image import decode_image
+
+__all__ = [
+    "RecordTransform",
+    "eval_transform",
+    "find_augmenters",
+    "reseed_augmenters",
+    "sample_seed",
+    "train_transform",
+]
+
+INTERPOLATIONS = {
+    "nearest": cv2.INTER_NEAREST,
+    "bilinear": cv2.INTER_LINEAR,
+    "bicubic": cv2.INTER_CUBIC,
+    "area": cv2.INTER_AREA,
+    "lanczos": cv2.INTER_LANCZOS4,
+}
+
+REDUCE_FACTORS = (8, 4, 2)  # what libjpeg's DCT scaling (decode_image's `reduce`) offers
+
+
+def _interpolation(name: str) -> int:
+    try:
+        return INTERPOLATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown interpolation {name!r}; choose one of {sorted(INTERPOLATIONS)}"
+        ) from None
+
+
+def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    h, w = size
+    return int(h), int(w)
+
+
+def train_transform(
+    size: int | Sequence[int],
+    *,
+    scale: tuple[float, float] = (0.08, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    hflip: bool = True,
+    vflip: bool = False,
+    color_jitter: float = 0.0,
+    rotate: float = 0.0,
+    erase_prob: float = 0.0,
+    interpolation: str = "bilinear",
+) -> A.Compose:
+    """timm-style training augmentation: RandomResizedCrop, flips and the usual Kaggle extras.
+
+    Args:
+      size: output side (int) or (height, width).
+      scale, ratio: RandomResizedCrop's area fraction and aspect-ratio ranges.
+      hflip, vflip: random horizontal / vertical flips with p=0.5.
+      color_jitter: brightness, contrast and saturation strength (0 disables), as timm.
+      rotate: maximum rotation in degrees (0 disables), applied after the crop.
+      erase_prob: probability of random erasing (torchvision/timm RandomErasing).
+      interpolation: one of `INTERPOLATIONS`.
+    """
+    transforms: list[A.BasicTransform] = [
+        A.RandomResizedCrop(
+            size=_size_hw(size), scale=scale, ratio=ratio, interpolation=_interpolation(interpolation)
+        )
+    ]
+    if hflip:
+        transforms.append(A.HorizontalFlip(p=0.5))
+    if vflip:
+        transforms.append(A.VerticalFlip(p=0.5))
+    if rotate:
+        transforms.append(
+            A.Rotate(limit=rotate, interpolation=_interpolation(interpolation),
+                     border_mode=cv2.BORDER_REFLECT_101, p=1.0)
+        )
+    if color_jitter:
+        transforms.append(
+            A.ColorJitter(brightness=color_jitter, contrast=color_jitter,
+                          saturation=color_jitter, hue=0.0, p=1.0)
+        )
+    if erase_prob:
+        transforms.append(A.Erasing(p=erase_prob))
+    return A.Compose(transforms)
+
+
+def eval_transform(
+    size: int | Sequence[int], *, crop_pct: float = 0.875, interpolation: str = "bicubic"
+) -> A.Compose:
+    """timm-style evaluation: resize the short side to size / crop_pct, then center-crop `size`."""
+    if not 0.0 < crop_pct <= 1.0:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    h, w = _size_hw(size)
+    # timm: scale_size = floor(size / crop_pct) for the short side.
+    scale_size = int(np.floor(max(h, w) / crop_pct))
+    return A.Compose(
+        [
+            A.SmallestMaxSize(max_size=scale_size, interpolation=_interpolation(interpolation)),
+            A.CenterCrop(height=h, width=w),
+        ]
+    )
+
+
+def _min_source_hw(augment: A.BaseCompose) -> tuple[str, int, int] | None:
+    """What the first (sizing) transform needs from its input to never upsample a full image.
+
+    Returns (mode, a, b): "hw" needs height >= a and width >= b; "short" needs
+    min(H, W) >= a; "long" needs max(H, W) >= a. None when the first transform is
+    not one whose output is (up to resampling) independent of the input scale,
+    in which case the image is decoded at full size.
+    """
+    first = augment.transforms[0] if getattr(augment, "transforms", None) else None
+    if isinstance(first, A.RandomResizedCrop):
+        # Crop geometry is drawn as fractions of the input (area scale, aspect
+        # ratio, relative position), so the crop statistics do not depend on the
+        # decoded scale; see tests/test_transforms.py.
+        h, w = first.size
+        return "hw", h, w
+    if isinstance(first, A.Resize):
+        return "hw", first.height, first.width
+    if isinstance(first, A.SmallestMaxSize) and isinstance(first.max_size, int):
+        return "short", first.max_size, 0
+    if isinstance(first, A.LongestMaxSize) and isinstance(first.max_size, int):
+        return "long", first.max_size, 0
+    return None
+
+
+def reduce_factor(source_hw: tuple[int, int], need: tuple[str, int, int] | None) -> int:
+    """Largest libjpeg DCT scale 1/r whose output still meets `need` (see `_min_source_hw`)."""
+    if need is None:
+        return 1
+    mode, a, b = need
+    h, w = source_hw
+    for r in REDUCE_FACTORS:
+        # decode_image(reduce=r) gives ceil(H/r) x ceil(W/r); floor keeps us safe.
+        hr, wr = h // r, w // r
+        if (
+            (mode == "hw" and hr >= a and wr >= b)
+            or (mode == "short" and min(hr, wr) >= a)
+            or (mode == "long" and max(hr, wr) >= a)
+        ):
+            return r
+    return 1
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) from a JPEG header, or None for anything else (decoded at full size)."""
+    if data[:2] != b"\xff\xd8":
+        return None
+    from PIL import Image  # header-only: Image.open does not decode pixels
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Exception:  # noqa: BLE001 - a bad header is reported by the decoder itself
+        return None
+    return h, w
+
+
+class RecordTransform:
+    """TFRecord dict -> {"image": uint8 (S, S, 3), "label": np.int64, "id": str}.
+
+    Decodes `record[image_key]` with `loaders.image.decode_image` and applies
+    `augment` (an albumentations Compose, e.g. `train_transform(224)`). `label`
+    is present only when the record has `label_key`; `id` only when it has `id_key`.
+
+    reduce_decode: when the first transform is a RandomResizedCrop / Resize /
+    SmallestMaxSize / LongestMaxSize whose target is at most half the source,
+    decode at 1/2, 1/4 or 1/8 scale in libjpeg's DCT domain (much cheaper than
+    a full decode) while the decoded image still covers the target. The crop
+    geometry of RandomResizedCrop is relative to the image, so its statistics
+    are unchanged; small crops are upsampled from fewer source pixels (at most
+    the target size per side of the whole image), a mild extra blur on the
+    smallest crops. Set False for bit-faithful full-resolution crops.
+    """
+
+    def __init__(
+        self,
+        augment: A.BaseCompose | None,
+        *,
+        image_key: str = "image",
+        label_key: str | None = "class",
+        id_key: str | None = "id",
+        reduce_decode: bool = True,
+    ):
+        self.augment = augment
+        self.image_key = image_key
+        self.label_key = label_key
+        self.id_key = id_key
+        self.reduce_decode = reduce_decode
+        self._need = _min_source_hw(augment) if (reduce_decode and augment is not None) else None
+
+    def decode(self, data: bytes) -> np.ndarray:
+        reduce = 1
+        if self._need is not None:
+            hw = _jpeg_size(data)
+            if hw is not None:
+                reduce = reduce_factor(hw, self._need)
+        return decode_image(data, reduce=reduce)
+
+    def __call__(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        if self.image_key not in record:
+            raise KeyError(
+                f"RecordTransform: record has no image key {self.image_key!r} "
+                f"(keys: {sorted(record)}); pass image_key="
+            )
+        image = self.decode(record[self.image_key])
+        if self.augment is not None:
+            image = self.augment(image=image)["image"]
+        out: dict[str, Any] = {"image": image}
+        if self.label_key is not None and self.label_key in record:
+            out["label"] = np.int64(record[self.label_key])
+        if self.id_key is not None and self.id_key in record:
+            rid = record[self.id_key]
+            out["id"] = rid.decode() if isinstance(rid, (bytes, bytearray)) else str(rid)
+        return out
+
+    def __repr__(self) -> str:
+        return (
+            f"RecordTransform(image_key={self.image_key!r}, label_key={self.label_key!r}, "
+            f"id_key={self.id_key!r}, reduce_decode={self.reduce_decode}, augment={self.augment!r})"
+        )
+
+
+# --------------------------------------------------------------------------- seeding
+
+_ATOMS = (str, bytes, bytearray, memoryview, int, float, bool, np.ndarray, np.generic, type(None))
+
+
+def find_augmenters(obj: Any, *, max_depth: int = 6, max_items: int = 64) -> list[A.BaseCompose]:
+    """The albumentations Composes reachable from `obj` (a dataset) through attributes.
+
+    Walks instance attributes, small lists/tuples/dicts and functools.partial
+    arguments up to `max_depth` levels (large containers such as record indexes
+    are skipped), and stops at each Compose found: setting a Compose's random
+    state propagates to its children.
+    """
+    found: list[A.BaseCompose] = []
+    seen: set[int] = set()
+
+    def visit(x: Any, depth: int) -> None:
+        if isinstance(x, _ATOMS) or id(x) in seen or depth > max_depth:
+            return
+        seen.add(id(x))
+        if isinstance(x, A.BaseCompose):
+            found.append(x)
+            return
+        if isinstance(x, (list, tuple, set, frozenset)):
+            if len(x) <= max_items:
+                for item in x:
+                    visit(item, depth + 1)
+            return
+        if isinstance(x, dict):
+            if len(x) <= max_items:
+                for item in x.values():
+                    visit(item, depth + 1)
+            return
+        if isinstance(x, functools.partial):
+            visit((x.func, x.args, x.keywords), depth)
+            return
+        attrs = getattr(x, "__dict__", None)
+        if isinstance(attrs, dict) and len(attrs) <= max_items:
+            for item in attrs.values():
+                visit(item, depth + 1)
+
+    visit(obj, 0)
+    return found
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> np.random.SeedSequence:
+    """The seed of one sample's augmentation: a function of (seed, epoch, index) only."""
+    return np.random.SeedSequence([int(seed), int(epoch), int(index)])
+
+
+def reseed_augmenters(augmenters: Sequence[A.BaseCompose], seed: np.random.SeedSequence) -> None:
+    """Give every Compose fresh numpy and Python generators derived from `seed`.
+
+    Each Compose gets its own child seed, so two pipelines in one dataset (say an
+    image and a mask pipeline) do not mirror each other's draws.
+    """
+    for compose, child in zip(augmenters, seed.spawn(len(augmenters))):
+        np_seed, py_seed = child.generate_state(2, dtype=np.uint64)
+        compose.set_random_state(np.random.default_rng(int(np_seed)), random.Random(int(py_seed)))
+
