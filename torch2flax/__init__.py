@@ -6,4 +6,32 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
-__all__ = ["__version__"]
+# Public API, imported on first use so that `import torch2flax` (and the CLI's
+# `--help`) does not pay for jax, flax and torch.
+_LAZY = {
+    "convert": ("torch2flax.convert", "convert"),
+    "save": ("torch2flax.io", "save"),
+    "load": ("torch2flax.io", "load"),
+    "list_models": ("torch2flax.models", "list_models"),
+    "create_model": ("torch2flax.models", "create_model"),
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        # Importing the submodule `torch2flax.convert` binds the package attribute
+        # `convert` to that module; rebind it to the function.
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torch2flax' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_LAZY))
+
+
+__all__ = ["__version__", "convert", "save", "load", "list_models", "create_model"]

@@ -1,0 +1,148 @@
+"""`torch2flax list | convert | verify`: the converter from the shell.
+
+Heavy imports (jax, torch, timm) happen inside the handlers so `--help` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+DEFAULT_TOL = 1e-4
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("list", help="list the timm models torch2flax converts")
+    p.add_argument("pattern", nargs="?", default="*", help="fnmatch filter, e.g. 'resnet*'")
+    p.set_defaults(func=cmd_list)
+
+    p = subparsers.add_parser(
+        "convert", help="convert a timm model to Flax and check parity",
+        description="Convert a timm model (random init, hub weights or a local checkpoint) to a Flax "
+        "msgpack + JSON sidecar, then compare logits and features with timm on a random batch.")
+    p.add_argument("name", help="timm model name (see `torch2flax list`)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights from the hub")
+    src.add_argument("--checkpoint", metavar="PATH", help=".pth/.pt/.bin/.safetensors state dict")
+    p.add_argument("--num-classes", type=int, default=None, help="new head size (freshly initialised)")
+    p.add_argument("--out", required=True, metavar="FILE.msgpack", help="output file (+ FILE.msgpack.json)")
+    p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    _check_args(p)
+    p.set_defaults(func=cmd_convert)
+
+    p = subparsers.add_parser(
+        "verify", help="compare a converted model with timm",
+        description="Rebuild the timm model with the same weights (from --checkpoint, or the msgpack "
+        "converted back to torch) and print the errors of logits and features; exit 1 above tolerance.")
+    p.add_argument("file", metavar="FILE.msgpack")
+    p.add_argument("--checkpoint", metavar="PATH", help="compare against this torch checkpoint")
+    _check_args(p)
+    p.set_defaults(func=cmd_verify)
+
+
+def _check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--size", type=int, default=None,
+                   help="square input size of the check (default: the model's pretrained input size)")
+    p.add_argument("--batch", type=int, default=2, help="batch size of the check (default 2)")
+    p.add_argument("--tol", type=float, default=DEFAULT_TOL,
+                   help="max |flax - timm| / max(1, max |timm|) allowed (default %(default)g)")
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from torch2flax.models import list_models
+
+    names = list_models(args.pattern)
+    if not names:
+        print(f"no supported model matches {args.pattern!r}", file=sys.stderr)
+        return 1
+    print("\n".join(names))
+    return 0
+
+
+def _report(errors: dict[str, float], tol: float) -> bool:
+    ok = True
+    for what in ("logits", "features"):
+        abs_err, rel_err = errors[f"{what}_abs"], errors[f"{what}_rel"]
+        passed = rel_err <= tol
+        ok &= passed
+        print(f"  {what:<8} max abs err {abs_err:.3e}  rel err {rel_err:.3e}  "
+              f"{'ok' if passed else 'FAIL'} (tol {tol:g})")
+    return ok
+
+
+def _hw(module, size: int | None) -> tuple[int, int]:
+    if size:
+        return (size, size)
+    return tuple(module.pretrained_cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
+
+
+def _fail(e: Exception) -> int:
+    print(f"torch2flax: error: {e}", file=sys.stderr)
+    return 2
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    steps = ["convert"] + ([] if args.no_verify else ["verify"]) + ["save"]
+    bar = tqdm(total=len(steps), desc=f"{args.name}", unit="step", file=sys.stderr)
+    try:
+        from torch2flax import io
+        from torch2flax.convert import convert_with_timm, parity_errors
+
+        bar.set_postfix_str("converting")
+        t0 = time.perf_counter()
+        result, model = convert_with_timm(args.name, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                                          num_classes=args.num_classes)
+        module, variables = result
+        bar.update()
+        seconds = time.perf_counter() - t0
+        ok = True
+        errors = None
+        if not args.no_verify:
+            bar.set_postfix_str("checking parity (compiling)")
+            errors = parity_errors(model, module, variables, batch=args.batch, input_hw=_hw(module, args.size))
+            bar.update()
+        bar.set_postfix_str("saving")
+        paths = io.save(args.out, module, variables)
+        bar.update()
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        bar.close()
+        return _fail(e)
+    bar.close()
+    print(f"converted {args.name} in {seconds:.1f}s"
+          + (f" (head re-initialised: {', '.join(result.reinitialized)})" if result.reinitialized else ""))
+    if errors is not None:
+        print(f"parity vs timm, batch {args.batch} at {'x'.join(map(str, _hw(module, args.size)))}:")
+        ok = _report(errors, args.tol)
+    for p in paths:
+        print(f"wrote {p} ({os.path.getsize(p) / 1e6:.1f} MB)")
+    return 0 if ok else 1
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    try:
+        import timm
+
+        from torch2flax import io
+        from torch2flax.convert import load_checkpoint, load_into_timm, parity_errors, timm_from_flax
+        from torch2flax.models import model_name
+
+        module, variables = io.load(args.file)
+        name = model_name(module)
+        if args.checkpoint:
+            model = timm.create_model(name, pretrained=False, num_classes=module.num_classes,
+                                      in_chans=module.in_chans, global_pool=module.global_pool)
+            load_into_timm(model, load_checkpoint(args.checkpoint), source=f"checkpoint {args.checkpoint}")
+            reference = args.checkpoint
+        else:
+            model = timm_from_flax(module, variables)
+            reference = f"{args.file} converted back to torch"
+        hw = _hw(module, args.size)
+        print(f"verifying {args.file} ({name}) against timm with weights from {reference}, "
+              f"batch {args.batch} at {hw[0]}x{hw[1]}:")
+        errors = parity_errors(model, module, variables, batch=args.batch, input_hw=hw)
+    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+        return _fail(e)
+    return 0 if _report(errors, args.tol) else 1

@@ -1,0 +1,298 @@
+"""Flax layers with PyTorch semantics, shared by the converted model families.
+
+Weights converted from PyTorch only compute the same function if the layers
+do what PyTorch's do: explicit symmetric padding (never ``"SAME"``), max-pool
+padding with -inf, average pooling that can leave the padding out of the
+divisor, and BatchNorm that updates its running variance with the unbiased
+batch variance. Parameter names follow Flax (``kernel``/``bias``,
+``scale``/``bias``, ``mean``/``var``) so the converter can map by type.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+from jax import lax
+
+Array = jax.Array
+Dtype = Any
+IntPair = int | Sequence[int]
+
+# Output maps with at most this many pixels are convolved as a sum of shifted
+# matmuls (one per kernel tap) instead of `lax.conv_general_dilated`. XLA:CPU
+# has a cliff on tiny maps (layer4 of a ResNet fed 64x64 images); measured on
+# a 2-core CPU, batch 64, 3x3 kernels, jit, forward / gradient ms:
+#   out 1x1, 512ch:        conv  21.5 /   47.9   shifted  2.8 /  10.0
+#   out 2x2, 512ch:        conv 541.6 / 1114.7   shifted  6.6 /  25.2
+#   out 2x2, 512ch, s=2:   conv  12.9 /  627.0   shifted 13.5 /  26.7
+#   out 3x3, 512ch:        conv  21.3 /   77.0   shifted 18.4 /  66.5
+#   out 4x4, 512ch:        conv  31.1 /   97.5   shifted 26.0 / 149.8
+#   out 5x5, 512ch:        conv  75.3 /  237.9   shifted 87.2 / 174.1
+#   out 7x7, 512ch:        conv  86.6 /  325.2   shifted 105.8 / 325.5
+# so the matmul path wins up to 3x3 and is mixed beyond. The rule is about
+# shapes, not platforms: on GPU/TPU a handful of tiny matmuls is as cheap as a
+# convolution of the same FLOPs, and these layers are a sliver of the work.
+SMALL_MAP_MAX_PIXELS = 9
+
+
+def _pair(v: IntPair) -> tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    a, b = v
+    return (int(a), int(b))
+
+
+def _padding(p: IntPair | Sequence[Sequence[int]]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """PyTorch `padding=p` (int or (ph, pw)) or explicit ((top, bottom), (left, right))."""
+    if isinstance(p, int):
+        return ((p, p), (p, p))
+    p = tuple(p)
+    if all(isinstance(v, int) for v in p):
+        return ((p[0], p[0]), (p[1], p[1]))
+    return tuple((int(a), int(b)) for a, b in p)  # type: ignore[return-value]
+
+
+def conv_output_size(size: int, kernel: int, stride: int, pad: tuple[int, int], dilation: int) -> int:
+    return (size + pad[0] + pad[1] - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def shifted_matmul_conv(
+    x: Array,
+    kernel: Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+) -> Array:
+    """NHWC x HWIO convolution as a sum over kernel taps of (strided slice) @ (tap matrix).
+
+    Same result as `lax.conv_general_dilated` with explicit padding; XLA compiles
+    it to plain (batched) matmuls, which avoids XLA:CPU's slow small-map
+    convolutions (see `SMALL_MAP_MAX_PIXELS`).
+    """
+    b, h, w, cin = x.shape
+    kh, kw, _, cout = kernel.shape
+    (sh, sw), (dh, dw) = strides, dilation
+    ho = conv_output_size(h, kh, sh, padding[0], dh)
+    wo = conv_output_size(w, kw, sw, padding[1], dw)
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    if groups > 1:
+        xp = xp.reshape(*xp.shape[:3], groups, cin // groups)
+        # (kh, kw, cin/g, cout) -> (kh, kw, g, cin/g, cout/g): group g's outputs are
+        # the contiguous block g of `cout`, as in PyTorch and XLA.
+        kernel = kernel.reshape(kh, kw, cin // groups, groups, cout // groups).transpose(0, 1, 3, 2, 4)
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            start = (0, i * dh, j * dw) + (0,) * (xp.ndim - 3)
+            limit = (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1) + xp.shape[3:]
+            taps = lax.slice(xp, start, limit, (1, sh, sw) + (1,) * (xp.ndim - 3))
+            if groups > 1:
+                y = jnp.einsum("bhwgc,gco->bhwgo", taps, kernel[i, j])
+            else:
+                y = jnp.einsum("bhwc,co->bhwo", taps, kernel[i, j])
+            out = y if out is None else out + y
+    return out.reshape(b, ho, wo, cout)
+
+
+class Conv(nn.Module):
+    """`torch.nn.Conv2d` in NHWC: explicit padding, groups, HWIO kernel.
+
+    Tiny output maps take the shifted-matmul path (decided at trace time from
+    static shapes); both paths compute the same function with the same
+    parameters. Default init is timm's ResNet init (kaiming normal, fan_out).
+    """
+
+    features: int
+    kernel_size: IntPair = 3
+    strides: IntPair = 1
+    padding: Any = 0
+    kernel_dilation: IntPair = 1
+    feature_group_count: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+    small_map_max_pixels: int | None = None  # None: the module-level SMALL_MAP_MAX_PIXELS
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kh, kw = _pair(self.kernel_size)
+        strides, dilation, padding = _pair(self.strides), _pair(self.kernel_dilation), _padding(self.padding)
+        groups = self.feature_group_count
+        cin = x.shape[-1]
+        if cin % groups or self.features % groups:
+            raise ValueError(f"{self.path}: channels {cin}->{self.features} not divisible by groups={groups}")
+        kernel = self.param("kernel", self.kernel_init, (kh, kw, cin // groups, self.features), self.param_dtype)
+        bias = None
+        if self.use_bias:
+            # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+            bound = 1.0 / math.sqrt(cin // groups * kh * kw)
+            bias = self.param("bias", _uniform(bound), (self.features,), self.param_dtype)
+        x = x.astype(self.dtype)
+        kernel = kernel.astype(self.dtype)
+        ho = conv_output_size(x.shape[1], kh, strides[0], padding[0], dilation[0])
+        wo = conv_output_size(x.shape[2], kw, strides[1], padding[1], dilation[1])
+        limit = SMALL_MAP_MAX_PIXELS if self.small_map_max_pixels is None else self.small_map_max_pixels
+        if ho * wo <= limit:
+            y = shifted_matmul_conv(x, kernel, strides, padding, dilation, groups)
+        else:
+            y = lax.conv_general_dilated(
+                x, kernel, strides, padding, rhs_dilation=dilation,
+                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+            )
+        if bias is not None:
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def _uniform(bound: float) -> Callable:
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+class Dense(nn.Module):
+    """`torch.nn.Linear` with PyTorch's default init (kernel is `weight.T`)."""
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        bound = 1.0 / math.sqrt(x.shape[-1])
+        kernel = self.param("kernel", _uniform(bound), (x.shape[-1], self.features), self.param_dtype)
+        y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            y = y + self.param("bias", _uniform(bound), (self.features,), self.param_dtype).astype(self.dtype)
+        return y
+
+
+class BatchNorm(nn.Module):
+    """`torch.nn.BatchNorm2d` over the last axis, with PyTorch's training semantics.
+
+    Hand-written because `flax.linen.BatchNorm` updates the running variance
+    with the biased batch variance, while PyTorch uses the unbiased one
+    (n / (n - 1)); a converted model fine-tuned with Flax's would drift from
+    timm's statistics. Normalisation itself uses the biased variance, as both do.
+    Statistics are computed in float32 whatever `dtype` is. `momentum` is
+    Flax's (weight of the old value): PyTorch momentum 0.1 is 0.9 here. With
+    `axis_name`, batch statistics are averaged over that pmap axis (sync BN).
+    """
+
+    momentum: float = 0.9
+    epsilon: float = 1e-5
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    axis_name: str | None = None
+    scale_init: Callable = nn.initializers.ones
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: Array, use_running_average: bool = True) -> Array:
+        c = x.shape[-1]
+        ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+        ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+        scale = self.param("scale", self.scale_init, (c,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (c,), self.param_dtype)
+        if use_running_average:
+            mean, var = ra_mean.value, ra_var.value
+        else:
+            xf = x.astype(jnp.float32)
+            axes = tuple(range(x.ndim - 1))
+            n = math.prod(x.shape[:-1])
+            mean = xf.mean(axes)
+            if self.axis_name is not None:
+                mean = lax.pmean(mean, self.axis_name)
+                n = n * lax.psum(1, self.axis_name)
+            # Two passes (centred) rather than E[x^2] - E[x]^2: float32 parity
+            # with PyTorch on activations whose mean is large against their spread.
+            var = jnp.square(xf - mean).mean(axes)
+            if self.axis_name is not None:
+                var = lax.pmean(var, self.axis_name)
+            if not self.is_initializing():
+                m = self.momentum
+                ra_mean.value = m * ra_mean.value + (1.0 - m) * lax.stop_gradient(mean)
+                unbiased = var * (n / jnp.maximum(n - 1, 1))
+                ra_var.value = m * ra_var.value + (1.0 - m) * lax.stop_gradient(unbiased)
+        mul = scale.astype(jnp.float32) * lax.rsqrt(var + self.epsilon)
+        shift = bias.astype(jnp.float32) - mean * mul
+        return x.astype(self.dtype) * mul.astype(self.dtype) + shift.astype(self.dtype)
+
+
+def max_pool(x: Array, kernel: IntPair, stride: IntPair, padding: IntPair = 0) -> Array:
+    """`nn.MaxPool2d(kernel, stride, padding)` (floor mode): pads with -inf, like PyTorch."""
+    (kh, kw), (sh, sw), ((pt, pb), (pl, pr)) = _pair(kernel), _pair(stride), _padding(padding)
+    # A Python scalar init lets JAX see the max monoid (differentiable reduce_window_max).
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, kh, kw, 1), (1, sh, sw, 1),
+                             ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+
+
+def _ceil_extra(size: int, k: int, s: int, pad: int) -> int:
+    """Extra end padding PyTorch's ceil_mode adds (a window must start inside input or left pad)."""
+    out = -(-(size + 2 * pad - k) // s) + 1
+    if (out - 1) * s >= size + pad:
+        out -= 1
+    return max(0, (out - 1) * s + k - (size + 2 * pad))
+
+
+def avg_pool(
+    x: Array,
+    kernel: IntPair,
+    stride: IntPair | None = None,
+    padding: IntPair = 0,
+    *,
+    ceil_mode: bool = False,
+    count_include_pad: bool = True,
+) -> Array:
+    """`nn.AvgPool2d` with PyTorch's `ceil_mode` and `count_include_pad` semantics."""
+    (kh, kw) = _pair(kernel)
+    (sh, sw) = _pair(stride if stride is not None else kernel)
+    (ph, pw) = _pair(padding)
+    eh = _ceil_extra(x.shape[1], kh, sh, ph) if ceil_mode else 0
+    ew = _ceil_extra(x.shape[2], kw, sw, pw) if ceil_mode else 0
+    pads = ((0, 0), (ph, ph + eh), (pw, pw + ew), (0, 0))
+    window, strides = (1, kh, kw, 1), (1, sh, sw, 1)
+    total = lax.reduce_window(x, 0.0, lax.add, window, strides, pads)
+    # Divisor per output: the window's cells inside the input, plus the explicit
+    # padding if count_include_pad (never the ceil_mode overhang), as PyTorch.
+    ones = jnp.ones((1, x.shape[1], x.shape[2], 1), x.dtype)
+    if count_include_pad:
+        ones = jnp.pad(ones, ((0, 0), (ph, ph), (pw, pw), (0, 0)), constant_values=1)
+        pads = ((0, 0), (0, eh), (0, ew), (0, 0))
+    count = lax.reduce_window(ones, 0.0, lax.add, window, strides, pads)
+    return total / count
+
+
+def global_pool(x: Array, pool_type: str) -> Array:
+    """timm's `SelectAdaptivePool2d` with flatten: 'avg', 'max', 'avgmax', 'catavgmax' or '' (none)."""
+    if pool_type == "":
+        return x
+    if pool_type == "avg":
+        return x.mean(axis=(1, 2))
+    if pool_type == "max":
+        return x.max(axis=(1, 2))
+    if pool_type == "avgmax":
+        return 0.5 * (x.mean(axis=(1, 2)) + x.max(axis=(1, 2)))
+    if pool_type == "catavgmax":
+        return jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
+    raise ValueError(f"unknown global_pool {pool_type!r}: use 'avg', 'max', 'avgmax', 'catavgmax' or ''")
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample, scaled by 1/keep like timm's `DropPath`. RNG stream 'dropout'."""
+
+    rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool = True) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
