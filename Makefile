@@ -17,9 +17,7 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 install: $(STAMP)
 
 demo: $(STAMP)
-	# The end-to-end demo command arrives with the quick-start issue; until then show the CLI.
-	$(VENV)/bin/torch2flax --version
-	$(VENV)/bin/torch2flax --help
+	$(VENV)/bin/torch2flax demo
 
 test: $(STAMP)
 	$(PY) -m pytest

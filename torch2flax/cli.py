@@ -15,7 +15,7 @@ from typing import Sequence
 from torch2flax import __version__
 
 # Modules providing subcommands, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("loaders.cli", "torch2flax.commands")
+COMMAND_MODULES: tuple[str, ...] = ("loaders.cli", "torch2flax.commands", "train.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

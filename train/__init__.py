@@ -1,1 +1,23 @@
-"""Training, evaluation and prediction: composes ``loaders`` with ``torch2flax`` models."""
+"""Training, evaluation and prediction: composes ``loaders`` with ``torch2flax`` models.
+
+Notebook API::
+
+    from train import TrainConfig, fit, predict
+    result = fit(TrainConfig(train="train/*.tfrec", val="val/*.tfrec", num_classes=104, out="runs/r18"))
+    predict("runs/r18/best.msgpack", "test/*.tfrec", "submission.csv", tta="hflip")
+"""
+from train.config import TrainConfig
+
+_LAZY = {"fit": "train.trainer", "FitResult": "train.trainer", "NonFiniteLossError": "train.trainer",
+         "predict": "train.inference", "PredictResult": "train.inference"}
+
+__all__ = ["TrainConfig", *_LAZY]
+
+
+def __getattr__(name: str):
+    # Imported on first use so that `torch2flax --help` does not load jax and torch.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'train' has no attribute {name!r}")

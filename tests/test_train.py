@@ -1,0 +1,231 @@
+"""Training end to end on a small learnable Flower-schema set (resnet18, CPU devices)."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import write_flower_tfrecords
+
+NUM_CLASSES = 4
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowers")
+    sets = {
+        "train": write_flower_tfrecords(root / "train", num_records=256, num_shards=4,
+                                        num_classes=NUM_CLASSES, size=SIZE, seed=1, id_prefix="tr"),
+        "val": write_flower_tfrecords(root / "val", num_records=70, num_shards=2,
+                                      num_classes=NUM_CLASSES, size=SIZE, seed=2, id_prefix="va"),
+        "test": write_flower_tfrecords(root / "test", num_records=45, num_shards=2, labels=False,
+                                       num_classes=NUM_CLASSES, size=SIZE, seed=3, id_prefix="te"),
+    }
+    globs = {k: str(root / k / "*.tfrec") for k in sets}
+    return sets, globs
+
+
+def _config(globs, out, **overrides):
+    from train import TrainConfig
+
+    base = dict(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES, model="resnet18",
+                image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
+                warmup_epochs=0.5, num_workers=0, seed=0, out=str(out))
+    return TrainConfig(**{**base, **overrides})
+
+
+def _params(out, name="last.msgpack"):
+    import jax
+
+    import torch2flax
+
+    _, variables = torch2flax.load(os.path.join(out, name))
+    return jax.tree_util.tree_leaves(variables)
+
+
+def _max_rel_diff(a_leaves, b_leaves):
+    worst = 0.0
+    for a, b in zip(a_leaves, b_leaves, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        worst = max(worst, float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12)))
+    return worst
+
+
+def _console_script():
+    return os.path.join(os.path.dirname(sys.executable), "torch2flax")
+
+
+@pytest.fixture(scope="module")
+def reference(flowers, tmp_path_factory):
+    """Two epochs, 8 devices, pmap, sync BN: the run the others must reproduce."""
+    from train import fit
+
+    _, globs = flowers
+    out = tmp_path_factory.mktemp("ref")
+    result = fit(_config(globs, out, num_devices=8), progress=False)
+    return result, _params(out)
+
+
+@pytest.mark.slow
+def test_cli_train_8_devices_learns_and_writes_artifacts(flowers, tmp_path):
+    _, globs = flowers
+    out = tmp_path / "run"
+    cmd = [_console_script(), "train", "--train", globs["train"], "--val", globs["val"],
+           "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
+           "--crop-pct", "1.0", "--batch-size", "32", "--epochs", "3", "--lr", "2e-3",
+           "--num-workers", "2", "--out", str(out)]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "wrote to" in proc.stdout and "best validation macro F1" in proc.stdout
+    for name in ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack"):
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    losses = [float(r["train_loss"]) for r in rows]
+    assert losses[-1] < 0.7 * losses[0], losses
+    assert max(float(r["val_macro_f1"]) for r in rows) >= 0.9, rows
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_fit_on_one_device_learns(flowers, tmp_path):
+    from train import fit
+
+    _, globs = flowers
+    result = fit(_config(globs, tmp_path, num_devices=1, epochs=4), progress=False)
+    assert len(result.history) == 4
+    assert result.history[-1]["train_loss"] < 0.7 * result.history[0]["train_loss"]
+    assert result.best_macro_f1 >= 0.9, result.history
+    assert all(r["val_macro_f1"] <= result.best_macro_f1 for r in result.history)
+
+
+def test_one_device_equals_eight_with_sync_bn(flowers, reference, tmp_path):
+    from train import fit
+
+    _, globs = flowers
+    ref_result, ref_params = reference
+    result = fit(_config(globs, tmp_path, num_devices=1), progress=False)
+    for a, b in zip(result.history, ref_result.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+        assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"], abs=1e-6)
+    assert _max_rel_diff(_params(tmp_path), ref_params) < 1e-4
+
+
+def test_jit_layout_equals_pmap(flowers, reference, tmp_path):
+    from train import fit
+
+    _, globs = flowers
+    ref_result, ref_params = reference
+    result = fit(_config(globs, tmp_path, num_devices=8, parallel="jit"), progress=False)
+    for a, b in zip(result.history, ref_result.history):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-4)
+    assert _max_rel_diff(_params(tmp_path), ref_params) < 1e-4
+
+
+def test_resume_equals_straight_run(flowers, reference, tmp_path):
+    from train import fit
+
+    _, globs = flowers
+    _, ref_params = reference
+    config = _config(globs, tmp_path, num_devices=8)
+    first = fit(config, stop_after_epochs=1, progress=False)
+    assert [r["epoch"] for r in first.history] == [0]
+    result = fit(config, resume=True, progress=False)
+    assert [r["epoch"] for r in result.history] == [0, 1]
+    for a, b in zip(_params(tmp_path), ref_params, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+
+
+@pytest.fixture(scope="module")
+def one_of_two_epochs(flowers, tmp_path_factory):
+    """A 1-device run of a 2-epoch schedule stopped after its first epoch."""
+    from train import fit
+
+    _, globs = flowers
+    out = tmp_path_factory.mktemp("half")
+    fit(_config(globs, out, num_devices=1), stop_after_epochs=1, progress=False)
+    return out
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, tmp_path):
+    import shutil
+
+    from train import fit
+    from train.trainer import NonFiniteLossError
+
+    _, globs = flowers
+    out = shutil.copytree(one_of_two_epochs, tmp_path / "run")
+    before = (out / "last.msgpack").read_bytes()
+    # Adam's steps are about lr in size whatever the gradient: lr=1e30 overflows the weights.
+    exploding = _config(globs, out, num_devices=1, lr=1e30, warmup_epochs=0.0)
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 2\).*last good checkpoint"):
+        fit(exploding, resume=True, progress=False)
+    assert (out / "last.msgpack").read_bytes() == before
+
+
+def test_resume_refuses_a_different_optimizer(flowers, one_of_two_epochs):
+    from train import fit
+
+    _, globs = flowers
+    with pytest.raises(ValueError, match="last.msgpack: its optimizer state does not fit"):
+        fit(_config(globs, one_of_two_epochs, num_devices=1, optimizer="sgd"), resume=True,
+            progress=False)
+
+
+def test_predict_writes_every_test_id_once_with_tta(flowers, reference, tmp_path):
+    from train import predict
+
+    sets, globs = flowers
+    ref_result, _ = reference
+    best = os.path.join(ref_result.out, "best.msgpack")
+    out = tmp_path / "submission.csv"
+    plain = predict(best, globs["test"], str(tmp_path / "plain.csv"), batch_size=16, num_workers=0,
+                    progress=False)
+    result = predict(best, globs["test"], str(out), tta="hflip", probs=str(tmp_path / "p.npy"),
+                     batch_size=16, num_workers=0, progress=False)
+    with open(out) as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "label"]
+    assert [r[0] for r in rows[1:]] == sets["test"].ids  # file order, each id once
+    assert all(0 <= int(r[1]) < NUM_CLASSES for r in rows[1:])
+    probs = np.load(tmp_path / "p.npy")
+    assert probs.shape == (45, NUM_CLASSES)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert not np.allclose(probs, plain.probs)  # the flipped view really contributed
+    np.testing.assert_array_equal(probs.argmax(1), [int(r[1]) for r in rows[1:]])
+
+
+@pytest.mark.slow
+def test_killed_run_leaves_a_loadable_checkpoint(flowers, tmp_path):
+    _, globs = flowers
+    out = tmp_path / "killed"
+    cmd = [_console_script(), "train", "--train", globs["train"], "--val", globs["val"],
+           "--num-classes", str(NUM_CLASSES), "--image-size", "16", "--batch-size", "32",
+           "--epochs", "50", "--num-workers", "0", "--num-devices", "1", "--quiet", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 300
+        while not (out / "last.msgpack").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "no checkpoint within 300 s"
+            time.sleep(0.05)
+        time.sleep(1.0)  # let it get into the next epoch (or the next save)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    import torch2flax
+
+    module, variables, extra = torch2flax.load(str(out / "last.msgpack"), with_extra=True)
+    assert module.num_classes == NUM_CLASSES
+    assert int(extra["epoch"]) >= 0 and set(variables) == {"params", "batch_stats"}
+    resumed = subprocess.run([_console_script(), "train", "--resume", str(out), "--epochs",
+                              str(int(extra["epoch"]) + 2), "--quiet"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]

@@ -1,0 +1,73 @@
+"""What a run leaves in its output folder besides checkpoints: config, metrics, curves.
+
+Every file is written to a temporary name in the same folder and renamed into
+place, so a run killed at any moment leaves either the old file or the new one.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import os
+import tempfile
+from typing import Sequence
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss",
+                  "val_accuracy", "val_macro_f1", "images_per_sec", "data_wait", "epoch_seconds")
+
+
+def write_metrics_csv(path: str, rows: Sequence[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_metrics_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return [{k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in row.items()}
+                for row in csv.DictReader(f)]
+
+
+def plot_curves(path: str, rows: Sequence[dict]) -> None:
+    """Loss (train and validation) and validation macro F1 per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] + 1 for r in rows]
+    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(9, 3.5))
+    ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
+    ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    ax_loss.legend()
+    ax_f1.plot(epochs, [r["val_macro_f1"] for r in rows], marker="o", color="tab:green")
+    ax_f1.set(xlabel="epoch", ylabel="macro F1", title="Validation macro F1", ylim=(0, 1.02))
+    for ax in (ax_loss, ax_f1):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

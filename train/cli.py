@@ -1,0 +1,129 @@
+"""`torch2flax train` and `torch2flax predict`."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+
+from train.config import TrainConfig
+
+# argparse types for fields whose default is None (the default's type says nothing).
+_OPTIONAL_TYPES = {"crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
+                   "num_devices": int}
+_HELP = {
+    "train": "glob of training TFRecord files", "val": "glob of validation TFRecord files",
+    "model": "timm model name (see `torch2flax list`)", "pretrained": "start from timm's pretrained weights",
+    "checkpoint": "start from a timm state dict (.pth/.pt/.bin/.safetensors)",
+    "init": "start from a torch2flax .msgpack", "out": "output folder",
+    "batch_size": "global batch per process (divisible by the device count)",
+    "dtype": "compute dtype; parameters stay float32", "parallel": "pmap (default) or jit with a sharded mesh",
+    "sync_bn": "synchronise BatchNorm statistics across devices",
+    "ema_decay": "EMA of parameters for evaluation (0 disables)",
+    "accum_steps": "gradient accumulation steps per update",
+}
+_CHOICES = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"), "parallel": ("pmap", "jit")}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    # Every TrainConfig field is a flag; defaults are None so that only flags actually given
+    # override the config file (and the saved config when resuming).
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs = dict(dest=f.name, default=None, help=_HELP.get(f.name))
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        else:
+            kwargs["type"] = _OPTIONAL_TYPES.get(f.name) or type(f.default)
+            if f.name in _CHOICES:
+                kwargs["choices"] = _CHOICES[f.name]
+            parser.add_argument(flag, **kwargs)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a timm backbone in Flax on TFRecord data",
+                              description="Fine-tune a converted timm model; flags override --config.")
+    p.add_argument("--config", help="YAML or JSON file with TrainConfig fields")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from last.msgpack")
+    p.add_argument("--stop-after-epochs", type=int, metavar="N",
+                   help="end this invocation after N epochs; continue later with --resume")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _add_config_flags(p)
+    p.set_defaults(func=run_train)
+
+    q = subparsers.add_parser("predict", help="predict a test split and write submission.csv")
+    q.add_argument("--checkpoint", required=True, help="a .msgpack written by `torch2flax train`")
+    q.add_argument("--test", required=True, help="glob of test TFRecord files")
+    q.add_argument("--out", default="submission.csv", help="CSV to write (id,label)")
+    q.add_argument("--tta", choices=("hflip",), default=None, help="test-time augmentation")
+    q.add_argument("--probs", help="also save class probabilities to this .npy")
+    q.add_argument("--batch-size", type=int, default=64)
+    q.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
+    q.add_argument("--num-workers", type=int, default=2)
+    q.add_argument("--parallel", choices=("pmap", "jit"), default="pmap")
+    q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    q.add_argument("--quiet", action="store_true")
+    q.set_defaults(func=run_predict)
+
+    d = subparsers.add_parser("demo", help="the whole job on scikit-learn's digits (no downloads)",
+                              description="Write digits TFRecords, convert a timm backbone, fine-tune "
+                              "it on every local device, predict the test split, print a summary.")
+    d.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
+    d.add_argument("--model", default="resnet18", help="timm model name (default %(default)s)")
+    d.add_argument("--epochs", type=int, default=8, help="training epochs (default %(default)s)")
+    d.add_argument("--batch-size", type=int, default=64)
+    d.add_argument("--image-size", type=int, default=32)
+    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--quiet", action="store_true", help="no progress bars")
+    d.set_defaults(func=run_demo)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    if args.resume:
+        if args.config:
+            raise SystemExit("--resume reads DIR/config.json; do not pass --config as well")
+        saved = os.path.join(args.resume, "config.json")
+        if not os.path.exists(saved):
+            raise SystemExit(f"--resume {args.resume}: {saved} not found")
+        return TrainConfig.from_file(saved, **{**given, "out": args.resume})
+    if args.config:
+        return TrainConfig.from_file(args.config, **given)
+    missing = [flag for flag, key in (("--train", "train"), ("--val", "val"), ("--num-classes", "num_classes"))
+               if key not in given]
+    if missing:
+        raise SystemExit(f"torch2flax train: missing {', '.join(missing)} (or give --config FILE)")
+    return TrainConfig.from_dict(given)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    config = config_from_args(args)
+    from train.trainer import fit
+
+    result = fit(config, resume=bool(args.resume), stop_after_epochs=args.stop_after_epochs,
+                 progress=not args.quiet)
+    if result.reinitialized:
+        print(f"re-initialised for {config.num_classes} classes: {', '.join(result.reinitialized)}")
+    print(f"best validation macro F1 {result.best_macro_f1:.4f}; "
+          f"training {result.images_per_sec:.1f} images/s")
+    print(f"wrote to {os.path.abspath(result.out)}: " + ", ".join(os.path.basename(f) for f in result.files))
+    return 0
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from train.inference import predict
+
+    result = predict(args.checkpoint, args.test, args.out, tta=args.tta, probs=args.probs,
+                     batch_size=args.batch_size, image_size=args.image_size,
+                     num_workers=args.num_workers, parallel=args.parallel, dtype=args.dtype,
+                     progress=not args.quiet)
+    print(f"predicted {len(result.ids)} records; wrote " + ", ".join(result.files))
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    from train.demo import run_demo as demo
+
+    demo(args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+         image_size=args.image_size, num_workers=args.num_workers, progress=not args.quiet)
+    return 0

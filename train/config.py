@@ -1,0 +1,95 @@
+"""One config object drives a run (big_vision style): CLI flags and config files both fill it."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs; saved to `out/config.json` so a run can resume."""
+
+    # data
+    train: str = ""
+    val: str = ""
+    num_classes: int = 0
+    image_size: int = 224
+    crop_pct: float | None = None  # eval centre crop; None: the model's pretrained_cfg value
+    scale_min: float = 0.08  # RandomResizedCrop lower scale bound
+    hflip: bool = True
+    color_jitter: float = 0.0
+    num_workers: int = 2
+    # model
+    model: str = "resnet18"
+    pretrained: bool = False
+    checkpoint: str | None = None  # timm state dict (.pth/.safetensors) to start from
+    init: str | None = None  # a torch2flax .msgpack to start from
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 64  # global batch per process
+    lr: float = 1e-3
+    optimizer: str = "adamw"  # adamw | sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01
+    label_smoothing: float = 0.1
+    grad_clip: float | None = 1.0
+    accum_steps: int = 1
+    ema_decay: float = 0.0  # 0 disables the EMA of parameters
+    # execution
+    dtype: str = "float32"  # float32 | bfloat16 (compute dtype; parameters stay float32)
+    parallel: str = "pmap"  # pmap | jit
+    sync_bn: bool = True
+    num_devices: int | None = None  # None: every local device
+    seed: int = 0
+    out: str = "runs/train"
+
+    def __post_init__(self) -> None:
+        choices = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"),
+                   "parallel": ("pmap", "jit")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"config.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if self.accum_steps < 1:
+            raise ValueError(f"config.accum_steps={self.accum_steps}: must be >= 1")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"config.ema_decay={self.ema_decay}: must be in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+        """Read a YAML or JSON file (YAML is a superset of JSON); `overrides` win."""
+        import yaml
+
+        with open(path) as f:
+            values = yaml.safe_load(f) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+        return cls.from_dict({**values, **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return list(dataclasses.fields(TrainConfig))
+
+
+def dumps(config: TrainConfig) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -1,0 +1,73 @@
+"""`predict`: class predictions for a test split, written as a Kaggle `submission.csv`."""
+from __future__ import annotations
+
+import functools
+import io
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm.auto import tqdm
+
+import torch2flax
+from loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
+from train import artifacts
+from train.parallel import Parallel
+from train.steps import predict_step
+from train.trainer import COMPUTE_DTYPES, select_devices
+
+TEST_FEATURES = {"image": "bytes", "id": "str"}
+
+
+@dataclass
+class PredictResult:
+    ids: np.ndarray
+    labels: np.ndarray
+    probs: np.ndarray
+    files: list[str]
+
+
+def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str | None = None,
+            probs: str | None = None, batch_size: int = 64, image_size: int | None = None,
+            crop_pct: float | None = None, num_workers: int = 2, parallel: str = "pmap",
+            num_devices: int | None = None, dtype: str = "float32",
+            progress: bool = True) -> PredictResult:
+    """Predict every record of `test` (in file order) and write `id,label` to `out`.
+
+    Image size and centre crop default to what the checkpoint was validated with.
+    """
+    module, variables, extra = torch2flax.load(checkpoint, with_extra=True)
+    data = (extra or {}).get("data", {})
+    size = image_size or int(data.get("image_size", module.pretrained_cfg["input_size"][-1]))
+    crop = crop_pct if crop_pct is not None else float(data.get("crop_pct", module.pretrained_cfg["crop_pct"]))
+    par = Parallel(parallel, select_devices(num_devices))
+    dataset = TFRecordDataset(test, features=TEST_FEATURES,
+                              transform=RecordTransform(eval_transform(size, crop_pct=crop)))
+    loader = make_loader(dataset, batch_size, train=False, num_devices=len(par.devices),
+                         num_workers=num_workers)
+    cfg = module.pretrained_cfg
+    step = par.compile(functools.partial(
+        predict_step, module=module.clone(dtype=COMPUTE_DTYPES[dtype]), mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]), dtype=COMPUTE_DTYPES[dtype], tta=tta))
+    variables = par.replicate(variables)
+    all_ids, all_probs = [], []
+    for batch in tqdm(par.feed(loader), total=len(loader), desc="predict", unit="batch",
+                      disable=not progress):
+        p = par.gather(step(variables, batch["image"]))
+        mask = np.asarray(batch["mask"]).reshape(-1)
+        all_probs.append(p[mask])
+        all_ids.append(np.asarray(batch["id"]).reshape(-1)[mask])
+    ids = np.concatenate(all_ids)
+    prob = np.concatenate(all_probs).astype(np.float32)
+    labels = prob.argmax(-1)
+    if len(ids) != len(dataset):
+        raise RuntimeError(f"predicted {len(ids)} records but {test} holds {len(dataset)}")
+    lines = ["id,label"] + [f"{i},{int(label)}" for i, label in zip(ids, labels)]
+    artifacts.atomic_write_text(out, "\n".join(lines) + "\n")
+    files = [out]
+    if probs:
+        buf = io.BytesIO()
+        np.save(buf, prob)
+        artifacts.atomic_write_bytes(probs, buf.getvalue())
+        files.append(probs)
+    return PredictResult(ids=ids, labels=labels, probs=prob, files=[os.path.abspath(f) for f in files])

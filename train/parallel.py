@@ -1,0 +1,68 @@
+"""The two ways to spread a step over devices, behind one small interface.
+
+`pmap`: the state is replicated (`flax.jax_utils.replicate`), batches arrive as
+`[devices, per_device, ...]` and collectives use the axis name "batch".
+`jit`: the state is replicated through a `NamedSharding` over a 1-D mesh, batches are
+global arrays sharded along the batch axis, and XLA inserts the collectives.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator
+
+import jax
+from flax import jax_utils
+from jax.sharding import NamedSharding, PartitionSpec
+
+from loaders import make_mesh, prefetch_to_device
+
+AXIS = "batch"
+
+
+class Parallel:
+    def __init__(self, layout: str, devices: list[jax.Device]):
+        if layout not in ("pmap", "jit"):
+            raise ValueError(f"parallel layout {layout!r}: expected 'pmap' or 'jit'")
+        self.layout = layout
+        self.devices = list(devices)
+        self.mesh = make_mesh(self.devices, axis_name=AXIS) if layout == "jit" else None
+
+    @property
+    def axis_name(self) -> str | None:
+        """The collective axis a step function must reduce over (None: XLA does it)."""
+        return AXIS if self.layout == "pmap" else None
+
+    def compile(self, fn: Callable, *, donate_state: bool = False) -> Callable:
+        """Wrap `fn(state_like, batch)`; the first argument is replicated."""
+        donate = (0,) if donate_state else ()
+        if self.layout == "pmap":
+            return jax.pmap(fn, axis_name=AXIS, devices=self.devices, donate_argnums=donate)
+        return jax.jit(fn, donate_argnums=donate)
+
+    def replicate(self, tree: Any) -> Any:
+        if self.layout == "pmap":
+            return jax_utils.replicate(tree, devices=self.devices)
+        return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
+
+    def unreplicate(self, tree: Any) -> Any:
+        """A host copy of a replicated tree (one replica's bytes cross to the host, not all)."""
+        if self.layout == "pmap":
+            # Not flax.jax_utils.unreplicate: for pmap outputs on a subset of the local
+            # devices (e.g. 1 of 8) it returns the shard with its leading axis kept.
+            tree = jax.tree_util.tree_map(
+                lambda x: x.addressable_shards[0].data.reshape(x.shape[1:]), tree)
+        return jax.device_get(tree)
+
+    def first(self, metrics: Any) -> Any:
+        """Metrics that every device holds identically, as host scalars."""
+        return self.unreplicate(metrics)
+
+    def feed(self, batches: Iterable[dict], size: int = 2) -> Iterator[dict]:
+        if self.layout == "pmap":
+            return prefetch_to_device(iter(batches), size, layout="pmap", devices=self.devices)
+        return prefetch_to_device(iter(batches), size, layout="jit", mesh=self.mesh)
+
+    def gather(self, array: Any) -> Any:
+        """A per-sample output back on the host in sample order, `[B, ...]`."""
+        array = jax.device_get(array)
+        return array.reshape(-1, *array.shape[2:]) if self.layout == "pmap" else array
+

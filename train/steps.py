@@ -1,0 +1,90 @@
+"""Pure per-step functions (flax imagenet style). The same code runs under `jax.pmap`
+(with `axis_name="batch"`) and under `jax.jit` on globally sharded arrays (`axis_name=None`:
+XLA then reduces over the whole batch by itself)."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from loaders import normalize_on_device
+from train.metrics import confusion_matrix
+from train.state import TrainState
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, module: nn.Module, mean, std,
+               num_classes: int, label_smoothing: float, dtype: Any, ema_decay: float,
+               axis_name: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimisation step on a (per-device or global) batch of uint8 images.
+
+    BatchNorm synchronisation is the module's business (`module.axis_name`); without it,
+    per-device statistics are averaged here so that replicas never drift apart.
+    """
+    images = normalize_on_device(batch["image"], mean, std, dtype)
+    labels = batch["label"]
+    rng = jax.random.fold_in(state.dropout_rng, state.step)
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        logits, updates = module.apply(
+            {"params": params, "batch_stats": state.batch_stats}, images, train=True,
+            mutable=["batch_stats"], rngs={"dropout": rng})
+        logits = logits.astype(jnp.float32)
+        loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+        return loss, (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}
+    if axis_name is not None:
+        grads = lax.pmean(grads, axis_name)
+        metrics = lax.pmean(metrics, axis_name)
+        if getattr(module, "axis_name", None) is None:
+            batch_stats = lax.pmean(batch_stats, axis_name)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if state.ema_params is not None:
+        state = state.replace(
+            ema_params=optax.incremental_update(state.params, state.ema_params, 1.0 - ema_decay))
+    metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
+    return state, metrics
+
+
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *, module: nn.Module, mean, std,
+              num_classes: int, dtype: Any, axis_name: str | None) -> dict[str, jax.Array]:
+    """Sums over the real (mask=True) samples: loss, count and the confusion matrix."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    images = normalize_on_device(batch["image"], mean, std, dtype)
+    logits = module.apply({"params": params, "batch_stats": state.batch_stats}, images, train=False)
+    logits = logits.astype(jnp.float32)
+    mask = batch["mask"]
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    sums = {
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "count": jnp.sum(mask.astype(jnp.int32)),
+        "confusion": confusion_matrix(batch["label"], jnp.argmax(logits, -1), num_classes, mask),
+    }
+    if axis_name is not None:
+        sums = lax.psum(sums, axis_name)
+    return sums
+
+
+def predict_step(variables: Any, images: jax.Array, *, module: nn.Module, mean, std, dtype: Any,
+                 tta: str | None) -> jax.Array:
+    """Class probabilities; `tta="hflip"` averages them with the mirrored images' (fixed shapes)."""
+    x = normalize_on_device(images, mean, std, dtype)
+    probs = jax.nn.softmax(module.apply(variables, x, train=False).astype(jnp.float32), -1)
+    if tta == "hflip":
+        flipped = module.apply(variables, jnp.flip(x, axis=-2), train=False).astype(jnp.float32)
+        probs = (probs + jax.nn.softmax(flipped, -1)) / 2
+    elif tta is not None:
+        raise ValueError(f"unknown tta {tta!r}: expected None or 'hflip'")
+    return probs
