@@ -31,7 +31,10 @@ def sidecar_path(path: str | os.PathLike) -> str:
     return os.fspath(path) + ".json"
 
 
-def _atomic_write(path: str, data: bytes) -> None:
+def atomic_write(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to a temporary file beside `path`, then rename it into place: a reader
+    (or a run killed mid-write) sees the old file or the new one, never a torn one."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
@@ -171,8 +174,8 @@ def save(path: str | os.PathLike, module: Any, variables: Mapping, *, extra: Any
         "config": json.dumps(config), "variables": state, "extra": extra_state,
     })
     side = sidecar_path(path)
-    _atomic_write(side, (json.dumps(config, indent=2) + "\n").encode())
-    _atomic_write(path, payload)
+    atomic_write(side, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(path, payload)
     return path, side
 
 

@@ -7,24 +7,9 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import tempfile
 from typing import Sequence
 
-
-def atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from torch2flax.io import atomic_write as atomic_write_bytes
 
 
 def atomic_write_text(path: str, text: str) -> None:
