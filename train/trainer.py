@@ -84,11 +84,9 @@ def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int):
         color_jitter=config.color_jitter)))
     val_ds = _dataset(config.val, RecordTransform(eval_transform(config.image_size, crop_pct=crop_pct)))
     common = dict(num_devices=num_devices, num_workers=config.num_workers, seed=config.seed)
-    train_loader = make_loader(train_ds, config.batch_size, train=True, **common)
-    if len(train_loader) == 0:
-        raise ValueError(f"{config.train}: {len(train_ds)} training records make no full batch of "
-                         f"{config.batch_size}; lower --batch-size")
-    return train_loader, make_loader(val_ds, config.batch_size, train=False, **common)
+    # make_loader refuses a training set smaller than one batch, naming both sizes.
+    return (make_loader(train_ds, config.batch_size, train=True, **common),
+            make_loader(val_ds, config.batch_size, train=False, **common))
 
 
 def _checkpoint_extra(state: TrainState, epoch: int, best: float, data: dict) -> dict:
