@@ -6,7 +6,10 @@ through decode + RandomResizedCrop(224) + horizontal flip + numpy_collate +
 shard_batch, side by side in one run:
 
 - ours:        loaders.TFRecordDataset + RecordTransform(train_transform(224)) in make_loader,
-               num_workers in {0, 1, 2} (and once with reduce_decode=False);
+               num_workers in {0, 1, 2} (and once with reduce_decode=False); with 2
+               workers also without each of the two worker-side savings (ablation):
+               reused shared-memory slots (torch's own per-batch segments instead)
+               and the worker malloc tuning;
 - tfrecord:    the `tfrecord` package's (iterable) TFRecordDataset in a plain DataLoader
                doing the same decode + augmentation + collate + shard at full resolution;
 - bare decode: a loop of full-size JPEG decodes on one core (decode_image), the
@@ -95,6 +98,26 @@ class CollateShard:
         return shard_batch(batch, self.num_devices, pad=True, pad_to=BATCH)
 
 
+class TorchTransferCollate:
+    """Ablation: collate as make_loader does, but hand torch tensors to torch's own transfer."""
+
+    def __init__(self, collate):
+        self.collate = collate
+
+    def __call__(self, samples):
+        import torch
+
+        from loaders import numpy_collate, shard_batch
+
+        batch = shard_batch(numpy_collate(samples), self.collate.num_devices)
+        return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
+
+
+def init_without_malloc_tuning(worker_id: int) -> None:
+    """Ablation: make_loader's worker init minus `_tune_malloc`."""
+    cv2.setNumThreads(1)
+
+
 def count_images(batches) -> int:
     """Real images in an epoch of [devices, per_device, ...] batches (padding excluded)."""
     n = 0
@@ -165,10 +188,15 @@ def run(args, path: str, index: str, jpegs: list[bytes]) -> int:
 
     pipes: dict[tuple[str, int], Timed] = {("bare", 1): Timed(bare)}
     for w in tqdm(args.workers, desc="starting pipelines", unit="config"):
-        for name, reduce_decode in (("ours", True), ("ours_full", False)):
-            ds = TFRecordDataset(path, FEATURES,
-                                 transform=RecordTransform(train_transform(SIZE), reduce_decode=reduce_decode))
+        variants = ["ours", "ours_full"] + (["no_slots", "no_malloc"] if w == 2 else [])
+        for name in variants:
+            ds = TFRecordDataset(path, FEATURES, transform=RecordTransform(
+                train_transform(SIZE), reduce_decode=name != "ours_full"))
             loader = make_loader(ds, BATCH, train=True, num_devices=args.devices, num_workers=w)
+            if name == "no_slots":
+                loader.dataloader.collate_fn = TorchTransferCollate(loader.dataloader.collate_fn)
+            elif name == "no_malloc":
+                loader.dataloader.worker_init_fn = init_without_malloc_tuning
             pipes[name, w] = Timed(epoch_of(loader))
         pkg = PackageDataset(path, index, description={"image": "byte", "class": "int", "id": "byte"},
                              transform=PackageTransform())
@@ -192,6 +220,13 @@ def run(args, path: str, index: str, jpegs: list[bytes]) -> int:
         per_worker = r_ours / (max(w, 1) * bare_rate)
         print(f"| {w} | {r_ours:.0f} | {r_full:.0f} | {r_pkg:.0f} | {r_ours / r_pkg:.2f}x "
               f"| {per_worker:.0%} | {r_ours / (2 * bare_rate):.0%} |")
+    if ("no_slots", 2) in pipes:
+        ours2 = pipes["ours", 2].best
+        print("\n| 2 workers, ablation | img/s | ours / this |\n|---|---:|---:|")
+        print(f"| ours | {ours2:.0f} | 1.00x |")
+        for key, label in (("no_slots", "without reused shared-memory slots (torch's per-batch segments)"),
+                           ("no_malloc", "without the worker malloc tuning")):
+            print(f"| {label} | {pipes[key, 2].best:.0f} | {ours2 / pipes[key, 2].best:.2f}x |")
     print(f"\nbare full-size JPEG decode, 1 core: {bare_rate:.0f} img/s "
           f"(2 cores: {2 * bare_rate:.0f}); loadavg at end {os.getloadavg()[0]:.2f}")
     # Full vs 1/2-scale (DCT) decode alternated image by image, so load changes hit both alike.

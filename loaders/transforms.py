@@ -14,7 +14,6 @@ the worker count and of which worker happens to load which sample.
 from __future__ import annotations
 
 import functools
-import io
 import random
 from typing import Any, Mapping, Sequence
 
@@ -22,7 +21,7 @@ import albumentations as A
 import cv2
 import numpy as np
 
-from loaders.image import decode_image
+from loaders.image import decode_image, jpeg_size
 
 __all__ = [
     "RecordTransform",
@@ -166,20 +165,6 @@ def reduce_factor(source_hw: tuple[int, int], need: tuple[str, int, int] | None)
     return 1
 
 
-def _jpeg_size(data: bytes) -> tuple[int, int] | None:
-    """(H, W) from a JPEG header, or None for anything else (decoded at full size)."""
-    if data[:2] != b"\xff\xd8":
-        return None
-    from PIL import Image  # header-only: Image.open does not decode pixels
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Exception:  # noqa: BLE001 - a bad header is reported by the decoder itself
-        return None
-    return h, w
-
-
 class RecordTransform:
     """TFRecord dict -> {"image": uint8 (S, S, 3), "label": np.int64, "id": str}.
 
@@ -216,7 +201,7 @@ class RecordTransform:
     def decode(self, data: bytes) -> np.ndarray:
         reduce = 1
         if self._need is not None:
-            hw = _jpeg_size(data)
+            hw = jpeg_size(data)
             if hw is not None:
                 reduce = reduce_factor(hw, self._need)
         return decode_image(data, reduce=reduce)
@@ -302,6 +287,6 @@ def reseed_augmenters(augmenters: Sequence[A.BaseCompose], seed: np.random.SeedS
     image and a mask pipeline) do not mirror each other's draws.
     """
     for compose, child in zip(augmenters, seed.spawn(len(augmenters))):
-        np_seed, py_seed = child.generate_state(2, dtype=np.uint64)
-        compose.set_random_state(np.random.default_rng(int(np_seed)), random.Random(int(py_seed)))
+        rng = np.random.Generator(np.random.PCG64(child))
+        compose.set_random_state(rng, random.Random(int(rng.integers(1 << 63))))
 

@@ -142,8 +142,12 @@ def test_two_workers_never_repeat_each_others_crops():
     assert np.array_equal(p[0]["image"], p[1]["image"])  # the problem being fixed
 
     ours = list(make_loader(ds, 8, train=False, num_devices=1, num_workers=2))
-    crops = np.concatenate([b["image"].reshape(8, -1) for b in ours])
-    assert len(crops) == 32 and len({c.tobytes() for c in crops}) == 32
+    crops = [b["image"].reshape(8, -1) for b in ours]
+    for a, b in ((0, 1), (2, 3)):  # worker 0's batch vs worker 1's, position by position
+        assert not any(np.array_equal(x, y) for x, y in zip(crops[a], crops[b]))
+    # Nearly all distinct overall; two independent draws can both land on
+    # RandomResizedCrop's whole-image fallback, so exact uniqueness is not promised.
+    assert len({c.tobytes() for c in np.concatenate(crops)}) >= 30
 
 
 def test_make_loader_errors_and_defaults(flowers):
@@ -158,3 +162,36 @@ def test_make_loader_errors_and_defaults(flowers):
         make_loader(ds, 512, train=True, num_devices=8)
     loader = make_loader(ds, 16, train=False, num_workers=0)  # num_devices: jax's local count
     assert loader.num_devices == 8 and next(iter(loader))["image"].shape[:2] == (8, 2)
+
+
+def test_worker_malloc_tuning_is_accepted_and_keeps_buffers_mapped():
+    """In a fresh process (it changes process-wide settings): glibc accepts both values, and a
+    worker's allocation cycle (64 decoded/cropped/flipped images, then the 9.6 MB stacked
+    batch) no longer page-faults its memory back in on every batch."""
+    import platform
+    import subprocess
+    import sys
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt tuning applies to glibc only; elsewhere it is a documented no-op")
+    code = """
+import resource, numpy as np
+from loaders.loader import _tune_malloc
+assert _tune_malloc() is True
+def cycle():
+    kept = []
+    for _ in range(64):
+        decoded, crop = np.ones(196_608, np.uint8), np.ones(150_528, np.uint8)
+        kept.append(crop[::-1].copy())
+        del decoded, crop
+    batch = np.stack(kept)
+for _ in range(3):
+    cycle()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(10):
+    cycle()
+print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    # Untuned glibc 2.36 measured 3224 faults per cycle here (the stacked batch alone is 2350 pages).
+    assert float(out.stdout) < 100

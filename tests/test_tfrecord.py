@@ -435,3 +435,35 @@ def test_decode_image_jpeg_png_and_reduce():
         decode_image(b"")
     with pytest.raises(ValueError, match="reduce"):
         decode_image(jpeg, reduce=3)
+
+
+def test_jpeg_size_reads_the_frame_header_of_every_jpeg_flavour():
+    from PIL import Image
+    import io
+
+    from loaders.image import jpeg_size
+
+    rng = np.random.default_rng(5)
+    rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x010E] = "x" * 5000  # a large APP1 segment before the frame header
+    variants = {
+        "baseline": (rgb, {}), "progressive": (rgb, {"progressive": True}),
+        "optimized": (rgb, {"optimize": True}), "gray": (rgb[..., 0], {}),
+        "exif+icc": (rgb, {"exif": exif, "icc_profile": b"\0" * 3000}),
+        "cmyk": (Image.fromarray(rgb).convert("CMYK"), {}),
+    }
+    for name, (image, kwargs) in variants.items():
+        buf = io.BytesIO()
+        (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buf, "JPEG", **kwargs)
+        data = buf.getvalue()
+        with Image.open(io.BytesIO(data)) as im:
+            assert jpeg_size(data) == (im.height, im.width) == (37, 53), name
+    # fill bytes (0xFF padding) before a marker are legal
+    padded = data[:2] + b"\xff\xff\xff" + data[2:]
+    assert jpeg_size(padded) == (37, 53)
+    # not a JPEG, or a header cut before the frame: None (callers decode at full size)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    for bad in (png.getvalue(), b"", b"\xff\xd8", data[:20], b"\xff\xd8\x00\x00\x00\x00", b"\xff\xd8\xff\xda\x00\x02"):
+        assert jpeg_size(bad) is None, bad[:8]
