@@ -12,6 +12,8 @@
 - Workers start with forkserver (spawn where unavailable), never fork: JAX runs
   threads, and forking a process with threads can deadlock. They persist
   across epochs, so their start-up cost is paid once.
+- Worker batches arrive as NumPy views of reused shared-memory slots
+  (`loaders.shared`), each slot reused only once nothing views it any more.
 """
 from __future__ import annotations
 
