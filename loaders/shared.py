@@ -67,7 +67,8 @@ class SlotPool:
             if state[0] == _FREE and slot.numel() >= nbytes:
                 state[0] = _IN_FLIGHT
                 return slot
-        slot = torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+        # New slots are rare (the pool fills once), so the copy share_memory_ makes is moot.
+        slot = torch.empty(nbytes, dtype=torch.uint8).share_memory_()
         state = slot.numpy()[:1]
         state[0] = _IN_FLIGHT
         if len(self.slots) < self.max_slots:
