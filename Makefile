@@ -20,7 +20,8 @@ demo: $(STAMP)
 	$(VENV)/bin/torch2flax demo
 
 test: $(STAMP)
-	$(PY) -m pytest
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

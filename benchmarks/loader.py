@@ -75,12 +75,12 @@ class PackageTransform:
     """Decode + augment the tfrecord package's records like RecordTransform does (full size)."""
 
     def __init__(self):
-        from loaders import train_transform
+        from torch2flax.loaders import train_transform
 
         self.augment = train_transform(SIZE)
 
     def __call__(self, rec: dict) -> dict:
-        from loaders.image import decode_image
+        from torch2flax.loaders.image import decode_image
 
         image = self.augment(image=decode_image(bytes(rec["image"])))["image"]
         label = np.int64(np.asarray(rec["class"]).reshape(-1)[0])
@@ -92,7 +92,7 @@ class CollateShard:
         self.num_devices = num_devices
 
     def __call__(self, samples):
-        from loaders import numpy_collate, shard_batch
+        from torch2flax.loaders import numpy_collate, shard_batch
 
         batch = numpy_collate(samples)
         return shard_batch(batch, self.num_devices, pad=True, pad_to=BATCH)
@@ -107,7 +107,7 @@ class TorchTransferCollate:
     def __call__(self, samples):
         import torch
 
-        from loaders import numpy_collate, shard_batch
+        from torch2flax.loaders import numpy_collate, shard_batch
 
         batch = shard_batch(numpy_collate(samples), self.collate.num_devices)
         return {k: torch.from_numpy(v) if v.dtype.kind in "biuf" else v for k, v in batch.items()}
@@ -163,11 +163,11 @@ def run(args, path: str, index: str, jpegs: list[bytes]) -> int:
     import multiprocessing as mp
 
     import torch
-
-    from loaders import RecordTransform, make_loader, train_transform
-    from loaders.image import decode_image
-    from loaders.tfrecord import TFRecordDataset
     from tfrecord.torch.dataset import TFRecordDataset as PackageDataset
+
+    from torch2flax.loaders import RecordTransform, make_loader, train_transform
+    from torch2flax.loaders.image import decode_image
+    from torch2flax.loaders.tfrecord import TFRecordDataset
 
     mean_kb = np.mean([len(j) for j in jpegs]) / 1e3
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
@@ -213,8 +213,8 @@ def run(args, path: str, index: str, jpegs: list[bytes]) -> int:
             for w in args.workers]
 
     print()
-    print(f"| workers | ours img/s | ours, full-res decode | tfrecord pkg img/s | ours / tfrecord "
-          f"| ours / (workers x bare decode) | ours / (2 cores x bare decode) |")
+    print("| workers | ours img/s | ours, full-res decode | tfrecord pkg img/s | ours / tfrecord "
+          "| ours / (workers x bare decode) | ours / (2 cores x bare decode) |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
     for w, r_ours, r_full, r_pkg in rows:
         per_worker = r_ours / (max(w, 1) * bare_rate)

@@ -66,8 +66,8 @@ def main() -> None:
     from PIL import Image
     from tfrecord.reader import tfrecord_loader
 
-    from loaders import TFRecordDataset, write_tfrecords
-    from loaders.image import decode_image
+    from torch2flax.loaders import TFRecordDataset, write_tfrecords
+    from torch2flax.loaders.image import decode_image
 
     n = args.records
     print(f"# tfrecord_read: {n} records, {args.size}x{args.size} JPEG, {args.shards} shards")

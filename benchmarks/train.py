@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 def make_data(root: str, n: int, size: int = 320) -> str:
     from benchmarks.loader import flower_like
-    from loaders import write_tfrecords
+    from torch2flax.loaders import write_tfrecords
 
     rng = np.random.default_rng(0)
     examples = [{"image": flower_like(rng, size), "class": i % 10, "id": f"b{i:05d}"} for i in range(n)]
@@ -42,7 +42,7 @@ def make_data(root: str, n: int, size: int = 320) -> str:
 
 
 def ours(model: str, root: str, batch: int, steps: int) -> dict:
-    from train import TrainConfig, fit
+    from torch2flax.train import TrainConfig, fit
 
     config = TrainConfig(train=f"{root}/train/*.tfrec", val=f"{root}/val/*.tfrec", num_classes=10,
                          model=model, image_size=224, batch_size=batch, epochs=1, num_workers=2,
@@ -58,7 +58,7 @@ def timm_eager(model_name: str, root: str, batch: int, steps: int, channels_last
     import timm
     import torch
 
-    from loaders import RecordTransform, TFRecordDataset, make_loader, train_transform
+    from torch2flax.loaders import RecordTransform, TFRecordDataset, make_loader, train_transform
 
     ds = TFRecordDataset(f"{root}/train/*.tfrec", {"image": "bytes", "class": "int", "id": "str"},
                          transform=RecordTransform(train_transform(224)))

@@ -21,10 +21,10 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(f"loaders.{_EXPORTS[name]}"), name)
+        value = getattr(importlib.import_module(f"torch2flax.loaders.{_EXPORTS[name]}"), name)
         globals()[name] = value
         return value
-    raise AttributeError(f"module 'loaders' has no attribute {name!r}")
+    raise AttributeError(f"module 'torch2flax.loaders' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -35,7 +35,7 @@ def register(subparsers) -> None:
 def _make_tfrecords(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from loaders.writer import Source, csv_examples, image_folder_examples, write_tfrecords
+    from torch2flax.loaders.writer import Source, csv_examples, image_folder_examples, write_tfrecords
 
     labels = not args.no_labels
     is_csv = args.csv or os.path.isfile(args.src)

@@ -5,7 +5,8 @@ round-trip, strings kept), so these are written for that and nothing else.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import collections
 import itertools
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 __all__ = ["make_mesh", "normalize_on_device", "prefetch_to_device", "put_batch"]
 

@@ -20,15 +20,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import sys
 import warnings
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.utils.data
 
-from loaders.collate import numpy_collate, shard_batch
-from loaders.shared import SharedBatch, SlotPool, unpack
-from loaders.transforms import find_augmenters, reseed_augmenters, sample_seed
+from torch2flax.loaders.collate import numpy_collate, shard_batch
+from torch2flax.loaders.shared import SharedBatch, SlotPool, unpack
+from torch2flax.loaders.transforms import find_augmenters, reseed_augmenters, sample_seed
 
 __all__ = ["Loader", "make_loader"]
 
@@ -163,7 +164,7 @@ def _multiprocessing_context(dataset: Any) -> mp.context.BaseContext:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     # Only effective before the server first starts; failed imports are ignored by it.
-    preload = ["__main__", "torch", "albumentations", "cv2", "loaders.loader"]
+    preload = ["__main__", "torch", "albumentations", "cv2", "torch2flax.loaders.loader"]
     module = type(dataset).__module__
     if module and module != "__main__" and module in sys.modules:
         preload.append(module)

@@ -19,7 +19,8 @@ schedules batches; reuse only makes the common case cheap.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,7 +87,7 @@ class SlotPool:
             offset = _round_up(offset + x.nbytes)
         slot = self._take(offset)
         buf = slot.numpy()
-        for (key, start, shape, dtype), x in zip(layout, numeric.values()):
+        for (_, start, shape, dtype), x in zip(layout, numeric.values()):
             np.copyto(np.ndarray(shape, dtype, buffer=buf, offset=start), x)
         extras = {k: v for k, v in batch.items() if k not in numeric}
         return SharedBatch(slot, layout, extras, list(batch))

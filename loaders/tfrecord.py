@@ -24,7 +24,8 @@ import struct
 import tempfile
 import warnings
 import zlib
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import crc32c
 import numpy as np
@@ -405,7 +406,7 @@ class TFRecordDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self._offset)
 
-    def shard(self, index: int, count: int) -> "TFRecordDataset":
+    def shard(self, index: int, count: int) -> TFRecordDataset:
         """The `index`-th of `count` contiguous parts (e.g. jax.process_index(), process_count()).
 
         The parts partition the records and their sizes differ by at most one.

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import functools
 import random
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 
-from loaders.image import decode_image, jpeg_size
+from torch2flax.loaders.image import decode_image, jpeg_size
 
 __all__ = [
     "RecordTransform",

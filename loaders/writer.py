@@ -11,15 +11,16 @@ import csv
 import io
 import os
 import struct
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import cv2
 import numpy as np
 from tfrecord import example_pb2
 from tqdm import tqdm
 
-from loaders.image import decode_image
-from loaders.tfrecord import masked_crc32c
+from torch2flax.loaders.image import decode_image
+from torch2flax.loaders.tfrecord import masked_crc32c
 
 __all__ = [
     "IMAGE_EXTENSIONS",

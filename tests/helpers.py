@@ -133,3 +133,12 @@ def randomize_batchnorm(model, seed: int = 0):
                     module.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
                     module.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
     return model
+
+
+def console_script(name: str = "torch2flax") -> str:
+    """Path of an installed console script in the running interpreter's environment."""
+    import sys
+
+    path = os.path.join(os.path.dirname(sys.executable), name)
+    assert os.path.exists(path), f"{name} is not installed beside {sys.executable}: run `make test`"
+    return path

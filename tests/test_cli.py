@@ -1,21 +1,15 @@
-import os
 import subprocess
 import sys
 from importlib import metadata
 
 import pytest
 
+from tests.helpers import console_script
 from torch2flax.cli import main
 
 
-def _console_script() -> str:
-    path = os.path.join(os.path.dirname(sys.executable), "torch2flax")
-    assert os.path.exists(path), "package not installed: run `make test`"
-    return path
-
-
 def test_version_comes_from_package_metadata():
-    out = subprocess.run([_console_script(), "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run([console_script(), "--version"], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == f"torch2flax {metadata.version('torch2flax')}"
 
 
@@ -33,7 +27,7 @@ def test_unknown_command_fails(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_module_entry_point_matches_console_script():
+def test_module_entry_point_matchesconsole_script():
     out = subprocess.run([sys.executable, "-m", "torch2flax", "--version"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("torch2flax ")

@@ -15,7 +15,7 @@ def samples(n, size=4):
 def test_numpy_collate_dicts_tuples_and_tensors():
     import torch
 
-    from loaders import numpy_collate
+    from torch2flax.loaders import numpy_collate
 
     s = samples(5)
     batch = numpy_collate(s)
@@ -30,7 +30,7 @@ def test_numpy_collate_dicts_tuples_and_tensors():
 
 
 def test_numpy_collate_errors_name_the_field():
-    from loaders import numpy_collate
+    from torch2flax.loaders import numpy_collate
 
     s = samples(3)
     s[2]["image"] = s[2]["image"][:2]
@@ -45,7 +45,7 @@ def test_numpy_collate_errors_name_the_field():
 
 
 def test_shard_batch_layout_keeps_row_order():
-    from loaders import numpy_collate, shard_batch
+    from torch2flax.loaders import numpy_collate, shard_batch
 
     batch = numpy_collate(samples(12))
     sharded = shard_batch(batch, 4)
@@ -58,14 +58,14 @@ def test_shard_batch_layout_keeps_row_order():
 
 
 def test_shard_batch_uneven_raises_with_sizes_and_fix():
-    from loaders import numpy_collate, shard_batch
+    from torch2flax.loaders import numpy_collate, shard_batch
 
     with pytest.raises(ValueError, match=r"batch of 10 .* 4 devices.*pad=True"):
         shard_batch(numpy_collate(samples(10)), 4)
 
 
 def test_shard_batch_pad_adds_mask_and_empty_ids():
-    from loaders import numpy_collate, shard_batch
+    from torch2flax.loaders import numpy_collate, shard_batch
 
     batch = numpy_collate(samples(10))
     padded = shard_batch(batch, 4, pad=True)

@@ -9,11 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-
-def _console_script() -> str:
-    path = os.path.join(os.path.dirname(sys.executable), "torch2flax")
-    assert os.path.exists(path), "package not installed: run `make test`"
-    return path
+from tests.helpers import console_script
 
 
 @pytest.fixture(scope="module")
@@ -258,7 +254,7 @@ def test_cli_convert_then_verify_from_the_shell(r18, tmp_path):
 
     model = randomize_batchnorm(timm.create_model("resnet50", pretrained=False), seed=4)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "x.safetensors"))
-    run = lambda *a: subprocess.run([_console_script(), *a], cwd=tmp_path, capture_output=True, text=True)
+    run = lambda *a: subprocess.run([console_script(), *a], cwd=tmp_path, capture_output=True, text=True)
 
     out = run("convert", "resnet50", "--checkpoint", "x.safetensors", "--out", "r50.msgpack", "--size", "64")
     assert out.returncode == 0, out.stderr

@@ -20,7 +20,7 @@ def test_demo_one_epoch_writes_everything(tmp_path):
 
     from sklearn.datasets import load_digits
 
-    from loaders import TFRecordDataset
+    from torch2flax.loaders import TFRecordDataset
 
     test = TFRecordDataset(str(out / "data" / "test" / "*.tfrec"))
     assert "class" not in test[0]

@@ -10,8 +10,8 @@ FEATURES = {"image": "bytes", "class": "int", "id": "str"}
 @pytest.fixture(scope="module")
 def host_batch(tmp_path_factory):
     """The last batch of an evaluation DataLoader over 100 records: 64 rows, 36 of them real."""
-    from loaders import RecordTransform, eval_transform, make_loader
-    from loaders.tfrecord import TFRecordDataset
+    from torch2flax.loaders import RecordTransform, eval_transform, make_loader
+    from torch2flax.loaders.tfrecord import TFRecordDataset
 
     fs = write_flower_tfrecords(tmp_path_factory.mktemp("dev"), num_records=100, size=24)
     ds = TFRecordDataset(fs.files, FEATURES, transform=RecordTransform(eval_transform(16)))
@@ -23,7 +23,7 @@ def host_batch(tmp_path_factory):
 def test_pmap_layout_one_shard_per_device(devices, host_batch):
     import jax
 
-    from loaders import prefetch_to_device, shard_batch
+    from torch2flax.loaders import prefetch_to_device, shard_batch
 
     d = len(devices)
     host = shard_batch(host_batch, d)
@@ -47,7 +47,7 @@ def test_pmap_layout_one_shard_per_device(devices, host_batch):
 def test_jit_layout_global_array_sharded_on_batch(devices, host_batch):
     import jax
 
-    from loaders import make_mesh, prefetch_to_device, shard_batch
+    from torch2flax.loaders import make_mesh, prefetch_to_device, shard_batch
 
     d = len(devices)
     mesh = make_mesh(devices)
@@ -68,7 +68,7 @@ def test_jit_layout_global_array_sharded_on_batch(devices, host_batch):
 
 
 def test_prefetch_keeps_size_batches_in_flight():
-    from loaders import prefetch_to_device
+    from torch2flax.loaders import prefetch_to_device
 
     pulled = []
 
@@ -88,7 +88,7 @@ def test_prefetch_keeps_size_batches_in_flight():
 def test_put_batch_rejects_wrong_leading_axis():
     import jax
 
-    from loaders import prefetch_to_device
+    from torch2flax.loaders import prefetch_to_device
 
     bad = {"image": np.zeros((64, 4, 4, 3), np.uint8)}  # not sharded: 64 is not 8 devices
     with pytest.raises(ValueError, match=r"'image'.*\[8 devices"):
@@ -103,7 +103,7 @@ def test_normalize_on_device_matches_torchvision():
     import torch
     from torchvision.transforms.functional import normalize
 
-    from loaders import normalize_on_device
+    from torch2flax.loaders import normalize_on_device
 
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # timm's ImageNet defaults
     x = np.random.default_rng(0).integers(0, 256, (2, 5, 7, 3), dtype=np.uint8)

@@ -2,7 +2,6 @@
 import io
 
 import numpy as np
-import pytest
 
 from tests.helpers import randomize_batchnorm, synthetic_images, write_flower_tfrecords
 

@@ -18,8 +18,8 @@ def flowers(tmp_path_factory):
 
 
 def flower_dataset(flowers, augment):
-    from loaders import RecordTransform
-    from loaders.tfrecord import TFRecordDataset
+    from torch2flax.loaders import RecordTransform
+    from torch2flax.loaders.tfrecord import TFRecordDataset
 
     return TFRecordDataset(flowers.files, FEATURES, transform=RecordTransform(augment))
 
@@ -47,7 +47,7 @@ def epoch_batches(loader, epoch):
 
 
 def test_eval_loader_yields_every_id_once_with_mask(flowers):
-    from loaders import RecordTransform, eval_transform, make_loader
+    from torch2flax.loaders import RecordTransform, eval_transform, make_loader
 
     ds = flower_dataset(flowers, eval_transform(32))
     loader = make_loader(ds, 64, train=False, num_devices=8, num_workers=2)
@@ -80,7 +80,7 @@ def test_eval_loader_yields_every_id_once_with_mask(flowers):
 @pytest.fixture(scope="module")
 def train_runs(flowers):
     """Epochs 0, 1, 0 of one loader, and epoch 0 of a fresh same-seed loader (workers 2 and 0)."""
-    from loaders import make_loader, train_transform
+    from torch2flax.loaders import make_loader, train_transform
 
     def loader(num_workers, seed=0):
         return make_loader(flower_dataset(flowers, train_transform(24)), 64, train=True,
@@ -133,7 +133,7 @@ def test_epochs_and_seeds_differ(train_runs):
 
 def test_two_workers_never_repeat_each_others_crops():
     """Control: a plain DataLoader's two workers draw identical crops; make_loader's do not."""
-    from loaders import RecordTransform, make_loader, numpy_collate, train_transform
+    from torch2flax.loaders import RecordTransform, make_loader, numpy_collate, train_transform
 
     ds = CoordinateImages(32, RecordTransform(train_transform(16)))
     plain = torch.utils.data.DataLoader(ds, batch_size=8, num_workers=2, collate_fn=numpy_collate,
@@ -151,7 +151,7 @@ def test_two_workers_never_repeat_each_others_crops():
 
 
 def test_make_loader_errors_and_defaults(flowers):
-    from loaders import eval_transform, make_loader
+    from torch2flax.loaders import eval_transform, make_loader
 
     ds = flower_dataset(flowers, eval_transform(32))
     with pytest.raises(ValueError, match=r"batch_size 60 .* num_devices 8"):
@@ -176,7 +176,7 @@ def test_worker_malloc_tuning_is_accepted_and_keeps_buffers_mapped():
         pytest.skip("mallopt tuning applies to glibc only; elsewhere it is a documented no-op")
     code = """
 import resource, numpy as np
-from loaders.loader import _tune_malloc
+from torch2flax.loaders.loader import _tune_malloc
 assert _tune_malloc() is True
 def cycle():
     kept = []

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, f1_score
 
-from train.metrics import accuracy, confusion_matrix, macro_f1
+from torch2flax.train.metrics import accuracy, confusion_matrix, macro_f1
 
 
 @pytest.mark.parametrize("seed", range(6))

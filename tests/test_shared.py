@@ -5,11 +5,11 @@ multiprocessing's ForkingPickler (what DataLoader's queues use, with torch's
 storage reductions), then end to end through make_loader's workers.
 """
 import gc
+from multiprocessing.reduction import ForkingPickler
 
 import numpy as np
 import pytest
 import torch.multiprocessing  # noqa: F401 - registers torch's shared-storage reductions
-from multiprocessing.reduction import ForkingPickler
 
 from tests.helpers import write_flower_tfrecords
 
@@ -34,7 +34,7 @@ def slot_states(pool):
 
 
 def test_pack_unpack_round_trip_keeps_values_dtypes_and_order():
-    from loaders.shared import SlotPool, unpack
+    from torch2flax.loaders.shared import SlotPool, unpack
 
     batch = make_batch(0)
     out = unpack(send(SlotPool(2).pack(batch)))
@@ -48,7 +48,7 @@ def test_pack_unpack_round_trip_keeps_values_dtypes_and_order():
 
 
 def test_slot_is_reused_only_after_every_view_is_gone():
-    from loaders.shared import SlotPool, unpack
+    from torch2flax.loaders.shared import SlotPool, unpack
 
     pool = SlotPool(max_slots=4)
     first = unpack(send(pool.pack(make_batch(1))))
@@ -71,7 +71,7 @@ def test_slot_is_reused_only_after_every_view_is_gone():
 
 
 def test_full_pool_falls_back_to_one_off_segments():
-    from loaders.shared import SlotPool, unpack
+    from torch2flax.loaders.shared import SlotPool, unpack
 
     pool = SlotPool(max_slots=2)
     held = [unpack(send(pool.pack(make_batch(s)))) for s in range(5)]
@@ -84,7 +84,7 @@ def test_full_pool_falls_back_to_one_off_segments():
 
 
 def test_a_slot_too_small_for_a_bigger_batch_is_not_used():
-    from loaders.shared import SlotPool, unpack
+    from torch2flax.loaders.shared import SlotPool, unpack
 
     pool = SlotPool(max_slots=4)
     small = unpack(send(pool.pack(make_batch(0, n=2))))
@@ -97,7 +97,7 @@ def test_a_slot_too_small_for_a_bigger_batch_is_not_used():
 
 def test_workers_batches_held_beyond_the_pool_stay_intact(tmp_path):
     """38 batches kept at once (more than 2 workers x max_slots): equal to the main process's."""
-    from loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
+    from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
 
     flowers = write_flower_tfrecords(tmp_path, num_records=300, num_shards=2)
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from loaders import CorruptRecordError, RecordError, TFRecordDataset, decode_image, write_tfrecords
-from loaders import tfrecord as tfr
-from loaders.image import ImageDecodeError
 from tests.helpers import encode_jpeg, synthetic_images, write_flower_tfrecords
+from torch2flax.loaders import CorruptRecordError, RecordError, TFRecordDataset, decode_image, write_tfrecords
+from torch2flax.loaders import tfrecord as tfr
+from torch2flax.loaders.image import ImageDecodeError
 
 FLOWER = {"image": "bytes", "class": "int", "id": "str"}
 
@@ -407,8 +407,9 @@ def test_pickle_is_small_and_holds_no_handles(tmp_path):
 def test_decode_image_jpeg_png_and_reduce():
     images, _ = synthetic_images(2, 3, 64, seed=3)
     img = images[0]
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     jpeg = encode_jpeg(img, quality=92)
     ref = np.asarray(Image.open(io.BytesIO(jpeg)).convert("RGB"))
@@ -438,10 +439,11 @@ def test_decode_image_jpeg_png_and_reduce():
 
 
 def test_jpeg_size_reads_the_frame_header_of_every_jpeg_flavour():
-    from PIL import Image
     import io
 
-    from loaders.image import jpeg_size
+    from PIL import Image
+
+    from torch2flax.loaders.image import jpeg_size
 
     rng = np.random.default_rng(5)
     rgb = rng.integers(0, 256, (37, 53, 3), dtype=np.uint8)

@@ -3,13 +3,12 @@ import csv
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import write_flower_tfrecords
+from tests.helpers import console_script, write_flower_tfrecords
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -31,7 +30,7 @@ def flowers(tmp_path_factory):
 
 
 def _config(globs, out, **overrides):
-    from train import TrainConfig
+    from torch2flax.train import TrainConfig
 
     base = dict(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES, model="resnet18",
                 image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
@@ -77,14 +76,10 @@ def _assert_same_training(result, ref_result, params, ref_params):
     assert _rel_diff(params, ref_params) < 1e-2
 
 
-def _console_script():
-    return os.path.join(os.path.dirname(sys.executable), "torch2flax")
-
-
 @pytest.fixture(scope="module")
 def reference(flowers, tmp_path_factory):
     """Two epochs, 8 devices, pmap, sync BN: the run the others must reproduce."""
-    from train import fit
+    from torch2flax.train import fit
 
     _, globs = flowers
     out = tmp_path_factory.mktemp("ref")
@@ -96,7 +91,7 @@ def reference(flowers, tmp_path_factory):
 def test_cli_train_8_devices_learns_and_writes_artifacts(flowers, tmp_path):
     _, globs = flowers
     out = tmp_path / "run"
-    cmd = [_console_script(), "train", "--train", globs["train"], "--val", globs["val"],
+    cmd = [console_script(), "train", "--train", globs["train"], "--val", globs["val"],
            "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
            "--crop-pct", "1.0", "--batch-size", "32", "--epochs", "3", "--lr", "2e-3",
            "--num-workers", "2", "--out", str(out)]
@@ -118,7 +113,7 @@ def test_cli_train_8_devices_learns_and_writes_artifacts(flowers, tmp_path):
 
 
 def test_fit_on_one_device_learns(flowers, tmp_path):
-    from train import fit
+    from torch2flax.train import fit
 
     _, globs = flowers
     result = fit(_config(globs, tmp_path, num_devices=1, epochs=4), progress=False)
@@ -129,7 +124,7 @@ def test_fit_on_one_device_learns(flowers, tmp_path):
 
 
 def test_one_device_equals_eight_with_sync_bn(flowers, reference, tmp_path):
-    from train import fit
+    from torch2flax.train import fit
 
     _, globs = flowers
     ref_result, ref_params = reference
@@ -138,7 +133,7 @@ def test_one_device_equals_eight_with_sync_bn(flowers, reference, tmp_path):
 
 
 def test_jit_layout_equals_pmap(flowers, reference, tmp_path):
-    from train import fit
+    from torch2flax.train import fit
 
     _, globs = flowers
     ref_result, ref_params = reference
@@ -147,7 +142,7 @@ def test_jit_layout_equals_pmap(flowers, reference, tmp_path):
 
 
 def test_resume_equals_straight_run(flowers, reference, tmp_path):
-    from train import fit
+    from torch2flax.train import fit
 
     _, globs = flowers
     _, ref_params = reference
@@ -165,7 +160,7 @@ def test_resume_equals_straight_run(flowers, reference, tmp_path):
 @pytest.fixture(scope="module")
 def one_of_two_epochs(flowers, tmp_path_factory):
     """A 1-device run of a 2-epoch schedule stopped after its first epoch."""
-    from train import fit
+    from torch2flax.train import fit
 
     _, globs = flowers
     out = tmp_path_factory.mktemp("half")
@@ -176,8 +171,8 @@ def one_of_two_epochs(flowers, tmp_path_factory):
 def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, tmp_path):
     import shutil
 
-    from train import fit
-    from train.trainer import NonFiniteLossError
+    from torch2flax.train import fit
+    from torch2flax.train.trainer import NonFiniteLossError
 
     _, globs = flowers
     out = shutil.copytree(one_of_two_epochs, tmp_path / "run")
@@ -190,7 +185,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, 
 
 
 def test_resume_refuses_a_different_optimizer(flowers, one_of_two_epochs):
-    from train import fit
+    from torch2flax.train import fit
 
     _, globs = flowers
     with pytest.raises(ValueError, match="last.msgpack: its optimizer state does not fit"):
@@ -199,7 +194,7 @@ def test_resume_refuses_a_different_optimizer(flowers, one_of_two_epochs):
 
 
 def test_predict_writes_every_test_id_once_with_tta(flowers, reference, tmp_path):
-    from train import predict
+    from torch2flax.train import predict
 
     sets, globs = flowers
     ref_result, _ = reference
@@ -219,13 +214,15 @@ def test_predict_writes_every_test_id_once_with_tta(flowers, reference, tmp_path
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert not np.allclose(probs, plain.probs)  # the flipped view really contributed
     np.testing.assert_array_equal(probs.argmax(1), [int(r[1]) for r in rows[1:]])
+    np.testing.assert_array_equal(result.probs, probs)  # the returned result is what was written
+    assert list(result.ids) == sets["test"].ids
 
 
 @pytest.mark.slow
 def test_killed_run_leaves_a_loadable_checkpoint(flowers, tmp_path):
     _, globs = flowers
     out = tmp_path / "killed"
-    cmd = [_console_script(), "train", "--train", globs["train"], "--val", globs["val"],
+    cmd = [console_script(), "train", "--train", globs["train"], "--val", globs["val"],
            "--num-classes", str(NUM_CLASSES), "--image-size", "16", "--batch-size", "32",
            "--epochs", "50", "--num-workers", "0", "--num-devices", "1", "--quiet", "--out", str(out)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -244,6 +241,6 @@ def test_killed_run_leaves_a_loadable_checkpoint(flowers, tmp_path):
     module, variables, extra = torch2flax.load(str(out / "last.msgpack"), with_extra=True)
     assert module.num_classes == NUM_CLASSES
     assert int(extra["epoch"]) >= 0 and set(variables) == {"params", "batch_stats"}
-    resumed = subprocess.run([_console_script(), "train", "--resume", str(out), "--epochs",
+    resumed = subprocess.run([console_script(), "train", "--resume", str(out), "--epochs",
                               str(int(extra["epoch"]) + 2), "--quiet"], capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-2000:]

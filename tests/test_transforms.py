@@ -25,7 +25,7 @@ def crop_box(out: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def test_train_transform_output_and_options():
-    from loaders import train_transform
+    from torch2flax.loaders import train_transform
 
     img = synthetic_images(1, 3, (48, 80), seed=1)[0][0]
     aug = train_transform(32, color_jitter=0.4, vflip=True, rotate=10, erase_prob=0.5)
@@ -38,8 +38,8 @@ def test_train_transform_output_and_options():
 
 
 def test_hflip_probability_and_color_jitter_change_pixels():
-    from loaders import train_transform
-    from loaders.transforms import reseed_augmenters, sample_seed
+    from torch2flax.loaders import train_transform
+    from torch2flax.loaders.transforms import reseed_augmenters, sample_seed
 
     img = coordinate_image(64)
     flips = {}
@@ -66,7 +66,7 @@ def test_eval_transform_matches_timm():
     from PIL import Image
     from timm.data import create_transform
 
-    from loaders import eval_transform
+    from torch2flax.loaders import eval_transform
 
     # Smooth content: PIL's and OpenCV's bicubic kernels then agree to ~1 level.
     yy, xx = np.mgrid[0:120, 0:160]
@@ -83,7 +83,7 @@ def test_eval_transform_matches_timm():
 
 
 def test_record_transform_fields_and_errors():
-    from loaders import RecordTransform, eval_transform
+    from torch2flax.loaders import RecordTransform, eval_transform
 
     img = synthetic_images(1, 3, 40, seed=2)[0][0]
     tf = RecordTransform(eval_transform(32))
@@ -109,8 +109,8 @@ def test_reduced_decode_keeps_crop_statistics():
     """
     from scipy.stats import ks_2samp
 
-    from loaders import RecordTransform, train_transform
-    from loaders.transforms import reseed_augmenters, sample_seed
+    from torch2flax.loaders import RecordTransform, train_transform
+    from torch2flax.loaders.transforms import reseed_augmenters, sample_seed
 
     jpeg = encode_jpeg(coordinate_image(512), quality=95)
     fast = RecordTransform(train_transform(64, hflip=False), reduce_decode=True)
@@ -139,8 +139,8 @@ def test_reduced_decode_keeps_crop_statistics():
 
 
 def test_reduce_factor_never_undershoots_target():
-    from loaders import eval_transform, train_transform
-    from loaders.transforms import _min_source_hw, reduce_factor
+    from torch2flax.loaders import eval_transform, train_transform
+    from torch2flax.loaders.transforms import _min_source_hw, reduce_factor
 
     rrc = _min_source_hw(train_transform(224))
     assert reduce_factor((512, 512), rrc) == 2
@@ -153,8 +153,8 @@ def test_reduce_factor_never_undershoots_target():
 def test_reseeding_found_augmenters_is_deterministic_per_sample():
     import torch.utils.data
 
-    from loaders import RecordTransform, train_transform
-    from loaders.transforms import find_augmenters, reseed_augmenters, sample_seed
+    from torch2flax.loaders import RecordTransform, train_transform
+    from torch2flax.loaders.transforms import find_augmenters, reseed_augmenters, sample_seed
 
     class Holder(torch.utils.data.Dataset):
         def __init__(self, tf):

@@ -2,15 +2,14 @@
 import json
 import os
 import subprocess
-import sys
 
 import cv2
 import numpy as np
 import pytest
 
-from loaders import TFRecordDataset, decode_image, write_tfrecords
-from tests.helpers import PALETTE, encode_jpeg, synthetic_images
+from tests.helpers import PALETTE, console_script, encode_jpeg, synthetic_images
 from torch2flax.cli import main
+from torch2flax.loaders import TFRecordDataset, decode_image, write_tfrecords
 
 FLOWER = {"image": "bytes", "class": "int", "id": "str"}
 
@@ -85,8 +84,7 @@ def _image_folder(root, per_class=3, size=(30, 40)):
 
 def test_make_tfrecords_from_folder_console_script(tmp_path):
     classes = _image_folder(tmp_path / "src")
-    exe = os.path.join(os.path.dirname(sys.executable), "torch2flax")
-    out = subprocess.run([exe, "make-tfrecords", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
+    out = subprocess.run([console_script(), "make-tfrecords", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
                           "--size", "24", "--shards", "2"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()

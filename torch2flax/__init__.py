@@ -1,4 +1,10 @@
-"""torch2flax: port timm backbones to Flax and train them from PyTorch data pipelines."""
+"""torch2flax: port timm backbones to Flax and train them from PyTorch data pipelines.
+
+One import namespace: ``torch2flax`` (the converter), ``torch2flax.loaders`` (the input
+pipeline) and ``torch2flax.train`` (training and prediction). The entry points people use
+most are also reachable from here: ``torch2flax.convert``, ``torch2flax.TFRecordDataset``,
+``torch2flax.make_loader``, ``torch2flax.fit``, ``torch2flax.predict``, ...
+"""
 from importlib import metadata as _metadata
 
 try:
@@ -14,6 +20,13 @@ _LAZY = {
     "load": ("torch2flax.io", "load"),
     "list_models": ("torch2flax.models", "list_models"),
     "create_model": ("torch2flax.models", "create_model"),
+    "TFRecordDataset": ("torch2flax.loaders", "TFRecordDataset"),
+    "write_tfrecords": ("torch2flax.loaders", "write_tfrecords"),
+    "decode_image": ("torch2flax.loaders", "decode_image"),
+    "make_loader": ("torch2flax.loaders", "make_loader"),
+    "TrainConfig": ("torch2flax.train", "TrainConfig"),
+    "fit": ("torch2flax.train", "fit"),
+    "predict": ("torch2flax.train", "predict"),
 }
 
 
@@ -34,4 +47,4 @@ def __dir__():
     return sorted(list(globals()) + list(_LAZY))
 
 
-__all__ = ["__version__", "convert", "save", "load", "list_models", "create_model"]
+__all__ = ["__version__", *_LAZY]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch2flax import __version__
 
 # Modules providing subcommands, in the order `--help` lists them.
-COMMAND_MODULES: tuple[str, ...] = ("loaders.cli", "torch2flax.commands", "train.cli")
+COMMAND_MODULES: tuple[str, ...] = ("torch2flax.loaders.cli", "torch2flax.commands", "torch2flax.train.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ import copy
 import dataclasses
 import math
 import os
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -148,9 +149,9 @@ def load_into_timm(model: Any, state: Mapping[str, Any], source: str = "checkpoi
 
 def flax_layers(module: Any, input_hw: tuple[int, int] = (64, 64)) -> tuple[Any, dict[tuple[str, ...], Any]]:
     """Shapes of `module`'s variables (no FLOPs spent) and its layers by path."""
+    import flax.linen as nn
     import jax
     import jax.numpy as jnp
-    import flax.linen as nn
 
     layers: dict[tuple[str, ...], Any] = {}
 
@@ -165,7 +166,7 @@ def flax_layers(module: Any, input_hw: tuple[int, int] = (64, 64)) -> tuple[Any,
 
 
 def _check_conv(name: str, tm: Any, fm: Any) -> None:
-    from torch2flax.layers import Conv, _pair, _padding
+    from torch2flax.layers import Conv, _padding, _pair
 
     if not isinstance(fm, Conv):
         raise ValueError(f"torch layer {name!r} is Conv2d but the Flax layer at that path is {type(fm).__name__}")
@@ -194,6 +195,7 @@ def _check_bn(name: str, tm: Any, fm: Any) -> None:
 def build_rules(model: Any, layers: Mapping[tuple[str, ...], Any], supported: Iterable[str] | None = None) -> list[Rule]:
     """The torch-key <-> Flax-leaf rules for `model`, checking each layer's Flax twin."""
     import torch.nn as tnn
+
     from torch2flax.layers import Dense
 
     supported = set(supported) if supported is not None else None
@@ -387,8 +389,8 @@ def convert_with_timm(
     **timm_kwargs: Any,
 ) -> tuple[Converted, Any]:
     """`convert`, also returning the timm model (eval mode) the weights came from."""
-    import timm
     import jax.numpy as jnp
+    import timm
     from flax.core import freeze
 
     reinitialized: tuple[str, ...] = ()
@@ -443,6 +445,7 @@ def timm_from_flax(module: Any, variables: Mapping[str, Any]) -> Any:
     """The timm model with the weights of a Flax module (the converter run backwards), in eval mode."""
     import timm
     import torch
+
     from torch2flax.models import model_name
 
     name = model_name(module)

@@ -10,11 +10,12 @@ batch variance. Parameter names follow Flax (``kernel``/``bias``,
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 from jax import lax
 
 Array = jax.Array
@@ -98,6 +99,33 @@ def shifted_matmul_conv(
     return out.reshape(b, ho, wo, cout)
 
 
+def conv2d(
+    x: Array,
+    kernel: Array,
+    strides: tuple[int, int] = (1, 1),
+    padding: tuple[tuple[int, int], tuple[int, int]] = ((0, 0), (0, 0)),
+    dilation: tuple[int, int] = (1, 1),
+    groups: int = 1,
+    *,
+    small_map_max_pixels: int | None = None,
+) -> Array:
+    """NHWC x HWIO convolution with explicit padding, as `torch.nn.functional.conv2d` computes it.
+
+    Output maps of at most `small_map_max_pixels` pixels (None: `SMALL_MAP_MAX_PIXELS`)
+    take the shifted-matmul path; the choice is made at trace time from static shapes.
+    """
+    kh, kw = kernel.shape[:2]
+    ho = conv_output_size(x.shape[1], kh, strides[0], padding[0], dilation[0])
+    wo = conv_output_size(x.shape[2], kw, strides[1], padding[1], dilation[1])
+    limit = SMALL_MAP_MAX_PIXELS if small_map_max_pixels is None else small_map_max_pixels
+    if ho * wo <= limit:
+        return shifted_matmul_conv(x, kernel, strides, padding, dilation, groups)
+    return lax.conv_general_dilated(
+        x, kernel, strides, padding, rhs_dilation=dilation,
+        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
+    )
+
+
 class Conv(nn.Module):
     """`torch.nn.Conv2d` in NHWC: explicit padding, groups, HWIO kernel.
 
@@ -132,18 +160,8 @@ class Conv(nn.Module):
             # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
             bound = 1.0 / math.sqrt(cin // groups * kh * kw)
             bias = self.param("bias", _uniform(bound), (self.features,), self.param_dtype)
-        x = x.astype(self.dtype)
-        kernel = kernel.astype(self.dtype)
-        ho = conv_output_size(x.shape[1], kh, strides[0], padding[0], dilation[0])
-        wo = conv_output_size(x.shape[2], kw, strides[1], padding[1], dilation[1])
-        limit = SMALL_MAP_MAX_PIXELS if self.small_map_max_pixels is None else self.small_map_max_pixels
-        if ho * wo <= limit:
-            y = shifted_matmul_conv(x, kernel, strides, padding, dilation, groups)
-        else:
-            y = lax.conv_general_dilated(
-                x, kernel, strides, padding, rhs_dilation=dilation,
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-            )
+        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), strides, padding, dilation, groups,
+                   small_map_max_pixels=self.small_map_max_pixels)
         if bias is not None:
             y = y + bias.astype(self.dtype)
         return y

@@ -2,14 +2,15 @@
 
 Notebook API::
 
-    from train import TrainConfig, fit, predict
+    from torch2flax.train import TrainConfig, fit, predict
     result = fit(TrainConfig(train="train/*.tfrec", val="val/*.tfrec", num_classes=104, out="runs/r18"))
     predict("runs/r18/best.msgpack", "test/*.tfrec", "submission.csv", tta="hflip")
 """
-from train.config import TrainConfig
+from torch2flax.train.config import TrainConfig
 
-_LAZY = {"fit": "train.trainer", "FitResult": "train.trainer", "NonFiniteLossError": "train.trainer",
-         "predict": "train.inference", "PredictResult": "train.inference"}
+_LAZY = {"fit": "torch2flax.train.trainer", "FitResult": "torch2flax.train.trainer",
+         "NonFiniteLossError": "torch2flax.train.trainer",
+         "predict": "torch2flax.train.inference", "PredictResult": "torch2flax.train.inference"}
 
 __all__ = ["TrainConfig", *_LAZY]
 
@@ -20,4 +21,4 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'train' has no attribute {name!r}")
+    raise AttributeError(f"module 'torch2flax.train' has no attribute {name!r}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import csv
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 from torch2flax.io import atomic_write as atomic_write_bytes
 

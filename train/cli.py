@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import os
 
-from train.config import TrainConfig
+from torch2flax.train.config import TrainConfig
 
 # argparse types for fields whose default is None (the default's type says nothing).
 _OPTIONAL_TYPES = {"crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    from train.trainer import fit
+    from torch2flax.train.trainer import fit
 
     result = fit(config, resume=bool(args.resume), stop_after_epochs=args.stop_after_epochs,
                  progress=not args.quiet)
@@ -111,7 +111,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
-    from train.inference import predict
+    from torch2flax.train.inference import predict
 
     result = predict(args.checkpoint, args.test, args.out, tta=args.tta, probs=args.probs,
                      batch_size=args.batch_size, image_size=args.image_size,
@@ -122,7 +122,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from train.demo import run_demo as demo
+    from torch2flax.train.demo import run_demo as demo
 
     demo(args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
          image_size=args.image_size, num_workers=args.num_workers, progress=not args.quiet)

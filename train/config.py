@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -62,7 +63,7 @@ class TrainConfig:
             raise ValueError(f"config.ema_decay={self.ema_decay}: must be in [0, 1)")
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -70,7 +71,7 @@ class TrainConfig:
         return cls(**values)
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> "TrainConfig":
+    def from_file(cls, path: str | os.PathLike, **overrides: Any) -> TrainConfig:
         """Read a YAML or JSON file (YAML is a superset of JSON); `overrides` win."""
         import yaml
 
@@ -83,7 +84,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
 

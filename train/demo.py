@@ -32,7 +32,7 @@ def digits_tfrecords(out_dir: str, *, image_size: int = 32, seed: int = 0) -> De
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from loaders import write_tfrecords
+    from torch2flax.loaders import write_tfrecords
 
     digits = load_digits()
     # 16 grey levels at 8x8: stretch to uint8, upscale smoothly, replicate to RGB.
@@ -64,9 +64,9 @@ def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8
 
     import torch2flax
     from torch2flax.convert import convert_with_timm, parity_errors
-    from train.config import TrainConfig
-    from train.inference import predict
-    from train.trainer import fit
+    from torch2flax.train.config import TrainConfig
+    from torch2flax.train.inference import predict
+    from torch2flax.train.trainer import fit
 
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)

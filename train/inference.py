@@ -10,11 +10,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import torch2flax
-from loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
-from train import artifacts
-from train.parallel import Parallel
-from train.steps import predict_step
-from train.trainer import COMPUTE_DTYPES, select_devices
+from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
+from torch2flax.train import artifacts
+from torch2flax.train.parallel import Parallel
+from torch2flax.train.steps import predict_step
+from torch2flax.train.trainer import COMPUTE_DTYPES, select_devices
 
 TEST_FEATURES = {"image": "bytes", "id": "str"}
 

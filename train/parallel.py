@@ -7,13 +7,14 @@ global arrays sharded along the batch axis, and XLA inserts the collectives.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import jax
 from flax import jax_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
-from loaders import make_mesh, prefetch_to_device
+from torch2flax.loaders import make_mesh, prefetch_to_device
 
 AXIS = "batch"
 

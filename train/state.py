@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 from flax.training import train_state
 
-from train.config import TrainConfig
+from torch2flax.train.config import TrainConfig
 
 
 class TrainState(train_state.TrainState):

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from loaders import normalize_on_device
-from train.metrics import confusion_matrix
-from train.state import TrainState
+from torch2flax.loaders import normalize_on_device
+from torch2flax.train.metrics import confusion_matrix
+from torch2flax.train.state import TrainState
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:

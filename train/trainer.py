@@ -15,13 +15,13 @@ from flax import serialization
 from tqdm.auto import tqdm
 
 import torch2flax
-from loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
-from train import artifacts
-from train.config import TrainConfig, dumps
-from train.metrics import accuracy, macro_f1
-from train.parallel import AXIS, Parallel
-from train.state import TrainState, create_train_state, learning_rate, make_optimizer
-from train.steps import eval_step, train_step
+from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
+from torch2flax.train import artifacts
+from torch2flax.train.config import TrainConfig, dumps
+from torch2flax.train.metrics import accuracy, macro_f1
+from torch2flax.train.parallel import AXIS, Parallel
+from torch2flax.train.state import TrainState, create_train_state, learning_rate, make_optimizer
+from torch2flax.train.steps import eval_step, train_step
 
 TRAIN_FEATURES = {"image": "bytes", "class": "int", "id": "str"}
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

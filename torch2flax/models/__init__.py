@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from collections.abc import Mapping
-from typing import Any, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from torch2flax.models import resnet
 
@@ -74,7 +74,7 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 def _register_family(module: Any) -> None:
     for name, kwargs in module.MODELS.items():
-        cls = getattr(module, "ResNet")
+        cls = module.ResNet
         _REGISTRY[name] = ModelEntry(name, cls, dict(kwargs), module.TORCH_MODULE_TYPES)
 
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
 from torch2flax.layers import BatchNorm, Conv, Dense, DropPath, avg_pool, global_pool, max_pool
 

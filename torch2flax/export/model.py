@@ -1,0 +1,398 @@
+"""`ExportedModel`: any timm model as a Flax linen module, by running its exported ATen graph.
+
+The module's fields are plain, hashable and JSON-able (timm name, timm kwargs,
+image size, ...). The exported programs live in a process-wide cache keyed by
+an `ExportSpec` built from those fields; on a cache miss the timm model is
+re-created with random init and re-exported (weights always come from the
+Flax variables), so a module rebuilt from its JSON config runs the same graphs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from flax.core import FrozenDict, freeze
+
+from torch2flax.export import interpreter
+from torch2flax.export.capture import example_input, export_timm
+from torch2flax.models import PretrainedCfg, pretrained_cfg_from_timm
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSpec:
+    """What determines the exported graphs: the architecture, its kwargs and the input size.
+
+    `instance_key` is set for modules converted from a timm model instance,
+    whose construction kwargs are unknown: their graphs are only in this
+    process's cache and cannot be rebuilt elsewhere.
+    """
+
+    model_name: str
+    timm_kwargs: tuple[tuple[str, Any], ...]
+    num_classes: int
+    in_chans: int
+    image_size: tuple[int, int]
+    instance_key: str | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return (self.in_chans, *self.image_size)
+
+    def __str__(self) -> str:
+        return self.model_name
+
+
+_TIMM_MODELS: dict[ExportSpec, torch.nn.Module] = {}
+_PROGRAMS: dict[tuple[ExportSpec, str, bool], interpreter.Program] = {}
+
+
+def _freeze_value(v: Any) -> Any:
+    if isinstance(v, (list, tuple)):
+        return tuple(_freeze_value(x) for x in v)
+    if isinstance(v, Mapping):
+        return tuple(sorted((k, _freeze_value(x)) for k, x in v.items()))
+    return v
+
+
+def freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """timm kwargs as a sorted tuple of pairs (hashable; lists become tuples)."""
+    return tuple(sorted((k, _freeze_value(v)) for k, v in kwargs.items()))
+
+
+def timm_model(spec: ExportSpec) -> torch.nn.Module:
+    """The timm model behind a spec: cached, else created with random init (weights do not matter here)."""
+    model = _TIMM_MODELS.get(spec)
+    if model is None:
+        if spec.instance_key is not None:
+            raise RuntimeError(
+                f"{spec.model_name} was converted from a timm model instance in another process (or the cache "
+                "was cleared); its graph cannot be rebuilt: convert from a timm name and kwargs instead")
+        import timm
+
+        model = timm.create_model(spec.model_name, pretrained=False, num_classes=spec.num_classes,
+                                  in_chans=spec.in_chans, **dict(spec.timm_kwargs))
+        _TIMM_MODELS[spec] = model.eval()
+    return model
+
+
+def program(spec: ExportSpec, method: str = "forward", train: bool = False) -> interpreter.Program:
+    """The lowered program of `method` in train or eval mode (exported on first use, then cached)."""
+    key = (spec, method, train)
+    if key not in _PROGRAMS:
+        model = timm_model(spec)
+        ep = export_timm(model, train=train, input_size=spec.input_size, method=method)
+        name = f"{spec.model_name} ({method}, {'train' if train else 'eval'})"
+        prog = interpreter.lower(ep, name=name, prefix="" if method == "forward" else "model.")
+        params, buffers = flat_state(model)
+        x = example_input(model, spec.input_size, method).numpy()
+        interpreter.abstract_check(prog, params, buffers, [x])  # op-argument errors surface here, not at run time
+        _PROGRAMS[key] = prog
+    return _PROGRAMS[key]
+
+
+def flat_state(model: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Parameters and persistent buffers by torch name (num_batches_tracked dropped), as numpy."""
+    params = {k: _numpy(v) for k, v in model.named_parameters()}
+    persistent = model.state_dict()
+    buffers = {k: _numpy(v) for k, v in model.named_buffers()
+               if k in persistent and not k.endswith("num_batches_tracked")}
+    return params, buffers
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    t = t.detach().cpu()
+    return (t.float() if t.dtype == torch.bfloat16 else t).numpy().copy()
+
+
+def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """{"stages.0.conv.weight": a} -> {"stages": {"0": {"conv": {"weight": a}}}}."""
+    out: dict[str, Any] = {}
+    for name, value in flat.items():
+        *path, leaf = name.split(".")
+        node = out
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """The inverse of `nest`."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _get(tree: Mapping[str, Any], name: str) -> Any:
+    for part in name.split("."):
+        tree = tree[part]
+    return tree
+
+
+def _replace(tree: Mapping[str, Any], updates: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a nested tree with the leaves at the (relative, dotted) names in `updates` replaced."""
+    flat = flatten(tree)
+    flat.update({k: v.astype(flat[k].dtype) for k, v in updates.items()})
+    return nest(flat)
+
+
+class ExportedModel(nn.Module):
+    """A timm model run from its exported core-ATen graph, with the native models' contract.
+
+    Input is NHWC float; `__call__(x, train=False)` runs the eval graph, or the
+    train graph with `train=True` (BatchNorm batch statistics, running stats
+    written to `batch_stats` when it is mutable, dropout and drop-path drawing
+    from the `"dropout"` RNG stream). Variables are `{"params", "batch_stats"}`
+    nested by timm's module path with torch's leaf names and layouts
+    (`params["stages"]["0"]["conv_dw"]["weight"]` is OIHW); `batch_stats` holds
+    every persistent buffer (BatchNorm `running_mean` / `running_var`) except
+    `num_batches_tracked`. `dtype=bfloat16` computes in bf16 from float32
+    variables (normalisation statistics stay float32). With `axis_name`, training
+    BatchNorm averages its statistics over that mapped axis (sync BN).
+
+    `forward_features` / `forward_head` run separately exported graphs of timm's
+    methods (exported on first use). 4-D feature maps are returned NHWC (and
+    `forward_head` takes them NHWC), like the native models; other outputs
+    (ViT tokens) keep timm's layout.
+    """
+
+    model_name: str
+    timm_kwargs: tuple[tuple[str, Any], ...] = ()
+    num_classes: int = 1000
+    in_chans: int = 3
+    image_size: tuple[int, int] = (224, 224)
+    pretrained_cfg: PretrainedCfg | None = None
+    dtype: Any = jnp.float32
+    axis_name: str | None = None
+    instance_key: str | None = None
+
+    @property
+    def spec(self) -> ExportSpec:
+        return ExportSpec(self.model_name, self.timm_kwargs, self.num_classes, self.in_chans,
+                          tuple(self.image_size), self.instance_key)
+
+    def setup(self):
+        params, buffers = flat_state(timm_model(self.spec))
+        # One Flax variable per top-level timm attribute, each holding the nested subtree; the
+        # initialisers return timm's own init (the rng is unused: weights come from conversion).
+        self._params = {k: self.param(k, _const(v)) for k, v in nest(params).items()}
+        self._stats = {k: self.variable("batch_stats", k, _const(v), None) for k, v in nest(buffers).items()}
+
+    def _run(self, method: str, x: Array, train: bool) -> Any:
+        prog = program(self.spec, method, train)
+        params = {n: _get(self._params, n) for n in prog.param_names}
+        buffers = {n: self._stat(n) for n in prog.buffer_names}
+        rng = self.make_rng("dropout") if prog.random else None
+        outs, updates = interpreter.run(prog, params, buffers, [x], rng=rng,
+                                        axis_name=self.axis_name if train else None, dtype=self.dtype)
+        if updates and not self.is_initializing():
+            by_top: dict[str, dict[str, Array]] = {}
+            for name, value in updates.items():
+                top, _, rest = name.partition(".")
+                by_top.setdefault(top, {})[rest] = value
+            for top, ups in by_top.items():
+                var = self._stats[top]
+                var.value = _replace(var.value, ups) if "" not in ups else ups[""].astype(var.value.dtype)
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def _stat(self, name: str) -> Array:
+        top, _, rest = name.partition(".")
+        value = self._stats[top].value
+        return _get(value, rest) if rest else value
+
+    def _nchw(self, x: Array) -> Array:
+        return jnp.asarray(x, self.dtype).transpose(0, 3, 1, 2)
+
+    def __call__(self, x: Array, train: bool = False) -> Array:
+        return self._run("forward", self._nchw(x), train)
+
+    def forward_features(self, x: Array, train: bool = False) -> Array:
+        y = self._run("forward_features", self._nchw(x), train)
+        return y.transpose(0, 2, 3, 1) if self._nchw_features() else y
+
+    def forward_head(self, x: Array, train: bool = False, pre_logits: bool = False) -> Array:
+        if self._nchw_features():
+            x = x.transpose(0, 3, 1, 2)
+        return self._run("forward_head_pre_logits" if pre_logits else "forward_head", x.astype(self.dtype), train)
+
+    def _nchw_features(self) -> bool:
+        """Whether timm's forward_features returns an NCHW map (4-D with channels at dim 1)."""
+        out = program(self.spec, "forward_features", False).output_node.args[0][0].meta.get("val")
+        n = getattr(timm_model(self.spec), "num_features", None)
+        return out is not None and out.ndim == 4 and out.shape[1] == n and out.shape[3] != n
+
+    # ------------------------------------------------------------------ rebuilding from JSON
+
+    def config(self) -> dict[str, Any]:
+        """JSON-able fields: `ExportedModel.from_config(m.config())` rebuilds the module (re-exporting)."""
+        if self.instance_key is not None:
+            raise ValueError(f"{self.model_name} was converted from a timm instance: its graph cannot be rebuilt "
+                             "from a config; convert from a timm name and kwargs")
+        return {
+            "model_name": self.model_name, "timm_kwargs": {k: _thaw(v) for k, v in self.timm_kwargs},
+            "num_classes": self.num_classes, "in_chans": self.in_chans, "image_size": list(self.image_size),
+            "pretrained_cfg": self.pretrained_cfg.to_dict() if self.pretrained_cfg is not None else None,
+            "dtype": jnp.dtype(self.dtype).name, "axis_name": self.axis_name,
+        }
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ExportedModel:
+        cfg = dict(config)
+        return cls(
+            model_name=cfg["model_name"], timm_kwargs=freeze_kwargs(cfg.get("timm_kwargs") or {}),
+            num_classes=int(cfg["num_classes"]), in_chans=int(cfg.get("in_chans", 3)),
+            image_size=tuple(cfg["image_size"]),
+            pretrained_cfg=PretrainedCfg(cfg["pretrained_cfg"]) if cfg.get("pretrained_cfg") else None,
+            dtype=jnp.dtype(cfg.get("dtype", "float32")), axis_name=cfg.get("axis_name"),
+        )
+
+
+def _thaw(v: Any) -> Any:
+    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
+
+
+def _const(tree: Any) -> Callable[..., Any]:
+    def init(*_: Any) -> Any:
+        return jax.tree_util.tree_map(jnp.asarray, tree)
+    return init
+
+
+# ---------------------------------------------------------------------- conversion
+
+
+def _load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
+            state = state[key]
+            break
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _image_size(image_size: int | tuple[int, int] | None, model: torch.nn.Module) -> tuple[int, int]:
+    if image_size is None:
+        size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size", (3, 224, 224))
+        return (int(size[1]), int(size[2]))
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    return (int(image_size[0]), int(image_size[1]))
+
+
+def _in_chans(model: torch.nn.Module) -> int:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            return m.in_channels
+        if isinstance(m, torch.nn.Linear):
+            break
+    return 3
+
+
+def convert_exported(
+    model_or_name: str | torch.nn.Module,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | os.PathLike | None = None,
+    num_classes: int | None = None,
+    image_size: int | tuple[int, int] | None = None,
+    **timm_kwargs: Any,
+) -> tuple[ExportedModel, FrozenDict]:
+    """Any timm model (name or instance) as `(ExportedModel, variables)` via torch.export.
+
+    Exports the eval and train graphs of `forward` at `image_size` (default: the
+    model's pretrained input size) and checks every op against the op table: an
+    unsupported op raises `UnsupportedOpError` here, naming the op, the model, the
+    node and its source line. `checkpoint` is a torch state dict file for the
+    named model; `num_classes` different from the weights' re-initialises the
+    head with timm's `reset_classifier`. `variables` is a FrozenDict of float32
+    `params` and `batch_stats` (see `ExportedModel`).
+    """
+    import timm
+
+    instance_key = None
+    if isinstance(model_or_name, str):
+        if pretrained and checkpoint is not None:
+            raise ValueError("pass either pretrained=True or checkpoint=..., not both")
+        name = model_or_name
+        if checkpoint is not None:
+            state = _load_checkpoint(checkpoint)
+            model = timm.create_model(name, pretrained=False, **timm_kwargs)
+            clf = model.pretrained_cfg.get("classifier") or "fc"
+            if f"{clf}.weight" in state and state[f"{clf}.weight"].shape[0] != model.num_classes:
+                model.reset_classifier(int(state[f"{clf}.weight"].shape[0]))
+            model.load_state_dict(state)
+        else:
+            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
+    else:
+        if pretrained or checkpoint is not None or timm_kwargs:
+            raise TypeError("pretrained/checkpoint/timm kwargs apply to a model name, not to a model instance")
+        model = model_or_name
+        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+        instance_key = f"{name}@{uuid.uuid4().hex[:12]}"
+    if num_classes is not None and num_classes != model.num_classes:
+        if instance_key is not None:
+            import copy
+
+            model = copy.deepcopy(model)  # the caller's model keeps its head
+        model.reset_classifier(num_classes)
+    timm_kwargs.pop("num_classes", None)
+    timm_kwargs.pop("in_chans", None)
+    spec = ExportSpec(name, freeze_kwargs(timm_kwargs), int(model.num_classes), _in_chans(model),
+                      _image_size(image_size, model), instance_key)
+    _TIMM_MODELS[spec] = model
+    try:
+        program(spec, "forward", False)
+        program(spec, "forward", True)
+    except Exception:
+        _TIMM_MODELS.pop(spec, None)
+        raise
+    params, buffers = flat_state(model)
+    cfg = getattr(model, "pretrained_cfg", None)
+    module = ExportedModel(
+        model_name=spec.model_name, timm_kwargs=spec.timm_kwargs, num_classes=spec.num_classes,
+        in_chans=spec.in_chans, image_size=spec.image_size,
+        pretrained_cfg=pretrained_cfg_from_timm(cfg) if cfg else None, instance_key=instance_key,
+    )
+    variables = {"params": nest({k: jnp.asarray(v) for k, v in params.items()})}
+    if buffers:
+        variables["batch_stats"] = nest({k: jnp.asarray(v) for k, v in buffers.items()})
+    return module, freeze(variables)
+
+
+def exported_state_dict(variables: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """The torch state dict of an `ExportedModel`'s variables (without `num_batches_tracked`)."""
+    flat = flatten(variables.get("params", {}))
+    flat.update(flatten(variables.get("batch_stats", {})))
+    return {k: torch.from_numpy(np.array(v, dtype=np.float32 if v.dtype == jnp.bfloat16 else v.dtype))
+            for k, v in flat.items()}
+
+
+def timm_from_exported(module: ExportedModel, variables: Mapping[str, Any]) -> torch.nn.Module:
+    """A timm model (eval mode) carrying an `ExportedModel`'s weights: the conversion run backwards."""
+    import copy
+
+    model = copy.deepcopy(timm_model(module.spec))
+    missing, unexpected = model.load_state_dict(exported_state_dict(variables), strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{module.model_name}: variables do not match timm's state dict "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model.eval()
