@@ -32,21 +32,13 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+# `python benchmarks/loader.py` puts benchmarks/ on the path; workers import this module by name.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.images import flower_like  # noqa: E402
 
 BATCH = 64
 SIZE = 224
 FEATURES = {"image": "bytes", "class": "int", "id": "str"}
-
-
-def flower_like(rng: np.random.Generator, size: int = 512) -> np.ndarray:
-    """Photo-like statistics (what sets JPEG size and decode cost): multi-scale colour fields + noise."""
-    img = np.zeros((size, size, 3), np.float32)
-    for cells, amp in ((4, 90), (16, 40), (64, 25)):
-        field = rng.normal(0, 1, (cells, cells, 3)).astype(np.float32)
-        img += amp * cv2.resize(field, (size, size), interpolation=cv2.INTER_CUBIC)
-    img += rng.normal(0, 6, (size, size, 3)).astype(np.float32)
-    return np.clip(img + 128, 0, 255).astype(np.uint8)
 
 
 def build(out_dir: str, n: int, seed: int = 0) -> tuple[str, str, list[bytes]]:

@@ -174,7 +174,7 @@ def conversion_cost(name: str) -> tuple[float, float]:
     # ru_maxrss over from the parent across fork/exec, so it reports the benchmark's size.
     code = f"""
 import json, time, torch2flax, timm, jax, torch
-from torch2flax.convert import convert
+from torch2flax.converter import convert
 def status_mb(key):
     for line in open('/proc/self/status'):
         if line.startswith(key + ':'):

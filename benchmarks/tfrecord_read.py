@@ -19,27 +19,17 @@ import gzip
 import io
 import os
 import shutil
+import sys
 import tempfile
 import time
 
 import cv2
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.images import flower_like  # noqa: E402
+
 FEATURES = {"image": "bytes", "class": "int", "id": "str"}
-
-
-def flower_like(n: int, size: int, seed: int) -> list[np.ndarray]:
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    out = []
-    for _ in range(n):
-        f = rng.uniform(2, 9, 3)
-        base = np.stack([np.sin(xx * f[0] + rng.uniform(0, 6)), np.cos(yy * f[1]),
-                         np.sin((xx + yy) * f[2])], -1) * 100 + 128
-        blobs = cv2.resize(rng.normal(0, 1, (size // 4, size // 4, 3)), (size, size)) * 25
-        grain = rng.normal(0, 6, (size, size, 3))
-        out.append(np.clip(base + blobs + grain, 0, 255).astype(np.uint8))
-    return out
 
 
 def best_rate(fn, n: int, repeat: int) -> float:
@@ -76,7 +66,8 @@ def main() -> None:
           f"opencv {cv2.__version__}, pillow {PIL.__version__}")
     tmp = tempfile.mkdtemp(prefix="tfrecord_read_")
     try:
-        images = flower_like(min(n, 64), args.size, seed=0)
+        rng = np.random.default_rng(0)
+        images = [flower_like(rng, args.size) for _ in range(min(n, 64))]
         jpegs = [cv2.imencode(".jpg", im[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1].tobytes()
                  for im in images]
         examples = [{"image": jpegs[i % len(jpegs)], "class": i % 104, "id": f"{i:08x}"}

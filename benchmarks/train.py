@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def make_data(root: str, n: int, size: int = 320) -> str:
-    from benchmarks.loader import flower_like
+    from benchmarks.images import flower_like
     from torch2flax.loaders import write_tfrecords
 
     rng = np.random.default_rng(0)

@@ -3,6 +3,11 @@
 Knows nothing of Flax models; everything here produces NumPy arrays or jax.Arrays.
 """
 import importlib
+import os
+
+# albumentations asks PyPI for a newer release when it is imported: a network call from a
+# training job (and a stall on an offline Kaggle kernel). Workers inherit the setting.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 # Exports load on first use (PEP 562): the `torch2flax` CLI and DataLoader workers import
 # `loaders` submodules, and must not pay for jax, torch and albumentations they do not use.

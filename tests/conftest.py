@@ -26,3 +26,24 @@ def devices(request):
             "after jax initialised (import jax only inside tests or fixtures)"
         )
     return local[: request.param]
+
+
+@pytest.fixture(scope="session")
+def r18():
+    """A timm resnet18 (eval mode) with randomised BatchNorm, and a copy of its state dict."""
+    import timm
+    import torch
+
+    from tests.helpers import randomize_batchnorm
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(timm.create_model("resnet18", pretrained=False), seed=2).eval()
+    return model, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def pytest_configure(config):
+    # JAX's persistent compilation cache, under pytest's cache dir: a rerun (and every
+    # subprocess the CLI tests start, which inherit the variables) reuses compiled programs.
+    if getattr(config, "cache", None) is not None:
+        os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(config.cache.mkdir("jax-compilation-cache")))
+        os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")

@@ -142,3 +142,52 @@ def console_script(name: str = "torch2flax") -> str:
     path = os.path.join(os.path.dirname(sys.executable), name)
     assert os.path.exists(path), f"{name} is not installed beside {sys.executable}: run `make test`"
     return path
+
+
+def save_pth(path, obj):
+    """`torch.save(obj, path)`; returns `path`."""
+    import torch
+
+    torch.save(obj, path)
+    return path
+
+
+class TornWrite(Exception):
+    """Raised by `torn_writes` where a killed process would have stopped."""
+
+
+def torn_writes(monkeypatch, torn_at: int) -> list:
+    """Make the `torn_at`-th file opened for writing (0-based, via `open` or `os.fdopen`) stop
+    after half its bytes and raise `TornWrite`, as if the process were killed mid-write.
+    Returns the list of files opened for writing so far (it grows as the code runs)."""
+    import builtins
+    import io
+
+    opened: list = []
+
+    class HalfWriter(io.FileIO):
+        def __init__(self, file, mode):
+            opened.append(file)
+            super().__init__(file, mode)
+
+        def write(self, data):
+            if len(opened) - 1 != torn_at:
+                return super().write(data)
+            super().write(bytes(data)[: len(data) // 2])
+            raise TornWrite(f"killed while writing {opened[-1]}")
+
+    real_open, real_fdopen = builtins.open, os.fdopen
+
+    def torn_open(file, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax"):
+            return HalfWriter(file, "a" if "a" in mode else "w")
+        return real_open(file, mode, *args, **kwargs)
+
+    def torn_fdopen(fd, mode="r", *args, **kwargs):
+        if any(c in mode for c in "wax"):
+            return HalfWriter(fd, "w")
+        return real_fdopen(fd, mode, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", torn_open)
+    monkeypatch.setattr(os, "fdopen", torn_fdopen)
+    return opened

@@ -1,3 +1,4 @@
+"""The `torch2flax` command line: entry points, convert/verify/list from the shell, a light import."""
 import subprocess
 import sys
 from importlib import metadata
@@ -31,3 +32,47 @@ def test_module_entry_point_matchesconsole_script():
     out = subprocess.run([sys.executable, "-m", "torch2flax", "--version"],
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip().startswith("torch2flax ")
+
+
+def test_cli_convert_then_verify_from_the_shell(r18, tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    _, state = r18
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "x.safetensors"))
+    run = lambda *a: subprocess.run([console_script(), *a], cwd=tmp_path, capture_output=True, text=True)
+
+    out = run("convert", "resnet18", "--checkpoint", "x.safetensors", "--out", "r18.msgpack", "--size", "32")
+    assert out.returncode == 0, out.stderr
+    assert "logits" in out.stdout and "features" in out.stdout and "FAIL" not in out.stdout
+    assert "wrote r18.msgpack" in out.stdout and "wrote r18.msgpack.json" in out.stdout
+    assert (tmp_path / "r18.msgpack").stat().st_size > 46e6  # 11.7M float32 parameters
+
+    out = run("verify", "r18.msgpack", "--checkpoint", "x.safetensors", "--size", "32")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(" ok ") == 2
+    # Without a checkpoint: the msgpack converted back to torch.
+    out = run("verify", "r18.msgpack", "--size", "40")
+    assert out.returncode == 0 and "converted back to torch" in out.stdout, out.stderr
+    # Weights that differ from the msgpack's fail verification with a non-zero exit.
+    other = timm.create_model("resnet18", pretrained=False)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "y.safetensors"))
+    out = run("verify", "r18.msgpack", "--checkpoint", "y.safetensors", "--size", "32")
+    assert out.returncode == 1 and "FAIL" in out.stdout
+
+
+def test_cli_list_and_unknown_name(capsys):
+    from torch2flax.cli import main
+
+    assert main(["list", "resnet1*"]) == 0
+    assert capsys.readouterr().out.split() == ["resnet101", "resnet152", "resnet18"]
+    assert main(["list", "vit*"]) == 1
+    assert main(["convert", "resnt50", "--out", "x.msgpack"]) == 2
+    err = capsys.readouterr().err
+    assert "resnt50" in err and "resnet50" in err
+
+
+def test_import_stays_light():
+    code = "import sys, torch2flax; print(sorted(m for m in ('jax', 'torch', 'flax', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -15,7 +15,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 # Public API, imported on first use so that `import torch2flax` (and the CLI's
 # `--help`) does not pay for jax, flax and torch.
 _LAZY = {
-    "convert": ("torch2flax.convert", "convert"),
+    "convert": ("torch2flax.converter", "convert"),
     "save": ("torch2flax.io", "save"),
     "load": ("torch2flax.io", "load"),
     "list_models": ("torch2flax.models", "list_models"),
@@ -36,8 +36,6 @@ def __getattr__(name):
 
         module, attr = _LAZY[name]
         value = getattr(importlib.import_module(module), attr)
-        # Importing the submodule `torch2flax.convert` binds the package attribute
-        # `convert` to that module; rebind it to the function.
         globals()[name] = value
         return value
     raise AttributeError(f"module 'torch2flax' has no attribute {name!r}")

@@ -89,7 +89,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(steps), desc=f"{args.name}", unit="step", file=sys.stderr)
     try:
         from torch2flax import io
-        from torch2flax.convert import convert_with_timm, parity_errors
+        from torch2flax.converter import convert_with_timm, parity_errors
 
         bar.set_postfix_str("converting")
         t0 = time.perf_counter()
@@ -126,7 +126,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         import timm
 
         from torch2flax import io
-        from torch2flax.convert import load_checkpoint, load_into_timm, parity_errors, timm_from_flax
+        from torch2flax.converter import load_checkpoint, load_into_timm, parity_errors, timm_from_flax
         from torch2flax.models import model_name
 
         module, variables = io.load(args.file)

@@ -1,16 +1,18 @@
 """Save and load converted (or fine-tuned) models: flax.serialization msgpack + a JSON sidecar.
 
-`save(path, ...)` writes two files:
+`save(path, module, variables)` writes two files:
 
 * `path` (e.g. `r50.msgpack`): `flax.serialization.msgpack_serialize` of
-  `{"config": <json str>, "variables": <state dict>, "extra": <state dict | None>}`.
-  It is self-contained and authoritative: `load` needs nothing else.
+  `{"config": <json str>, "variables": <state dict>}`. It is self-contained and
+  authoritative: `load` needs nothing else.
 * `path + ".json"` (e.g. `r50.msgpack.json`): the same config, human-readable
   (registry name, constructor arguments, format version).
 
 Both are written atomically (temporary file in the same directory, fsync,
 `os.replace`), the msgpack last, so a kill at any moment leaves either the old
-or the new checkpoint, never a truncated one.
+or the new file, never a truncated one. This module knows models only: a file
+may carry more top-level keys (the trainer's checkpoints add `"train"`), which
+`load` ignores, so every training checkpoint is also a model file.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import numpy as np
 
 FORMAT = "torch2flax"
 FORMAT_VERSION = 1
+COLLECTIONS = ("params", "batch_stats")
 
 
 def sidecar_path(path: str | os.PathLike) -> str:
@@ -84,26 +87,6 @@ def module_from_config(config: Mapping[str, Any], source: str = "config") -> Any
     return create_model(config["model"], **kwargs)
 
 
-def _flat(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_flat(v, prefix + (str(k),)))
-        else:
-            out[prefix + (str(k),)] = v
-    return out
-
-
-def _unflat(flat: Mapping[tuple[str, ...], Any]) -> dict:
-    out: dict = {}
-    for k, v in flat.items():
-        d = out
-        for part in k[:-1]:
-            d = d.setdefault(part, {})
-        d[k[-1]] = v
-    return out
-
-
 def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variables") -> tuple[dict, int]:
     """Check `variables` against the module's variable `shapes`, dropping a device axis if replicated.
 
@@ -111,7 +94,9 @@ def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variabl
     it is detected and copy 0 is kept. Returns `(tree, n)` (`n == 0`: not replicated).
     Any other mismatch raises, naming the variable path and both shapes.
     """
-    got, want = _flat(variables), _flat(shapes)
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    got, want = flatten_dict(variables), flatten_dict(shapes)
     missing = ["/".join(k) for k in want if k not in got]
     extra = ["/".join(k) for k in got if k not in want]
     if missing or extra:
@@ -127,70 +112,45 @@ def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variabl
         else:
             raise ValueError(f"{source}: {'/'.join(k)} has shape {shape}, the model expects {ref_shape}")
     if lead == {None}:
-        return _unflat(got), 0
+        return unflatten_dict(got), 0
     if len(lead) == 1:
         (n,) = lead
-        return _unflat({k: v[0] for k, v in got.items()}), int(n)
+        return unflatten_dict({k: v[0] for k, v in got.items()}), int(n)
     raise ValueError(f"{source}: some variables carry a leading device axis and others do not")
 
 
-def _unreplicate_extra(extra: Any, n: int) -> Any:
-    """Leaves laid out like a replicated tree (n identical copies over n devices) become one copy."""
-    import jax
-
-    def one(x):
-        if (isinstance(x, jax.Array) and x.ndim >= 1 and x.shape[0] == n
-                and len(x.sharding.device_set) == n):
-            host = np.asarray(jax.device_get(x))
-            if all(np.array_equal(host[0], host[i]) for i in range(1, n)):
-                return host[0]
-        return x
-
-    return jax.tree.map(one, extra)
-
-
-def save(path: str | os.PathLike, module: Any, variables: Mapping, *, extra: Any = None) -> tuple[str, str]:
-    """Write `variables` (unreplicated, on host) and `extra` to `path`, config to `path + ".json"`.
-
-    `extra` is any pytree of arrays/scalars (optimizer state, step, RNG, ...);
-    `load(path, with_extra=True)` returns it as a state dict, to restore with
-    `flax.serialization.from_state_dict`. Returns the two paths written.
-    """
+def model_payload(module: Any, variables: Mapping, source: str = "variables") -> dict[str, Any]:
+    """The model part of a file: config and `variables` (unreplicated, on the host)."""
     import jax
     from flax import serialization
 
-    from torch2flax.convert import flax_layers
+    from torch2flax.converter import flax_layers
 
-    path = os.fspath(path)
-    config = module_config(module)
     shapes, _ = flax_layers(module)
     state = serialization.to_state_dict(variables)
-    state = {k: v for k, v in state.items() if k in ("params", "batch_stats")}
-    state, n = unreplicate_like(state, dict(shapes), source=f"save({path})")
-    if n and extra is not None:
-        extra = _unreplicate_extra(extra, n)
-    state = jax.device_get(state)
-    extra_state = jax.device_get(serialization.to_state_dict(extra)) if extra is not None else None
-    payload = serialization.msgpack_serialize({
-        "config": json.dumps(config), "variables": state, "extra": extra_state,
-    })
+    state = {k: v for k, v in state.items() if k in COLLECTIONS}
+    state, _ = unreplicate_like(state, dict(shapes), source=source)
+    return {"config": json.dumps(module_config(module)), "variables": jax.device_get(state)}
+
+
+def write_payload(path: str | os.PathLike, payload: Mapping[str, Any]) -> tuple[str, str]:
+    """Write a payload holding a model `config` to `path` and its JSON sidecar, both atomically."""
+    from flax import serialization
+
+    path = os.fspath(path)
     side = sidecar_path(path)
-    atomic_write(side, (json.dumps(config, indent=2) + "\n").encode())
-    atomic_write(path, payload)
+    atomic_write(side, (json.dumps(json.loads(payload["config"]), indent=2) + "\n").encode())
+    atomic_write(path, serialization.msgpack_serialize(dict(payload)))
     return path, side
 
 
-def load(path: str | os.PathLike, *, with_extra: bool = False):
-    """`(module, variables)` from a `save`d file, or `(module, variables, extra)` with `with_extra=True`.
+def read_payload(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw top-level mapping of a file `save` (or the trainer) wrote.
 
-    Also reads a bare `flax.serialization.to_bytes(variables)` file if a sidecar
-    `path + ".json"` names the model. A replicated tree is detected and unreplicated.
+    A bare `flax.serialization.to_bytes(variables)` file is accepted when a sidecar
+    `path + ".json"` names the model.
     """
-    import jax.numpy as jnp
     from flax import serialization
-    from flax.core import freeze
-
-    from torch2flax.convert import flax_layers
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -200,28 +160,42 @@ def load(path: str | os.PathLike, *, with_extra: bool = False):
             state = serialization.msgpack_restore(f.read())
         except Exception as e:
             raise ValueError(f"{path}: not a msgpack checkpoint ({e})") from e
-    extra = None
     if isinstance(state, dict) and "config" in state:
-        config = json.loads(state["config"])
-        tree, extra = state.get("variables"), state.get("extra")
-    else:
-        side = sidecar_path(path)
-        if not os.path.isfile(side):
-            raise ValueError(f"{path}: carries no model config and there is no sidecar {side}")
-        with open(side) as f:
-            config = json.load(f)
-        tree = state
+        return state
+    side = sidecar_path(path)
+    if not os.path.isfile(side):
+        raise ValueError(f"{path}: carries no model config and there is no sidecar {side}")
+    with open(side) as f:
+        return {"config": f.read(), "variables": state}
+
+
+def model_from_payload(payload: Mapping[str, Any], source: str) -> tuple[Any, Any]:
+    """`(module, variables)` from `read_payload`'s mapping; a replicated tree is unreplicated."""
+    import jax
+    import jax.numpy as jnp
+    from flax.core import freeze
+
+    from torch2flax.converter import flax_layers
+
+    tree = payload.get("variables")
     if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"{path}: no 'params' in the stored variables")
-    module = module_from_config(config, source=path)
+        raise ValueError(f"{source}: no 'params' in the stored variables")
+    module = module_from_config(json.loads(payload["config"]), source=source)
     shapes, _ = flax_layers(module)
-    tree = {k: v for k, v in tree.items() if k in ("params", "batch_stats")}
-    tree, _ = unreplicate_like(tree, dict(shapes), source=path)
-    variables = freeze(_map(tree, jnp.asarray))
-    if with_extra:
-        return module, variables, extra
-    return module, variables
+    tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
+    tree, _ = unreplicate_like(tree, dict(shapes), source=source)
+    return module, freeze(jax.tree.map(jnp.asarray, tree))
 
 
-def _map(tree: Mapping, fn: Any) -> dict:
-    return {k: _map(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
+def save(path: str | os.PathLike, module: Any, variables: Mapping) -> tuple[str, str]:
+    """Write `variables` (unreplicated, on host) to `path`, the config to `path + ".json"`.
+
+    A pmap-replicated tree (every leaf with a leading device axis) is saved as one copy.
+    Returns the two paths written.
+    """
+    return write_payload(path, model_payload(module, variables, source=f"save({os.fspath(path)})"))
+
+
+def load(path: str | os.PathLike) -> tuple[Any, Any]:
+    """`(module, variables)` from a `save`d file (or any training checkpoint)."""
+    return model_from_payload(read_payload(path), source=os.fspath(path))

@@ -92,7 +92,6 @@ class TrainCheckpoint:
 
 def save_checkpoint(path: str | os.PathLike, module: Any, variables: Any, train: TrainCheckpoint) -> str:
     """Write model and training state to `path` atomically (and the model's JSON sidecar)."""
-    from flax import serialization
 
     payload = io.model_payload(module, variables)
     payload["train"] = train.to_state_dict()

@@ -73,6 +73,8 @@ def register(subparsers) -> None:
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--image-size", type=int, default=32)
     d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--no-pretrained", action="store_true",
+                   help="start from random weights without trying the model hub")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
@@ -125,5 +127,6 @@ def run_demo(args: argparse.Namespace) -> int:
     from torch2flax.train.demo import run_demo as demo
 
     demo(args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-         image_size=args.image_size, num_workers=args.num_workers, progress=not args.quiet)
+         image_size=args.image_size, num_workers=args.num_workers, pretrained=not args.no_pretrained,
+         progress=not args.quiet)
     return 0

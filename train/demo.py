@@ -57,13 +57,16 @@ def digits_tfrecords(out_dir: str, *, image_size: int = 32, seed: int = 0) -> De
 
 def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8,
              batch_size: int = 64, image_size: int = 32, lr: float = 2e-3,
-             num_workers: int = 2, seed: int = 0, progress: bool = True) -> dict:
-    """Run the five steps into `out`; returns the summary, the files written and the test ids."""
+             num_workers: int = 2, seed: int = 0, pretrained: bool = True, progress: bool = True) -> dict:
+    """Run the five steps into `out`; returns the summary, the files written and the test ids.
+
+    `pretrained=False` starts from random weights without trying the hub (offline machines, tests).
+    """
     import jax
     import torch
 
     import torch2flax
-    from torch2flax.convert import convert_with_timm, parity_errors
+    from torch2flax.converter import convert_with_timm, parity_errors
     from torch2flax.train.config import TrainConfig
     from torch2flax.train.inference import predict
     from torch2flax.train.trainer import fit
@@ -76,13 +79,17 @@ def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8
 
     print(f"[2/5] converting timm {model} to Flax")
     torch.manual_seed(seed)
-    try:
-        converted, timm_model = convert_with_timm(model, pretrained=True, num_classes=10)
-        source = "pretrained (timm hub)"
-    except RuntimeError as e:  # no hub here: say so and go on with random weights
-        print(f"      pretrained weights unavailable ({str(e).split(' (')[0]}); using random init")
+    converted = None
+    source = "random init (asked for)"
+    if pretrained:
+        try:
+            converted, timm_model = convert_with_timm(model, pretrained=True, num_classes=10)
+            source = "pretrained (timm hub)"
+        except RuntimeError as e:  # no hub here: say so and go on with random weights
+            print(f"      pretrained weights unavailable ({str(e).split(' (')[0]}); using random init")
+            source = "random init (hub unreachable)"
+    if converted is None:
         converted, timm_model = convert_with_timm(model, pretrained=False, num_classes=10)
-        source = "random init (hub unreachable)"
     module, variables = converted
     errors = parity_errors(timm_model, module, variables, input_hw=(image_size, image_size))
     print(f"      parity vs timm at {image_size}x{image_size}: logits max abs error "

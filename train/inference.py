@@ -9,12 +9,11 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm.auto import tqdm
 
-import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
 from torch2flax.train import artifacts
-from torch2flax.train.parallel import Parallel
-from torch2flax.train.steps import predict_step
-from torch2flax.train.trainer import COMPUTE_DTYPES, select_devices
+from torch2flax.train.checkpoint import load_checkpoint
+from torch2flax.train.parallel import Parallel, select_devices
+from torch2flax.train.steps import COMPUTE_DTYPES, predict_step
 
 TEST_FEATURES = {"image": "bytes", "id": "str"}
 
@@ -36,10 +35,10 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
 
     Image size and centre crop default to what the checkpoint was validated with.
     """
-    module, variables, extra = torch2flax.load(checkpoint, with_extra=True)
-    data = (extra or {}).get("data", {})
-    size = image_size or int(data.get("image_size", module.pretrained_cfg["input_size"][-1]))
-    crop = crop_pct if crop_pct is not None else float(data.get("crop_pct", module.pretrained_cfg["crop_pct"]))
+    module, variables, saved = load_checkpoint(checkpoint)
+    data = saved.data if saved is not None else None  # None: a plain model file
+    size = image_size or (data.image_size if data else int(module.pretrained_cfg["input_size"][-1]))
+    crop = crop_pct if crop_pct is not None else (data.crop_pct if data else float(module.pretrained_cfg["crop_pct"]))
     par = Parallel(parallel, select_devices(num_devices))
     dataset = TFRecordDataset(test, features=TEST_FEATURES,
                               transform=RecordTransform(eval_transform(size, crop_pct=crop)))

@@ -19,6 +19,14 @@ from torch2flax.loaders import make_mesh, prefetch_to_device
 AXIS = "batch"
 
 
+def select_devices(num_devices: int | None) -> list[jax.Device]:
+    """The first `num_devices` local devices (all of them for None)."""
+    local = jax.local_devices()
+    if num_devices is not None and not 1 <= num_devices <= len(local):
+        raise ValueError(f"num_devices={num_devices}, but this process sees {len(local)} devices")
+    return local[: num_devices or len(local)]
+
+
 class Parallel:
     def __init__(self, layout: str, devices: list[jax.Device]):
         if layout not in ("pmap", "jit"):
@@ -45,17 +53,14 @@ class Parallel:
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
     def unreplicate(self, tree: Any) -> Any:
-        """A host copy of a replicated tree (one replica's bytes cross to the host, not all)."""
+        """A host copy of a replicated tree, or of metrics every device holds identically
+        (one replica's bytes cross to the host, not all)."""
         if self.layout == "pmap":
             # Not flax.jax_utils.unreplicate: for pmap outputs on a subset of the local
             # devices (e.g. 1 of 8) it returns the shard with its leading axis kept.
             tree = jax.tree_util.tree_map(
                 lambda x: x.addressable_shards[0].data.reshape(x.shape[1:]), tree)
         return jax.device_get(tree)
-
-    def first(self, metrics: Any) -> Any:
-        """Metrics that every device holds identically, as host scalars."""
-        return self.unreplicate(metrics)
 
     def feed(self, batches: Iterable[dict], size: int = 2) -> Iterator[dict]:
         if self.layout == "pmap":

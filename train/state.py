@@ -1,9 +1,9 @@
 """Training state and optimiser (flax TrainState + optax)."""
 from __future__ import annotations
 
+import functools
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import optax
@@ -36,7 +36,21 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
 
 
 def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-    """Optional clipping, AdamW or SGD on the schedule, optional gradient accumulation."""
+    """Optional clipping, AdamW or SGD on the schedule, optional gradient accumulation.
+
+    The same hyper-parameters give the same optimiser object: it is static data of the
+    `TrainState`, so an equal one lets a later run reuse the compiled steps.
+    """
+    return _optimizer(*(getattr(config, f) for f in OPTIMIZER_FIELDS), steps_per_epoch=steps_per_epoch)
+
+
+OPTIMIZER_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "grad_clip", "accum_steps",
+                    "epochs", "warmup_epochs", "min_lr_ratio")
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(*values: Any, steps_per_epoch: int) -> optax.GradientTransformation:
+    config = TrainConfig(**dict(zip(OPTIMIZER_FIELDS, values)))
     schedule = make_schedule(config, steps_per_epoch)
     parts = []
     if config.grad_clip:
@@ -52,19 +66,20 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
     return tx
 
 
-def create_train_state(module: flax.linen.Module, variables: Any, tx: optax.GradientTransformation,
-                       *, seed: int, ema: bool) -> TrainState:
+def create_train_state(variables: Any, tx: optax.GradientTransformation, *, seed: int, ema: bool) -> TrainState:
+    """The steps take the module as a static argument, so `apply_fn` stays None: a bound
+    method would make every new module instance a new static value and force a recompile."""
     params = variables["params"]
     return TrainState.create(
-        apply_fn=module.apply,
+        apply_fn=None,
         params=params,
         tx=tx,
-        batch_stats=variables["batch_stats"],
+        batch_stats=variables.get("batch_stats", {}),
         ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
         dropout_rng=jax.random.PRNGKey(seed),
     )
 
 
-def learning_rate(state: TrainState, config: TrainConfig, steps_per_epoch: int) -> float:
-    """The learning rate the schedule gives at the state's current update count."""
-    return float(make_schedule(config, steps_per_epoch)(int(state.step) // config.accum_steps))
+def learning_rate(step: int, config: TrainConfig, steps_per_epoch: int) -> float:
+    """The learning rate the schedule gives after `step` training steps."""
+    return float(make_schedule(config, steps_per_epoch)(step // config.accum_steps))

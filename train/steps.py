@@ -3,6 +3,7 @@
 XLA then reduces over the whole batch by itself)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +15,21 @@ from jax import lax
 from torch2flax.loaders import normalize_on_device
 from torch2flax.train.metrics import confusion_matrix
 from torch2flax.train.state import TrainState
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclass(frozen=True)
+class StepSpec:
+    """The static arguments of `train_step`/`eval_step` (hashable: compiled steps are cached on it)."""
+
+    module: nn.Module  # with the compute dtype and the BatchNorm sync axis set
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    num_classes: int
+    dtype: Any
+    label_smoothing: float
+    ema_decay: float
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:

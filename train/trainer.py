@@ -5,26 +5,25 @@ import functools
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax import serialization
 from tqdm.auto import tqdm
 
 import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
 from torch2flax.train import artifacts
+from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, load_checkpoint, save_checkpoint
 from torch2flax.train.config import TrainConfig, dumps
 from torch2flax.train.metrics import accuracy, macro_f1
-from torch2flax.train.parallel import AXIS, Parallel
-from torch2flax.train.state import TrainState, create_train_state, learning_rate, make_optimizer
-from torch2flax.train.steps import eval_step, train_step
+from torch2flax.train.parallel import AXIS, Parallel, select_devices
+from torch2flax.train.state import create_train_state, learning_rate, make_optimizer
+from torch2flax.train.steps import COMPUTE_DTYPES, StepSpec, eval_step, train_step
 
 TRAIN_FEATURES = {"image": "bytes", "class": "int", "id": "str"}
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -39,13 +38,6 @@ class FitResult:
     files: list[str]
     images_per_sec: float
     reinitialized: tuple[str, ...] = field(default_factory=tuple)
-
-
-def select_devices(num_devices: int | None) -> list[jax.Device]:
-    local = jax.local_devices()
-    if num_devices is not None and not 1 <= num_devices <= len(local):
-        raise ValueError(f"num_devices={num_devices}, but this process sees {len(local)} devices")
-    return local[: num_devices or len(local)]
 
 
 def init_model(config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
@@ -89,32 +81,80 @@ def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int):
             make_loader(val_ds, config.batch_size, train=False, **common))
 
 
-def _checkpoint_extra(state: TrainState, epoch: int, best: float, data: dict) -> dict:
-    return {
-        "opt_state": serialization.to_state_dict(state.opt_state),
-        "step": np.asarray(state.step),
-        "epoch": epoch,
-        "dropout_rng": np.asarray(state.dropout_rng),
-        "ema_params": state.ema_params,
-        "best_macro_f1": best,
-        "data": data,
-    }
+@functools.lru_cache(maxsize=4)
+def compiled_steps(par_key: tuple, spec: StepSpec, donate: bool = True) -> tuple[Callable, Callable]:
+    """`(train_step, eval_step)` compiled for a layout, device set and step configuration.
+
+    Memoised, so a second `fit` with the same model and hyper-parameters in one process (a
+    notebook cell run again, a resumed run, the test suite) reuses the compiled programs
+    instead of tracing and compiling them again.
+    """
+    par = Parallel(*par_key)
+    step_args = dict(module=spec.module, mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
+                     dtype=spec.dtype, axis_name=par.axis_name)
+    p_train = par.compile(functools.partial(train_step, label_smoothing=spec.label_smoothing,
+                                            ema_decay=spec.ema_decay, **step_args), donate_state=donate)
+    return p_train, par.compile(functools.partial(eval_step, **step_args))
 
 
-def _restore(state: TrainState, extra: dict, source: str) -> tuple[TrainState, int, float]:
-    try:
-        opt_state = serialization.from_state_dict(state.opt_state, extra["opt_state"])
-    except ValueError as e:
-        raise ValueError(f"{source}: its optimizer state does not fit this run's optimizer "
-                         "(optimizer, grad_clip and accum_steps must stay as saved when resuming)") from e
-    state = state.replace(
-        opt_state=opt_state,
-        step=jnp.asarray(extra["step"]),
-        dropout_rng=jnp.asarray(extra["dropout_rng"]),
-        ema_params=(serialization.from_state_dict(state.ema_params, extra["ema_params"])
-                    if state.ema_params is not None else None),
-    )
-    return state, int(extra["epoch"]) + 1, float(extra["best_macro_f1"])
+@dataclass
+class Run:
+    """What `setup` prepares for the epoch loop."""
+
+    config: TrainConfig
+    par: Parallel
+    module: Any
+    state: Any  # replicated TrainState
+    train_loader: Any
+    val_loader: Any
+    p_train: Callable
+    p_eval: Callable
+    data: DataSpec
+    paths: dict[str, str]
+    start_epoch: int = 0
+    best: float = -math.inf
+    history: list[dict] = field(default_factory=list)
+    reinitialized: tuple[str, ...] = ()
+
+
+def setup(config: TrainConfig, *, resume: bool) -> Run:
+    """Devices, model (fresh or resumed), loaders, optimiser, compiled steps."""
+    par = Parallel(config.parallel, select_devices(config.num_devices))
+    os.makedirs(config.out, exist_ok=True)
+    paths = {name: os.path.join(config.out, name) for name in
+             ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack")}
+    saved = None
+    if resume:
+        if not os.path.exists(paths["last.msgpack"]):
+            raise FileNotFoundError(f"cannot resume: {paths['last.msgpack']} does not exist")
+        module, variables, saved = load_checkpoint(paths["last.msgpack"])
+        reinitialized: tuple[str, ...] = ()
+    else:
+        module, variables, reinitialized = init_model(config)
+    data = DataSpec(config.image_size, eval_crop_pct(config, module))
+    train_loader, val_loader = build_loaders(config, data.crop_pct, len(par.devices))
+    state = create_train_state(variables, make_optimizer(config, len(train_loader)),
+                               seed=config.seed, ema=config.ema_decay > 0)
+    run = Run(config, par, module, state, train_loader, val_loader, *_steps(config, par, module),
+              data=data, paths=paths, reinitialized=reinitialized)
+    if saved is not None:
+        run.state = saved.restore(state, paths["last.msgpack"])
+        run.start_epoch, run.best = saved.epoch + 1, saved.best_macro_f1
+        if os.path.exists(paths["metrics.csv"]):
+            run.history = [r for r in artifacts.read_metrics_csv(paths["metrics.csv"])
+                           if r["epoch"] < run.start_epoch]
+    run.state = par.replicate(run.state)
+    artifacts.atomic_write_text(paths["config.json"], dumps(config))
+    return run
+
+
+def _steps(config: TrainConfig, par: Parallel, module: Any) -> tuple[Callable, Callable]:
+    dtype = COMPUTE_DTYPES[config.dtype]
+    sync = AXIS if (par.layout == "pmap" and config.sync_bn) else None
+    cfg = module.pretrained_cfg
+    spec = StepSpec(module.clone(dtype=dtype, axis_name=sync), tuple(cfg["mean"]), tuple(cfg["std"]),
+                    config.num_classes, dtype, config.label_smoothing, config.ema_decay)
+    return compiled_steps((par.layout, tuple(par.devices)), spec)
 
 
 def evaluate(par: Parallel, p_eval, state, loader) -> dict[str, float]:
@@ -122,7 +162,7 @@ def evaluate(par: Parallel, p_eval, state, loader) -> dict[str, float]:
     for batch in par.feed(loader):
         sums = p_eval(state, {k: batch[k] for k in ("image", "label", "mask")})
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = par.first(totals)
+    totals = par.unreplicate(totals)
     return {"val_loss": float(totals["loss_sum"]) / max(int(totals["count"]), 1),
             "val_accuracy": accuracy(totals["confusion"]),
             "val_macro_f1": macro_f1(totals["confusion"]),
@@ -175,13 +215,13 @@ class EpochMeter:
         return self.waited / self.elapsed if self.timed_images else 0.0
 
 
-def train_epoch(par: Parallel, p_train, state, loader, *, step: int, epoch: int, batch_size: int,
-                bar: tqdm, checkpoint: str) -> tuple[Any, int, EpochMeter]:
+def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size: int,
+                bar: tqdm, checkpoint: str) -> tuple[Any, EpochMeter]:
     """One pass over `loader`; metrics of step t are read while step t+1 runs (async dispatch)."""
     meter = EpochMeter(batch_size)
 
     def collect(at_step: int, metrics: Any) -> None:
-        metrics = par.first(metrics)
+        metrics = par.unreplicate(metrics)
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
             kept = (f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint)
@@ -201,13 +241,61 @@ def train_epoch(par: Parallel, p_train, state, loader, *, step: int, epoch: int,
         if batch is None:
             break
         state, metrics = p_train(state, {"image": batch["image"], "label": batch["label"]})
-        step += 1
         if pending is not None:
             collect(*pending)
-        pending = (step, metrics)
+        pending = (meter.steps + 1, metrics)
     if pending is not None:
         collect(*pending)
-    return state, step, meter
+    return state, meter
+
+
+def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
+    """`last.msgpack` (model + training state) every epoch; `best.msgpack` when F1 improved.
+
+    Only the model variables and the data spec matter for `best`: the EMA weights when the
+    run keeps an EMA, as those are the ones evaluated.
+    """
+    host = run.par.unreplicate(run.state)
+    common = dict(epoch=epoch, best_macro_f1=run.best, data=run.data, config=run.config.to_dict())
+    if improved:
+        eval_params = host.ema_params if host.ema_params is not None else host.params
+        save_checkpoint(run.paths["best.msgpack"], run.module,
+                        {"params": eval_params, "batch_stats": host.batch_stats},
+                        TrainCheckpoint(step=int(host.step), **common))
+    save_checkpoint(run.paths["last.msgpack"], run.module,
+                    {"params": host.params, "batch_stats": host.batch_stats},
+                    TrainCheckpoint.from_state(host, **common))
+
+
+def run_epoch(run: Run, epoch: int, *, progress: bool) -> dict[str, float]:
+    """Train one epoch, evaluate, checkpoint, log; returns the `metrics.csv` row."""
+    config, steps_per_epoch = run.config, len(run.train_loader)
+    run.train_loader.set_epoch(epoch)
+    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    epoch_start = time.perf_counter()
+    run.state, meter = train_epoch(run.par, run.p_train, run.state, run.train_loader, epoch=epoch,
+                                   batch_size=config.batch_size, bar=bar, checkpoint=run.paths["last.msgpack"])
+    bar.close()
+    val = evaluate(run.par, run.p_eval, run.state, run.val_loader)
+    step = int(run.par.unreplicate(run.state.step))
+    row = {"epoch": epoch, "step": step, "lr": learning_rate(step, config, steps_per_epoch),
+           "train_loss": meter.loss, "train_accuracy": meter.accuracy, "val_loss": val["val_loss"],
+           "val_accuracy": val["val_accuracy"], "val_macro_f1": val["val_macro_f1"],
+           "images_per_sec": meter.images_per_sec, "data_wait": meter.data_wait,
+           "epoch_seconds": time.perf_counter() - epoch_start}
+    improved = val["val_macro_f1"] > run.best
+    run.best = max(run.best, val["val_macro_f1"])
+    run.history.append(row)
+    save_checkpoints(run, epoch, improved)
+    artifacts.write_metrics_csv(run.paths["metrics.csv"], run.history)
+    artifacts.plot_curves(run.paths["curves.png"], run.history)
+    if progress:
+        tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
+                   f"val loss {val['val_loss']:.4f}, val acc {val['val_accuracy']:.4f}, "
+                   f"val macro F1 {val['val_macro_f1']:.4f} ({val['val_count']} images)"
+                   + (" *best*" if improved else ""))
+    return row
 
 
 def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
@@ -217,84 +305,11 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | N
     `stop_after_epochs` ends this call early (the schedule still spans `config.epochs`), for
     sessions with a time limit: a later `fit(config, resume=True)` carries on exactly.
     """
-    devices = select_devices(config.num_devices)
-    par = Parallel(config.parallel, devices)
-    os.makedirs(config.out, exist_ok=True)
-    paths = {name: os.path.join(config.out, name) for name in
-             ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack")}
-
-    if resume:
-        if not os.path.exists(paths["last.msgpack"]):
-            raise FileNotFoundError(f"cannot resume: {paths['last.msgpack']} does not exist")
-        module, variables, extra = torch2flax.load(paths["last.msgpack"], with_extra=True)
-        reinitialized: tuple[str, ...] = ()
-    else:
-        module, variables, reinitialized = init_model(config)
-        extra = None
-    crop_pct = eval_crop_pct(config, module)
-    train_loader, val_loader = build_loaders(config, crop_pct, len(devices))
-    steps_per_epoch = len(train_loader)
-    state = create_train_state(module, variables, make_optimizer(config, steps_per_epoch),
-                               seed=config.seed, ema=config.ema_decay > 0)
-    start_epoch, best, history = 0, -math.inf, []
-    if extra is not None:
-        state, start_epoch, best = _restore(state, extra, paths["last.msgpack"])
-        if os.path.exists(paths["metrics.csv"]):
-            history = [r for r in artifacts.read_metrics_csv(paths["metrics.csv"]) if r["epoch"] < start_epoch]
-    artifacts.atomic_write_text(paths["config.json"], dumps(config))
-
-    dtype = COMPUTE_DTYPES[config.dtype]
-    sync = AXIS if (par.layout == "pmap" and config.sync_bn) else None
-    step_module = module.clone(dtype=dtype, axis_name=sync)
-    cfg = module.pretrained_cfg
-    norm = dict(module=step_module, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
-                num_classes=config.num_classes, dtype=dtype, axis_name=par.axis_name)
-    p_train = par.compile(functools.partial(train_step, label_smoothing=config.label_smoothing,
-                                            ema_decay=config.ema_decay, **norm), donate_state=True)
-    p_eval = par.compile(functools.partial(eval_step, **norm))
-    data_cfg = {"image_size": config.image_size, "crop_pct": crop_pct}
-
-    state = par.replicate(state)
-    step = int(extra["step"]) if extra is not None else 0
+    run = setup(config, resume=resume)
+    end = config.epochs if stop_after_epochs is None else min(config.epochs, run.start_epoch + stop_after_epochs)
     images_per_sec = 0.0
-    end_epoch = config.epochs if stop_after_epochs is None else min(config.epochs, start_epoch + stop_after_epochs)
-    for epoch in range(start_epoch, end_epoch):
-        train_loader.set_epoch(epoch)
-        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
-                   disable=not progress, dynamic_ncols=True)
-        epoch_start = time.perf_counter()
-        state, step, meter = train_epoch(par, p_train, state, train_loader, step=step, epoch=epoch,
-                                         batch_size=config.batch_size, bar=bar,
-                                         checkpoint=paths["last.msgpack"])
-        bar.close()
-        images_per_sec = meter.images_per_sec or images_per_sec
-
-        val = evaluate(par, p_eval, state, val_loader)
-        host = par.unreplicate(state)
-        lr = learning_rate(host, config, steps_per_epoch)
-        row = {"epoch": epoch, "step": step, "lr": lr, "train_loss": meter.loss,
-               "train_accuracy": meter.accuracy, "val_loss": val["val_loss"],
-               "val_accuracy": val["val_accuracy"], "val_macro_f1": val["val_macro_f1"],
-               "images_per_sec": meter.images_per_sec, "data_wait": meter.data_wait,
-               "epoch_seconds": time.perf_counter() - epoch_start}
-        history.append(row)
-        improved = val["val_macro_f1"] > best
-        best = max(best, val["val_macro_f1"])
-        variables = {"params": host.params, "batch_stats": host.batch_stats}
-        if improved:
-            eval_params = host.ema_params if host.ema_params is not None else host.params
-            torch2flax.save(paths["best.msgpack"], module,
-                            {"params": eval_params, "batch_stats": host.batch_stats},
-                            extra={"data": data_cfg, "epoch": epoch, "val_macro_f1": best})
-        torch2flax.save(paths["last.msgpack"], module, variables,
-                        extra=_checkpoint_extra(host, epoch, best, data_cfg))
-        artifacts.write_metrics_csv(paths["metrics.csv"], history)
-        artifacts.plot_curves(paths["curves.png"], history)
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
-                       f"val loss {val['val_loss']:.4f}, val acc {val['val_accuracy']:.4f}, "
-                       f"val macro F1 {val['val_macro_f1']:.4f} ({val['val_count']} images)"
-                       + (" *best*" if improved else ""))
-    files = [p for p in paths.values() if os.path.exists(p)]
-    return FitResult(out=config.out, best_macro_f1=best, history=history, files=files,
-                     images_per_sec=images_per_sec, reinitialized=reinitialized)
+    for epoch in range(run.start_epoch, end):
+        images_per_sec = run_epoch(run, epoch, progress=progress)["images_per_sec"] or images_per_sec
+    files = [p for p in run.paths.values() if os.path.exists(p)]
+    return FitResult(out=config.out, best_macro_f1=run.best, history=run.history, files=files,
+                     images_per_sec=images_per_sec, reinitialized=run.reinitialized)

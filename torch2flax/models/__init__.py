@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import fnmatch
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch2flax.models import resnet
@@ -67,6 +67,8 @@ class ModelEntry:
     constructor: type
     kwargs: Mapping[str, Any]
     torch_module_types: frozenset[str]
+    flax_kwargs: Callable[[Any], dict[str, Any]]  # timm model -> family-specific Flax arguments
+    timm_kwargs: Callable[[Any], dict[str, Any]]  # Flax module -> timm arguments rebuilding it
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -74,8 +76,8 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 def _register_family(module: Any) -> None:
     for name, kwargs in module.MODELS.items():
-        cls = module.ResNet
-        _REGISTRY[name] = ModelEntry(name, cls, dict(kwargs), module.TORCH_MODULE_TYPES)
+        _REGISTRY[name] = ModelEntry(name, module.MODEL_CLASS, dict(kwargs), module.TORCH_MODULE_TYPES,
+                                     module.flax_kwargs, module.timm_kwargs)
 
 
 _register_family(resnet)

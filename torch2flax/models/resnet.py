@@ -1,7 +1,7 @@
 """timm's ResNet family (ResNet, ResNet-D, ResNeXt, Wide ResNet, SE-ResNet) in Flax linen.
 
 Submodule names mirror timm's module tree (`conv1`, `bn1`, `layer1`..`layer4`
-with blocks `0`, `1`, ..., `downsample`, `se`, `fc`) so `torch2flax.convert`
+with blocks `0`, `1`, ..., `downsample`, `se`, `fc`) so `torch2flax.converter`
 maps weights by path alone. Inputs are NHWC.
 """
 from __future__ import annotations
@@ -278,19 +278,27 @@ class ResNet(nn.Module):
         return self.forward_head(self.forward_features(x, train), train)
 
 
-def _entry(**kwargs: Any) -> dict[str, Any]:
-    return kwargs
+def flax_kwargs(model: Any) -> dict[str, Any]:
+    """Family-specific constructor arguments read from a timm ResNet (depths may be overridden
+    through timm's `layers=`, which is how the tests build reduced-depth twins)."""
+    return {"layers": tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))}
 
 
+def timm_kwargs(module: ResNet) -> dict[str, Any]:
+    """The timm `create_model` arguments that rebuild `module`'s depths (the inverse of `flax_kwargs`)."""
+    return {"layers": list(module.layers)}
+
+
+MODEL_CLASS = ResNet
 # timm name -> Flax constructor arguments (the timm model of the same name is built with its defaults).
 MODELS: dict[str, dict[str, Any]] = {
-    "resnet18": _entry(block="basic", layers=(2, 2, 2, 2)),
-    "resnet34": _entry(block="basic", layers=(3, 4, 6, 3)),
-    "resnet50": _entry(block="bottleneck", layers=(3, 4, 6, 3)),
-    "resnet101": _entry(block="bottleneck", layers=(3, 4, 23, 3)),
-    "resnet152": _entry(block="bottleneck", layers=(3, 8, 36, 3)),
-    "resnet50d": _entry(block="bottleneck", layers=(3, 4, 6, 3), stem_width=32, stem_type="deep", avg_down=True),
-    "resnext50_32x4d": _entry(block="bottleneck", layers=(3, 4, 6, 3), cardinality=32, base_width=4),
-    "wide_resnet50_2": _entry(block="bottleneck", layers=(3, 4, 6, 3), base_width=128),
-    "seresnet50": _entry(block="bottleneck", layers=(3, 4, 6, 3), attn_layer="se"),
+    "resnet18": dict(block="basic", layers=(2, 2, 2, 2)),
+    "resnet34": dict(block="basic", layers=(3, 4, 6, 3)),
+    "resnet50": dict(block="bottleneck", layers=(3, 4, 6, 3)),
+    "resnet101": dict(block="bottleneck", layers=(3, 4, 23, 3)),
+    "resnet152": dict(block="bottleneck", layers=(3, 8, 36, 3)),
+    "resnet50d": dict(block="bottleneck", layers=(3, 4, 6, 3), stem_width=32, stem_type="deep", avg_down=True),
+    "resnext50_32x4d": dict(block="bottleneck", layers=(3, 4, 6, 3), cardinality=32, base_width=4),
+    "wide_resnet50_2": dict(block="bottleneck", layers=(3, 4, 6, 3), base_width=128),
+    "seresnet50": dict(block="bottleneck", layers=(3, 4, 6, 3), attn_layer="se"),
 }

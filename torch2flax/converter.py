@@ -240,16 +240,6 @@ def build_rules(model: Any, layers: Mapping[tuple[str, ...], Any], supported: It
     return rules
 
 
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(_leaves(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
-
-
 def _to_numpy(t: Any) -> np.ndarray:
     if hasattr(t, "detach"):
         t = t.detach().cpu().float().numpy()
@@ -264,13 +254,15 @@ def torch_to_flax(
     source: str = "torch state",
 ) -> dict[str, Any]:
     """Fill `template` (variable shapes, per collection) from torch `tensors` via `rules`, strictly."""
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
     collections = tuple(collections)
     active = [r for r in rules if r.collection in collections]
     all_keys = {r.torch_key for r in rules}
     extra = [k for k in tensors if k not in all_keys and not k.endswith(IGNORED_TORCH_SUFFIXES)]
     if extra:
         raise ValueError(f"{source}: torch key(s) with no Flax counterpart: {extra}")
-    expected = {(c,) + p: leaf for c in collections for p, leaf in _leaves(template.get(c, {})).items()}
+    expected = flatten_dict({c: template[c] for c in collections if c in template})
     out: dict[tuple[str, ...], np.ndarray] = {}
     for r in active:
         if r.torch_key not in tensors:
@@ -289,13 +281,7 @@ def torch_to_flax(
     unfilled = ["/".join(k) for k in expected if k not in out]
     if unfilled:
         raise ValueError(f"{source}: Flax leaves no torch tensor maps to: {unfilled}")
-    nested: dict[str, Any] = {}
-    for k, v in out.items():
-        d = nested
-        for part in k[:-1]:
-            d = d.setdefault(part, {})
-        d[k[-1]] = v
-    return nested
+    return unflatten_dict(out)
 
 
 def flax_to_torch(rules: list[Rule], variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -389,6 +375,7 @@ def convert_with_timm(
     **timm_kwargs: Any,
 ) -> tuple[Converted, Any]:
     """`convert`, also returning the timm model (eval mode) the weights came from."""
+    import jax
     import jax.numpy as jnp
     import timm
     from flax.core import freeze
@@ -429,16 +416,12 @@ def convert_with_timm(
 
     arch = timm_architecture(model)
     entry = get_entry(arch)
-    module = create_model(arch, **flax_kwargs_from_timm(model))
+    module = create_model(arch, **flax_kwargs_from_timm(model), **entry.flax_kwargs(model))
     shapes, layers = flax_layers(module)
     rules = build_rules(model, layers, entry.torch_module_types)
     arrays = torch_to_flax(rules, model.state_dict(), shapes, source=f"timm {arch}")
-    variables = freeze({c: _map(arrays[c], jnp.asarray) for c in ("params", "batch_stats") if c in arrays})
+    variables = freeze({c: jax.tree.map(jnp.asarray, arrays[c]) for c in ("params", "batch_stats") if c in arrays})
     return Converted(module, variables, reinitialized), model
-
-
-def _map(tree: Mapping, fn: Callable) -> dict:
-    return {k: _map(v, fn) if isinstance(v, Mapping) else fn(v) for k, v in tree.items()}
 
 
 def timm_from_flax(module: Any, variables: Mapping[str, Any]) -> Any:
@@ -451,7 +434,7 @@ def timm_from_flax(module: Any, variables: Mapping[str, Any]) -> Any:
     name = model_name(module)
     entry = get_entry(name)
     kwargs = dict(num_classes=module.num_classes, in_chans=module.in_chans, global_pool=module.global_pool,
-                  drop_rate=module.drop_rate, drop_path_rate=module.drop_path_rate)
+                  drop_rate=module.drop_rate, drop_path_rate=module.drop_path_rate, **entry.timm_kwargs(module))
     model = timm.create_model(name, pretrained=False, **kwargs)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
@@ -459,7 +442,7 @@ def timm_from_flax(module: Any, variables: Mapping[str, Any]) -> Any:
     _, layers = flax_layers(module)
     rules = build_rules(model, layers, entry.torch_module_types)
     arrays = flax_to_torch(rules, variables)
-    load_into_timm(model, {k: torch.from_numpy(v) for k, v in arrays.items()}, source="Flax variables")
+    load_into_timm(model, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()}, source="Flax variables")
     return model.eval()
 
 
@@ -489,17 +472,3 @@ def parity_errors(model: Any, module: Any, variables: Any, *, batch: int = 2,
         out[f"{key}_abs"] = err
         out[f"{key}_rel"] = err / max(1.0, float(np.max(np.abs(ref))))
     return out
-
-
-class _CallableModule(type(os)):
-    """Lets `torch2flax.convert(...)` work even where the package attribute `convert`
-    is this submodule (Python binds it so when `torch2flax.convert` is imported
-    as a module before the function is looked up)."""
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Converted:
-        return convert(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,129 @@
+"""The shared layers: both convolution paths, BatchNorm's PyTorch update and sync, pooling."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+CONV_CASES = [  # (H, W, cin, cout, kernel, stride, pad, dilation, groups)
+    (2, 2, 16, 24, 3, 1, 1, 1, 1),
+    (4, 3, 16, 16, 3, 2, 1, 1, 1),
+    (3, 5, 32, 32, 3, 1, 1, 1, 8),
+    (5, 5, 8, 16, 7, 2, 3, 1, 1),
+    (3, 3, 16, 8, 1, 2, 0, 1, 1),
+    (4, 4, 8, 8, 3, 1, 2, 2, 1),
+]
+
+
+@pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_conv_paths_agree_in_value_and_gradient(case):
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from torch2flax.layers import Conv
+
+    h, w, cin, cout, k, s, p, d, g = case
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, h, w, cin)).astype(np.float32))
+    matmul = Conv(cout, k, s, p, d, g, use_bias=True, small_map_max_pixels=10**9)
+    conv = matmul.clone(small_map_max_pixels=0)
+    variables = matmul.init(jax.random.key(0), x)
+
+    def loss(m):
+        return lambda v, x: jnp.sum(jnp.sin(m.apply(v, x)))
+
+    jaxpr = lambda m: str(jax.make_jaxpr(m.apply)(variables, x))
+    assert "conv_general_dilated" not in jaxpr(matmul) and "conv_general_dilated" in jaxpr(conv)
+    y_mm, y_cv = matmul.apply(variables, x), conv.apply(variables, x)
+    np.testing.assert_allclose(y_mm, y_cv, rtol=1e-5, atol=1e-5)
+    g_mm = jax.jit(jax.grad(loss(matmul), argnums=(0, 1)))(variables, x)
+    g_cv = jax.jit(jax.grad(loss(conv), argnums=(0, 1)))(variables, x)
+    for a, b in zip(jax.tree.leaves(g_mm), jax.tree.leaves(g_cv)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # And both are PyTorch's Conv2d.
+    tconv = torch.nn.Conv2d(cin, cout, k, s, p, d, g)
+    with torch.no_grad():
+        tconv.weight.copy_(torch.from_numpy(np.asarray(variables["params"]["kernel"]).transpose(3, 2, 0, 1).copy()))
+        tconv.bias.copy_(torch.from_numpy(np.array(variables["params"]["bias"])))
+        ref = tconv(torch.from_numpy(np.array(x).transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(y_mm, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_small_maps_take_the_matmul_path_by_default():
+    import jax
+    import jax.numpy as jnp
+
+    from torch2flax.layers import SMALL_MAP_MAX_PIXELS, Conv
+
+    conv = Conv(8, 3, 1, 1)
+    side = int(SMALL_MAP_MAX_PIXELS ** 0.5)
+    for hw, uses_conv in ((side, False), (side + 1, True)):
+        x = jnp.zeros((1, hw, hw, 4))
+        v = conv.init(jax.random.key(0), x)
+        assert ("conv_general_dilated" in str(jax.make_jaxpr(conv.apply)(v, x))) == uses_conv
+
+
+def test_batchnorm_matches_torch_training_update():
+    import jax
+    import torch
+
+    from torch2flax.layers import BatchNorm
+
+    x = np.random.default_rng(0).standard_normal((3, 5, 4, 6)).astype(np.float32) * 2 + 1
+    tbn = torch.nn.BatchNorm2d(6, eps=1e-3, momentum=0.2).train()
+    with torch.no_grad():
+        tbn.weight.uniform_(0.5, 1.5), tbn.bias.normal_(), tbn.running_var.uniform_(0.5, 2), tbn.running_mean.normal_()
+    np_ = lambda t: t.detach().numpy().copy()
+    v = {"params": {"scale": np_(tbn.weight), "bias": np_(tbn.bias)},
+         "batch_stats": {"mean": np_(tbn.running_mean), "var": np_(tbn.running_var)}}
+    with torch.no_grad():
+        y_t = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    bn = BatchNorm(momentum=0.8, epsilon=1e-3)
+    y_f, upd = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    np.testing.assert_allclose(y_f, y_t, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(upd["batch_stats"]["mean"], tbn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(upd["batch_stats"]["var"], tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    # Unbiased, not biased, variance in the running update:
+    biased = 0.8 * v["batch_stats"]["var"] + 0.2 * x.reshape(-1, 6).var(0)
+    assert np.min(np.abs(np.asarray(upd["batch_stats"]["var"]) - biased)) > 1e-3
+    # Eval mode uses the running statistics.
+    tbn.eval()
+    with torch.no_grad():
+        ye_t = tbn(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy().transpose(0, 2, 3, 1)
+    ye_f = bn.apply(jax.device_get(dict(v, batch_stats=upd["batch_stats"])), x)
+    np.testing.assert_allclose(ye_f, ye_t, rtol=1e-5, atol=1e-5)
+
+
+def test_sync_batchnorm_equals_global_batch_statistics(devices):
+    import jax
+
+    from torch2flax.layers import BatchNorm
+
+    n = len(devices)
+    x = np.random.default_rng(1).standard_normal((n * 2, 3, 3, 4)).astype(np.float32) * 3 + 2
+    bn = BatchNorm()
+    v = bn.init(jax.random.key(0), x)
+    y_ref, upd_ref = bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
+    sync = bn.clone(axis_name="batch")
+    step = jax.pmap(lambda v, x: sync.apply(v, x, use_running_average=False, mutable=["batch_stats"]),
+                    axis_name="batch", devices=devices, in_axes=(None, 0))
+    y, upd = step(v, x.reshape(n, 2, 3, 3, 4))
+    np.testing.assert_allclose(np.asarray(y).reshape(x.shape), y_ref, rtol=1e-5, atol=1e-5)
+    for k in ("mean", "var"):
+        np.testing.assert_allclose(np.asarray(upd["batch_stats"][k])[0], upd_ref["batch_stats"][k], rtol=1e-5)
+
+
+@pytest.mark.parametrize("hw", [(7, 5), (6, 9), (1, 3)])
+def test_pooling_matches_torch(hw):
+    import torch
+
+    from torch2flax.layers import avg_pool, max_pool
+
+    x = np.random.default_rng(2).standard_normal((2, *hw, 3)).astype(np.float32) - 5  # all negative: -inf pad shows
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2))
+    tr = lambda t: t.numpy().transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(max_pool(x, 3, 2, 1), tr(torch.nn.MaxPool2d(3, 2, 1)(xt)), rtol=1e-6)
+    ref = tr(torch.nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False)(xt))
+    np.testing.assert_allclose(avg_pool(x, 2, 2, ceil_mode=True, count_include_pad=False), ref, rtol=1e-6)
+    ref = tr(torch.nn.AvgPool2d(3, 2, 1, count_include_pad=True)(xt))
+    np.testing.assert_allclose(avg_pool(x, 3, 2, 1), ref, rtol=1e-6)
+
