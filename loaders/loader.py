@@ -12,33 +12,53 @@
 - Workers start with forkserver (spawn where unavailable), never fork: JAX runs
   threads, and forking a process with threads can deadlock. They persist
   across epochs, so their start-up cost is paid once.
+- Any callable a user can write works in the workers: functions and lambdas
+  defined in a notebook cell, in `python -` input or in an unguarded script.
+  forkserver and spawn workers receive the dataset by pickling, and plain pickle
+  sends functions by reference (`__main__.my_tf`), which a worker cannot import
+  from a notebook or stdin, and which, for a script, makes every worker run the
+  script's top level again. So the dataset travels by value with cloudpickle (the
+  way loky and Ray ship user code), and the workers are started without
+  re-importing `__main__` (`_no_main_reimport`): nothing they run needs it.
 - Worker batches arrive as NumPy views of reused shared-memory slots
   (`loaders.shared`), each slot reused only once nothing views it any more.
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
+import multiprocessing.spawn
+import pickle
 import sys
-import warnings
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import cloudpickle
 import numpy as np
 import torch
 import torch.utils.data
 
 from torch2flax.loaders.collate import numpy_collate, shard_batch
 from torch2flax.loaders.shared import SharedBatch, SlotPool, unpack
-from torch2flax.loaders.transforms import find_augmenters, reseed_augmenters, sample_seed
+from torch2flax.loaders.transforms import (
+    find_augmenters,
+    preserved_global_rngs,
+    reseed_augmenters,
+    sample_seed,
+    seed_global_rngs,
+)
 
 __all__ = ["Loader", "make_loader"]
 
 
 class _SeededDataset(torch.utils.data.Dataset):
-    """Loads `dataset[index]` for keys (epoch, index), reseeding its augmenters first.
+    """Loads `dataset[index]` for keys (epoch, index), reseeding its random state first:
+    the Composes and generator objects it holds, and the process-wide generators.
 
     The epoch travels inside the key because persistent workers hold their own
-    copy of this object and never see `Loader.set_epoch`.
+    copy of this object and never see `Loader.set_epoch`. Pickled by value (cloudpickle),
+    so transforms defined in `__main__` reach the workers.
     """
 
     def __init__(self, dataset: Any, seed: int):
@@ -49,23 +69,62 @@ class _SeededDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_augmenters"] = None  # found again in each worker's own copy
-        return state
+    def __reduce__(self) -> tuple:
+        # _augmenters: found again in each worker's own copy.
+        return _by_value, (cloudpickle.dumps((type(self), self.dataset, self.seed)),)
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
-        epoch, index = key
+        if torch.utils.data.get_worker_info() is None:  # the caller's process: leave its RNGs as they were
+            with preserved_global_rngs():
+                return self._load(*key)
+        return self._load(*key)
+
+    def _load(self, epoch: int, index: int) -> Any:
         if self._augmenters is None:
             self._augmenters = find_augmenters(self.dataset)
+        seed = sample_seed(self.seed, epoch, index)
+        seed_global_rngs(seed)
         if self._augmenters:
-            reseed_augmenters(self._augmenters, sample_seed(self.seed, epoch, index))
+            reseed_augmenters(self._augmenters, seed)
         try:
             return self.dataset[index]
         except Exception as e:
             if hasattr(e, "add_note"):  # Python >= 3.11
                 e.add_note(f"(make_loader: while loading sample {index} of epoch {epoch})")
             raise
+
+
+def _by_value(payload: bytes) -> _SeededDataset:
+    cls, dataset, seed = pickle.loads(payload)  # cloudpickle's output loads with plain pickle
+    return cls(dataset, seed)
+
+
+_PREPARATION_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_main_reimport() -> Iterator[None]:
+    """Start worker processes without importing the parent's `__main__` in them.
+
+    spawn and forkserver children normally re-import the main module (by path, as
+    `__mp_main__`) so that pickled references into it resolve; for a script without an
+    `if __name__ == "__main__":` guard that re-runs the whole script in every worker. The
+    dataset travels by value, so the workers need nothing from `__main__`.
+    """
+    real = multiprocessing.spawn.get_preparation_data
+
+    def without_main(name: str) -> dict:
+        data = real(name)
+        data.pop("init_main_from_path", None)
+        data.pop("init_main_from_name", None)
+        return data
+
+    with _PREPARATION_LOCK:
+        multiprocessing.spawn.get_preparation_data = without_main
+        try:
+            yield
+        finally:
+            multiprocessing.spawn.get_preparation_data = real
 
 
 class _EpochBatchSampler(torch.utils.data.Sampler):
@@ -164,7 +223,8 @@ def _multiprocessing_context(dataset: Any) -> mp.context.BaseContext:
         return mp.get_context("spawn")
     ctx = mp.get_context("forkserver")
     # Only effective before the server first starts; failed imports are ignored by it.
-    preload = ["__main__", "torch", "albumentations", "cv2", "torch2flax.loaders.loader"]
+    # Not "__main__": the workers do not need it (see `_no_main_reimport`).
+    preload = ["torch", "albumentations", "cv2", "torch2flax.loaders.loader"]
     module = type(dataset).__module__
     if module and module != "__main__" and module in sys.modules:
         preload.append(module)
@@ -198,7 +258,9 @@ class Loader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        for batch in self.dataloader:
+        with _no_main_reimport():  # the first iteration starts the (persistent) workers
+            batches = iter(self.dataloader)
+        for batch in batches:
             yield unpack(batch) if isinstance(batch, SharedBatch) else batch
 
     def __repr__(self) -> str:
@@ -224,7 +286,10 @@ def make_loader(
     Args:
       dataset: map-style dataset whose items are dicts (or tuples) of arrays /
         scalars / strings, e.g. `TFRecordDataset(files, transform=RecordTransform(...))`.
-        albumentations Composes it holds are reseeded per sample (see module doc).
+        Before each sample, the albumentations Composes and generator objects it holds
+        (through attributes, closures and the globals its functions name) and the
+        process-wide generators (`random`, `np.random`, torch, OpenCV) are seeded from
+        (seed, epoch, index); randomness from any other source is not controlled.
       batch_size: global batch per process; must be divisible by `num_devices`.
       train: True: shuffled, full batches (drop_last), no mask. False: in order,
         every sample exactly once, last batch padded, bool `mask` always present.
@@ -256,13 +321,6 @@ def make_loader(
         )
     if num_workers < 0:
         raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    if train and not find_augmenters(dataset):
-        warnings.warn(
-            f"make_loader: found no albumentations Compose in {type(dataset).__name__} to reseed "
-            "per sample; any randomness in its transform is not controlled by `seed` and may "
-            "repeat across workers",
-            stacklevel=2,
-        )
     sampler = _EpochBatchSampler(num_samples, batch_size, shuffle=train, drop_last=train, seed=seed)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:

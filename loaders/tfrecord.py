@@ -19,6 +19,7 @@ import hashlib
 import json
 import operator
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -285,20 +286,49 @@ class _FileIndex:
 # --------------------------------------------------------------------------- dataset
 
 
+# What the toolkit (and the tfrecord package's tfrecord2idx) writes beside a data file `F`:
+# `F.idx`, `F.idx.meta`, for gzip `F.raw`, and `F.<sidecar>.tmp<pid>` while writing them.
+_SIDECAR = re.compile(r"\.(idx|idx\.meta|raw)(\.tmp\d+)?$")
+# What a directory given as input is read for.
+DATA_SUFFIXES = (".tfrec", ".tfrecord", ".tfrecords", ".tfrec.gz", ".tfrecord.gz", ".tfrecords.gz")
+
+
+def is_sidecar(path: str) -> bool:
+    """Whether `path` is an index or cache file written beside a TFRecord file, never data."""
+    return bool(_SIDECAR.search(path))
+
+
 def _expand(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]:
+    """Files from paths, globs and directories; sidecars never count as data.
+
+    A directory reads its TFRecord files (`DATA_SUFFIXES`); a glob skips sidecars and
+    sub-directories; a path, glob or directory that yields no data file is an error that
+    says what it did find.
+    """
     items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     out: set[str] = set()
     for item in items:
         item = os.fspath(item)
-        if glob.has_magic(item):
+        if os.path.isdir(item):
+            found = [os.path.join(item, n) for n in os.listdir(item) if n.endswith(DATA_SUFFIXES)]
+            if not found:
+                raise FileNotFoundError(f"directory {item!r} holds no TFRecord files "
+                                        f"({', '.join('*' + s for s in DATA_SUFFIXES)})")
+        elif glob.has_magic(item):
             matches = glob.glob(item)
-            if not matches:
-                raise FileNotFoundError(f"no TFRecord files match {item!r}")
-            out.update(matches)
+            found = [m for m in matches if os.path.isfile(m) and not is_sidecar(m)]
+            if not found:
+                skipped = len(matches)
+                raise FileNotFoundError(
+                    f"no TFRecord files match {item!r}" + (
+                        f" (it matches {skipped} index sidecar(s) or folder(s) only)" if skipped else ""))
         elif os.path.isfile(item):
-            out.add(item)
+            if is_sidecar(item):
+                raise ValueError(f"{item!r} is an index sidecar written beside a TFRecord file, not data")
+            found = [item]
         else:
             raise FileNotFoundError(f"TFRecord file not found: {item!r}")
+        out.update(found)
     if not out:
         raise FileNotFoundError("TFRecordDataset: no files given")
     return sorted(out)
@@ -308,7 +338,9 @@ class TFRecordDataset(torch.utils.data.Dataset):
     """TFRecord files of `tf.train.Example` as a map-style dataset of dicts.
 
     Args:
-        files: a path, a glob, or a list of them; read in sorted order.
+        files: a path, a glob, a directory (its `*.tfrec`/`*.tfrecord` files), or a list of
+            them; read in sorted order. Index sidecars (`.idx`, `.idx.meta`, `.raw`) that
+            a glob matches are never read as data.
         features: `name -> type` with types "bytes", "str" (UTF-8), "int", "float"
             (exactly one value, returned as a Python scalar) or the same with "[]"
             (any number of values: a 1-D int64/float32 array or a list of bytes/str).
@@ -477,36 +509,49 @@ class TFRecordDataset(torch.utils.data.Dataset):
 
     def _parse(self, i: int) -> dict[str, Any]:
         fmap = self._example(i)
-        out: dict[str, Any] = {}
-        for key, kind, field, single in self._plan:
-            if key not in fmap:
-                raise RecordError(f"{self._where(i)}: missing feature {key!r} "
-                                  f"(record has {sorted(fmap)})")
-            feature = fmap[key]
-            which = feature.WhichOneof("kind")
-            if which != field and not (which is None and not single):
-                raise RecordError(f"{self._where(i)}: feature {key!r} is a {which or 'empty feature'}, "
-                                  f"expected {field} for type {kind!r}")
-            values = getattr(feature, field).value
-            try:
-                if single:
-                    if len(values) != 1:
-                        raise RecordError(
-                            f"{self._where(i)}: feature {key!r} has {len(values)} values, type "
-                            f"{kind!r} expects exactly one (use {kind + '[]'!r} for any number)")
-                    value = values[0]
-                    out[key] = value.decode() if kind == "str" else value
-                elif kind == "int[]":
-                    out[key] = np.array(values, dtype=np.int64)
-                elif kind == "float[]":
-                    out[key] = np.array(values, dtype=np.float32)
-                elif kind == "str[]":
-                    out[key] = [v.decode() for v in values]
-                else:
-                    out[key] = list(values)
-            except UnicodeDecodeError as e:
-                raise RecordError(f"{self._where(i)}: feature {key!r} is not UTF-8 text: {e}") from e
-        return out
+        return {key: self._feature(i, fmap, key, kind, field, single) for key, kind, field, single in self._plan}
+
+    def _feature(self, i: int, fmap: Any, key: str, kind: str, field: str, single: bool) -> Any:
+        if key not in fmap:
+            raise RecordError(f"{self._where(i)}: missing feature {key!r} (record has {sorted(fmap)})")
+        feature = fmap[key]
+        which = feature.WhichOneof("kind")
+        if which != field and not (which is None and not single):
+            raise RecordError(f"{self._where(i)}: feature {key!r} is a {which or 'empty feature'}, "
+                              f"expected {field} for type {kind!r}")
+        values = getattr(feature, field).value
+        try:
+            if single:
+                if len(values) != 1:
+                    raise RecordError(
+                        f"{self._where(i)}: feature {key!r} has {len(values)} values, type "
+                        f"{kind!r} expects exactly one (use {kind + '[]'!r} for any number)")
+                value = values[0]
+                return value.decode() if kind == "str" else value
+            if kind == "int[]":
+                return np.array(values, dtype=np.int64)
+            if kind == "float[]":
+                return np.array(values, dtype=np.float32)
+            if kind == "str[]":
+                return [v.decode() for v in values]
+            return list(values)
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{self._where(i)}: feature {key!r} is not UTF-8 text: {e}") from e
+
+    def column(self, key: str) -> list[Any]:
+        """Feature `key` of every record, in dataset order, without the transform (e.g. to
+        check the labels before training). Reads every record once."""
+        plan = {p[0]: p for p in self._plan}
+        if key not in plan:
+            raise KeyError(f"feature {key!r} is not among this dataset's features {sorted(plan)}")
+        _, kind, field, single = plan[key]
+        return [self._feature(i, self._example(i), key, kind, field, single)
+                for i in tqdm(range(len(self)), desc=f"reading {key!r}", unit="record", leave=False,
+                              disable=len(self) < 20000)]
+
+    def where(self, i: int) -> str:
+        """`file: record r at byte b` of dataset item `i` (for error messages)."""
+        return self._where(i)
 
     def __getitem__(self, i: int) -> Any:
         n = len(self)

@@ -76,3 +76,37 @@ def test_import_stays_light():
     code = "import sys, torch2flax; print(sorted(m for m in ('jax', 'torch', 'flax', 'timm') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([console_script(), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_user_errors_end_with_one_line_and_status_2(tmp_path):
+    from tests.helpers import write_flower_tfrecords
+
+    write_flower_tfrecords(tmp_path / "t", num_records=8, num_shards=1, size=16, labels=False)
+    cases = {
+        "no TFRecord files match": ["train", "--train", str(tmp_path / "none" / "*.tfrec"), "--val", "x",
+                                    "--num-classes", "3", "--out", str(tmp_path / "run")],
+        "no checkpoint at": ["predict", "--checkpoint", str(tmp_path / "missing.msgpack"),
+                             "--test", str(tmp_path / "t" / "*.tfrec")],
+        "unknown model 'resnt50'": ["convert", "resnt50", "--out", str(tmp_path / "x.msgpack")],
+        "missing.pth": ["convert", "resnet18", "--checkpoint", str(tmp_path / "missing.pth"),
+                        "--out", str(tmp_path / "x.msgpack")],
+    }
+    for expected, args in cases.items():
+        out = _cli(*args)
+        assert out.returncode == 2, (args, out.stderr[-2000:])
+        lines = out.stderr.strip().splitlines()
+        assert lines[-1].startswith("torch2flax: error: ") and expected in lines[-1], out.stderr[-2000:]
+        assert "Traceback" not in out.stderr
+
+
+def test_unknown_model_name_is_refused_before_heavy_imports():
+    code = ("import sys; from torch2flax.cli import main; "
+            "rc = main(['convert', 'efficientnet_b9x', '--out', 'x.msgpack']); "
+            "print(rc, sorted(m for m in ('jax', 'torch', 'timm', 'flax') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split("\n")[-2] == "2 []", out.stdout + out.stderr
+    assert "unknown model 'efficientnet_b9x'" in out.stderr and "did you mean: efficientnet_b8" in out.stderr

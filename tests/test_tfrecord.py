@@ -469,3 +469,29 @@ def test_jpeg_size_reads_the_frame_header_of_every_jpeg_flavour():
     Image.fromarray(rgb).save(png, "PNG")
     for bad in (png.getvalue(), b"", b"\xff\xd8", data[:20], b"\xff\xd8\x00\x00\x00\x00", b"\xff\xd8\xff\xda\x00\x02"):
         assert jpeg_size(bad) is None, bad[:8]
+
+
+def test_sidecars_in_a_star_glob_are_not_data_and_a_directory_reads_its_files(tmp_path):
+    paths = write_flower_tfrecords(tmp_path / "d", num_records=12, num_shards=3, size=16).files
+    first = TFRecordDataset(str(tmp_path / "d" / "*.tfrec"))  # writes .idx and .idx.meta beside the data
+    sidecars = sorted(n for n in os.listdir(tmp_path / "d") if not n.endswith(".tfrec"))
+    assert len(sidecars) == 6 and all(n.endswith((".idx", ".idx.meta")) for n in sidecars)
+    star = TFRecordDataset(str(tmp_path / "d" / "*"))
+    folder = TFRecordDataset(tmp_path / "d")
+    assert star.files == folder.files == first.files == sorted(paths) and len(star) == len(folder) == 12
+    with pytest.raises(ValueError, match=r"\.idx'? is an index sidecar"):
+        TFRecordDataset(paths[0] + ".idx")
+    with pytest.raises(FileNotFoundError, match=r"matches 3 index sidecar\(s\) or folder\(s\) only"):
+        TFRecordDataset(str(tmp_path / "d" / "*.idx"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"directory .*empty' holds no TFRecord files"):
+        TFRecordDataset(tmp_path / "empty")
+
+
+def test_column_reads_one_feature_of_every_record_and_where_names_it(flowers):
+    ds = TFRecordDataset(flowers.files, {"image": "bytes", "class": "int", "id": "str"},
+                         transform=lambda d: 1 / 0)  # the transform is not involved
+    assert ds.column("class") == flowers.labels and ds.column("id") == flowers.ids
+    assert ds.where(5).startswith(f"{flowers.files[0]}: record 5 at byte ")
+    with pytest.raises(KeyError, match="'label'"):
+        ds.column("label")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -31,13 +32,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A user's mistake (a glob that matches nothing, a missing file, an unknown model, a label
+# out of range, a corrupt record) ends the command with one line, not a traceback.
+USER_ERRORS = (FileNotFoundError, ValueError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 0 if args.command is None else 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as e:
+        if os.environ.get("TORCH2FLAX_DEBUG"):  # the traceback, for a bug report
+            raise
+        print(f"torch2flax: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

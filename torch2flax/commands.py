@@ -85,6 +85,13 @@ def _fail(e: Exception) -> int:
 def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from torch2flax.timm_names import check_model_name
+
+    try:
+        check_model_name(args.name)  # before the seconds of importing jax, torch and timm
+    except ValueError as e:
+        return _fail(e)
+
     steps = ["convert"] + ([] if args.no_verify else ["verify"]) + ["save"]
     bar = tqdm(total=len(steps), desc=f"{args.name}", unit="step", file=sys.stderr)
     try:

@@ -84,22 +84,26 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
              if getattr(args, f.name) is not None}
     if args.resume:
         if args.config:
-            raise SystemExit("--resume reads DIR/config.json; do not pass --config as well")
+            raise ValueError("--resume reads DIR/config.json; do not pass --config as well")
         saved = os.path.join(args.resume, "config.json")
         if not os.path.exists(saved):
-            raise SystemExit(f"--resume {args.resume}: {saved} not found")
+            raise FileNotFoundError(f"--resume {args.resume}: {saved} not found")
         return TrainConfig.from_file(saved, **{**given, "out": args.resume})
     if args.config:
         return TrainConfig.from_file(args.config, **given)
     missing = [flag for flag, key in (("--train", "train"), ("--val", "val"), ("--num-classes", "num_classes"))
                if key not in given]
     if missing:
-        raise SystemExit(f"torch2flax train: missing {', '.join(missing)} (or give --config FILE)")
+        raise ValueError(f"train: missing {', '.join(missing)} (or give --config FILE)")
     return TrainConfig.from_dict(given)
 
 
 def run_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
+    if not (config.init or args.resume):
+        from torch2flax.timm_names import check_model_name
+
+        check_model_name(config.model)  # before the seconds of importing jax, torch and timm
     from torch2flax.train.trainer import fit
 
     result = fit(config, resume=bool(args.resume), stop_after_epochs=args.stop_after_epochs,

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 import torch2flax
@@ -70,11 +71,28 @@ def _dataset(pattern: str, transform: RecordTransform) -> TFRecordDataset:
     return ds.shard(jax.process_index(), jax.process_count()) if jax.process_count() > 1 else ds
 
 
+def check_labels(dataset: TFRecordDataset, num_classes: int, key: str = "class") -> None:
+    """Every label in `[0, num_classes)`, or a ValueError naming the first bad record.
+
+    Checked before training: a label out of range would train to the end with a NaN
+    validation loss and a macro F1 over the wrong label space.
+    """
+    labels = np.asarray(dataset.column(key), dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"{dataset.where(i)}: label {labels[i]} is outside [0, num_classes={num_classes}) "
+                         f"({bad.size} of {len(labels)} records are; labels here span "
+                         f"{labels.min()}..{labels.max()}: set num_classes to at least {labels.max() + 1})")
+
+
 def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int):
     train_ds = _dataset(config.train, RecordTransform(train_transform(
         config.image_size, scale=(config.scale_min, 1.0), hflip=config.hflip,
         color_jitter=config.color_jitter)))
     val_ds = _dataset(config.val, RecordTransform(eval_transform(config.image_size, crop_pct=crop_pct)))
+    for ds in (train_ds, val_ds):
+        check_labels(ds, config.num_classes)
     common = dict(num_devices=num_devices, num_workers=config.num_workers, seed=config.seed)
     # make_loader refuses a training set smaller than one batch, naming both sizes.
     return (make_loader(train_ds, config.batch_size, train=True, **common),
