@@ -94,12 +94,27 @@ class Downsample(nn.Module):
         return _bn(cfg, "1")(x, use_running_average=not train)
 
 
-class BasicBlock(nn.Module):
+class _Block(nn.Module):
+    """What BasicBlock and Bottleneck share: the fields and the residual tail."""
+
     cfg: Any
     planes: int
     stride: int = 1
     downsample: bool = False
     drop_path: float = 0.0
+
+    def _residual(self, x: Array, shortcut: Array, out: int, train: bool) -> Array:
+        """SE (when configured), drop-path, the shortcut (projected when it must be) and ReLU."""
+        cfg = self.cfg
+        if cfg.attn_layer == "se":
+            x = SEModule(out, dtype=cfg.dtype, name="se")(x)
+        x = DropPath(self.drop_path)(x, deterministic=not train)
+        if self.downsample:
+            shortcut = Downsample(cfg, out, self.stride, cfg.avg_down, name="downsample")(shortcut, train)
+        return nn.relu(x + shortcut)
+
+
+class BasicBlock(_Block):
     expansion: ClassVar[int] = 1
 
     @nn.compact
@@ -111,20 +126,10 @@ class BasicBlock(nn.Module):
         x = nn.relu(_bn(cfg, "bn1")(x, use_running_average=not train))
         x = Conv(out, 3, 1, 1, dtype=cfg.dtype, name="conv2")(x)
         x = _bn(cfg, "bn2", zero_init=cfg.zero_init_last)(x, use_running_average=not train)
-        if cfg.attn_layer == "se":
-            x = SEModule(out, dtype=cfg.dtype, name="se")(x)
-        x = DropPath(self.drop_path)(x, deterministic=not train)
-        if self.downsample:
-            shortcut = Downsample(cfg, out, self.stride, cfg.avg_down, name="downsample")(shortcut, train)
-        return nn.relu(x + shortcut)
+        return self._residual(x, shortcut, out, train)
 
 
-class Bottleneck(nn.Module):
-    cfg: Any
-    planes: int
-    stride: int = 1
-    downsample: bool = False
-    drop_path: float = 0.0
+class Bottleneck(_Block):
     expansion: ClassVar[int] = 4
 
     @nn.compact
@@ -139,12 +144,7 @@ class Bottleneck(nn.Module):
         x = nn.relu(_bn(cfg, "bn2")(x, use_running_average=not train))
         x = Conv(out, 1, dtype=cfg.dtype, name="conv3")(x)
         x = _bn(cfg, "bn3", zero_init=cfg.zero_init_last)(x, use_running_average=not train)
-        if cfg.attn_layer == "se":
-            x = SEModule(out, dtype=cfg.dtype, name="se")(x)
-        x = DropPath(self.drop_path)(x, deterministic=not train)
-        if self.downsample:
-            shortcut = Downsample(cfg, out, self.stride, cfg.avg_down, name="downsample")(shortcut, train)
-        return nn.relu(x + shortcut)
+        return self._residual(x, shortcut, out, train)
 
 
 class Stage(nn.Module):
