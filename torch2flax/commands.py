@@ -13,8 +13,12 @@ DEFAULT_TOL = 1e-4
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("list", help="list the timm models torch2flax converts")
+    p = subparsers.add_parser(
+        "list", help="list the timm models torch2flax converts, and with which backend",
+        description="timm model names matching PATTERN, each marked with the backend `convert` uses: "
+        "native (a hand-written Flax twin) or export (its torch.export graph run in JAX).")
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch filter, e.g. 'resnet*'")
+    p.add_argument("--backend", choices=("native", "export"), default=None, help="only names using this backend")
     p.set_defaults(func=cmd_list)
 
     p = subparsers.add_parser(
@@ -26,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights from the hub")
     src.add_argument("--checkpoint", metavar="PATH", help=".pth/.pt/.bin/.safetensors state dict")
     p.add_argument("--num-classes", type=int, default=None, help="new head size (freshly initialised)")
+    p.add_argument("--backend", choices=("auto", "native", "export"), default="auto",
+                   help="native Flax twin, exported graph, or auto (native where one exists)")
     p.add_argument("--out", required=True, metavar="FILE.msgpack", help="output file (+ FILE.msgpack.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
     _check_args(p)
@@ -50,13 +56,20 @@ def _check_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from torch2flax.models import list_models
+    import fnmatch
 
-    names = list_models(args.pattern)
-    if not names:
-        print(f"no supported model matches {args.pattern!r}", file=sys.stderr)
+    from torch2flax.models import list_models
+    from torch2flax.timm_names import timm_model_names
+
+    native = set(list_models())
+    names = sorted(n for n in native | timm_model_names() if fnmatch.fnmatch(n, args.pattern))
+    rows = [(n, "native" if n in native else "export") for n in names]
+    rows = [r for r in rows if args.backend in (None, r[1])]
+    if not rows:
+        print(f"no model matches {args.pattern!r}", file=sys.stderr)
         return 1
-    print("\n".join(names))
+    width = max(len(n) for n, _ in rows)
+    print("\n".join(f"{n:<{width}}  {b}" for n, b in rows))
     return 0
 
 
@@ -72,6 +85,8 @@ def _report(errors: dict[str, float], tol: float) -> bool:
 
 
 def _hw(module, size: int | None) -> tuple[int, int]:
+    if hasattr(module, "image_size"):  # an exported graph runs at the size it was exported at
+        return tuple(module.image_size)  # type: ignore[return-value]
     if size:
         return (size, size)
     return tuple(module.pretrained_cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
@@ -101,7 +116,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         bar.set_postfix_str("converting")
         t0 = time.perf_counter()
         result, model = convert_with_timm(args.name, pretrained=args.pretrained, checkpoint=args.checkpoint,
-                                          num_classes=args.num_classes)
+                                          num_classes=args.num_classes, backend=args.backend,
+                                          image_size=args.size)
         module, variables = result
         bar.update()
         seconds = time.perf_counter() - t0
@@ -130,8 +146,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     try:
-        import timm
-
         from torch2flax import io
         from torch2flax.converter import load_checkpoint, load_into_timm, parity_errors, timm_from_flax
         from torch2flax.models import model_name
@@ -139,8 +153,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         module, variables = io.load(args.file)
         name = model_name(module)
         if args.checkpoint:
-            model = timm.create_model(name, pretrained=False, num_classes=module.num_classes,
-                                      in_chans=module.in_chans, global_pool=module.global_pool)
+            model = timm_from_flax(module, variables)  # the architecture, then the checkpoint's weights
             load_into_timm(model, load_checkpoint(args.checkpoint), source=f"checkpoint {args.checkpoint}")
             reference = args.checkpoint
         else:

@@ -344,26 +344,57 @@ def _head_keys(model: Any) -> tuple[str, ...]:
     return tuple(f"{clf}.{k}" for k in model.get_classifier().state_dict())
 
 
+BACKENDS = ("auto", "native", "export")
+
+
+def is_native(name: str) -> bool:
+    """Whether a timm name (a `.tag` allowed) has a hand-written Flax twin in `torch2flax.models`."""
+    from torch2flax.models import list_models
+
+    return name.split(".", 1)[0] in list_models()
+
+
+def resolve_backend(architecture: str, backend: str = "auto") -> str:
+    """"native" or "export" for `architecture`; "auto" prefers the native Flax twin."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    native = is_native(architecture)
+    if not native:
+        from torch2flax.timm_names import check_model_name
+
+        check_model_name(architecture)  # a name timm does not know: say so, with close names
+    if backend == "native" and not native:
+        get_entry(architecture.split(".", 1)[0])  # raises, naming close native names
+    if backend == "auto":
+        return "native" if native else "export"
+    return backend
+
+
 def convert(
     model_or_name: Any,
     *,
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    backend: str = "auto",
+    image_size: int | tuple[int, int] | None = None,
     **timm_kwargs: Any,
 ) -> Converted:
-    """A timm model (name or instance) as `(flax_module, variables)`, plus `.reinitialized`.
+    """A timm model (name, tagged name or instance) as `(flax_module, variables)`, plus `.reinitialized`.
 
-    `checkpoint`: a `.pth/.pt/.bin/.safetensors` state dict for the named model
-    (its classifier rows give the checkpoint's class count; no classifier keys
-    means a headless, num_classes=0 checkpoint). With `num_classes` different
-    from the weights', the head is freshly initialised by timm's
-    `reset_classifier` and its torch keys are listed in `.reinitialized`;
-    nothing else is ever re-initialised. `variables` is a FrozenDict with
-    `params` and `batch_stats`, float32.
+    `backend`: "native" builds the hand-written Flax twin (`torch2flax list --backend native`),
+    "export" runs the model's `torch.export` graph (`torch2flax.export`, any timm model) at
+    `image_size` (default: the model's pretrained input size; other sizes need a new
+    conversion), "auto" prefers native. `checkpoint`: a `.pth/.pt/.bin/.safetensors` state dict
+    for the named model (its classifier rows give the checkpoint's class count; no classifier
+    keys means a headless, num_classes=0 checkpoint). With `num_classes` different from the
+    weights', the head is freshly initialised by timm's `reset_classifier` and its torch keys
+    are listed in `.reinitialized`; nothing else is ever re-initialised. `variables` is a
+    FrozenDict with `params` and (for models with BatchNorm) `batch_stats`, float32.
     """
     return convert_with_timm(model_or_name, pretrained=pretrained, checkpoint=checkpoint,
-                             num_classes=num_classes, **timm_kwargs)[0]
+                             num_classes=num_classes, backend=backend, image_size=image_size,
+                             **timm_kwargs)[0]
 
 
 def convert_with_timm(
@@ -372,18 +403,21 @@ def convert_with_timm(
     pretrained: bool = False,
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
+    backend: str = "auto",
+    image_size: int | tuple[int, int] | None = None,
     **timm_kwargs: Any,
 ) -> tuple[Converted, Any]:
     """`convert`, also returning the timm model (eval mode) the weights came from."""
-    import jax
-    import jax.numpy as jnp
     import timm
-    from flax.core import freeze
 
     reinitialized: tuple[str, ...] = ()
-    if isinstance(model_or_name, str):
+    from_name = isinstance(model_or_name, str)
+    if from_name:
         name = model_or_name
-        get_entry(name)  # unknown names fail here, with close matches
+        backend = resolve_backend(name, backend)  # an unknown native name fails here, with close matches
+        if backend == "export" and image_size is not None:
+            timm_kwargs = {**_fixed_size_kwargs(name, image_size), **timm_kwargs}
+        create_kwargs = dict(timm_kwargs)
         if pretrained and checkpoint is not None:
             raise ValueError("pass either pretrained=True or checkpoint=..., not both")
         if checkpoint is not None:
@@ -407,12 +441,39 @@ def convert_with_timm(
         if timm_kwargs or pretrained or checkpoint is not None:
             raise TypeError("pretrained/checkpoint/timm kwargs apply to a model name, not to a model instance")
         model = model_or_name
+        backend = resolve_backend(timm_architecture(model), backend)
         if num_classes is not None and num_classes != model.num_classes:
             model = copy.deepcopy(model)  # the caller's model keeps its head
     if num_classes is not None and num_classes != model.num_classes:
         model.reset_classifier(num_classes)
         reinitialized = _head_keys(model)
     model.eval()
+    if backend == "export":
+        from torch2flax.export.model import convert_exported
+
+        create_kwargs = {k: v for k, v in create_kwargs.items() if k != "num_classes"} if from_name else {}
+        module, variables = convert_exported(model, image_size=image_size,
+                                             rebuild=(name.split(".", 1)[0], create_kwargs) if from_name else None)
+        return Converted(module, variables, reinitialized), model
+    return Converted(*_convert_native(model), reinitialized), model
+
+
+def _fixed_size_kwargs(name: str, image_size: int | tuple[int, int]) -> dict[str, Any]:
+    """`img_size=` for a model whose graph fixes its input size (ViT-style position embeddings),
+    so timm builds it at the size asked for and resamples pretrained position embeddings itself."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    if cfg is None or not getattr(cfg, "fixed_input_size", False) or tuple(cfg.input_size[1:]) == size:
+        return {}
+    return {"img_size": size if size[0] != size[1] else size[0]}
+
+
+def _convert_native(model: Any) -> tuple[Any, Any]:
+    import jax
+    import jax.numpy as jnp
+    from flax.core import freeze
 
     arch = timm_architecture(model)
     entry = get_entry(arch)
@@ -421,13 +482,25 @@ def convert_with_timm(
     rules = build_rules(model, layers, entry.torch_module_types)
     arrays = torch_to_flax(rules, model.state_dict(), shapes, source=f"timm {arch}")
     variables = freeze({c: jax.tree.map(jnp.asarray, arrays[c]) for c in ("params", "batch_stats") if c in arrays})
-    return Converted(module, variables, reinitialized), model
+    return module, variables
+
+
+def variable_shapes(module: Any) -> Any:
+    """The shapes of a converted module's variables (no FLOPs spent)."""
+    if hasattr(module, "variable_shapes"):
+        return module.variable_shapes()
+    return flax_layers(module)[0]
 
 
 def timm_from_flax(module: Any, variables: Mapping[str, Any]) -> Any:
     """The timm model with the weights of a Flax module (the converter run backwards), in eval mode."""
     import timm
     import torch
+
+    if hasattr(module, "variable_shapes"):  # an exported-graph module
+        from torch2flax.export.model import timm_from_exported
+
+        return timm_from_exported(module, variables)
 
     from torch2flax.models import model_name
 
@@ -458,7 +531,7 @@ def parity_errors(model: Any, module: Any, variables: Any, *, batch: int = 2,
     with torch.no_grad():
         feats_t = model.forward_features(torch.from_numpy(x))
         logits_t = model.forward_head(feats_t).numpy()
-        feats_t = feats_t.permute(0, 2, 3, 1).numpy()
+        feats_t = feats_t.numpy()
 
     @jax.jit
     def run(v, x):
@@ -466,6 +539,8 @@ def parity_errors(model: Any, module: Any, variables: Any, *, batch: int = 2,
         return f, module.apply(v, f, method="forward_head")
 
     feats_f, logits_f = (np.asarray(a) for a in run(variables, x.transpose(0, 2, 3, 1)))
+    if feats_t.ndim == 4 and feats_f.shape != feats_t.shape:  # a CNN map: ours is NHWC, timm's NCHW
+        feats_t = feats_t.transpose(0, 2, 3, 1)
     out = {}
     for key, ref, got in (("logits", logits_t, logits_f), ("features", feats_t, feats_f)):
         err = float(np.max(np.abs(ref - got)))

@@ -54,8 +54,17 @@ def atomic_write(path: str | os.PathLike, data: bytes) -> None:
 
 
 def module_config(module: Any) -> dict[str, Any]:
-    """Registry name and constructor arguments of a Flax model, JSON-ready."""
+    """Registry name and constructor arguments of a Flax model, JSON-ready.
+
+    An exported-graph model (`torch2flax.export`) records `"backend": "export"` and what
+    rebuilding it needs (timm name and kwargs, image size): `load` re-exports it from timm.
+    """
     from torch2flax.models import model_name
+
+    if hasattr(module, "variable_shapes"):  # an ExportedModel
+        config = module.config()
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": "export",
+                "model": config["model_name"], "kwargs": config}
 
     kwargs = {}
     for f in dataclasses.fields(module):
@@ -80,6 +89,10 @@ def module_from_config(config: Mapping[str, Any], source: str = "config") -> Any
     if config.get("format") != FORMAT or "model" not in config:
         raise ValueError(f"{source}: not a torch2flax model config (format={config.get('format')!r})")
     kwargs = dict(config.get("kwargs", {}))
+    if config.get("backend", "native") == "export":
+        from torch2flax.export.model import ExportedModel
+
+        return ExportedModel.from_config(kwargs)
     if "dtype" in kwargs:
         # The scalar type (jnp.float32), not np.dtype: equal either way, but only
         # this keeps the module's hash equal to the saved one's (jit caches on it).
@@ -124,9 +137,9 @@ def model_payload(module: Any, variables: Mapping, source: str = "variables") ->
     import jax
     from flax import serialization
 
-    from torch2flax.converter import flax_layers
+    from torch2flax.converter import variable_shapes
 
-    shapes, _ = flax_layers(module)
+    shapes = variable_shapes(module)
     state = serialization.to_state_dict(variables)
     state = {k: v for k, v in state.items() if k in COLLECTIONS}
     state, _ = unreplicate_like(state, dict(shapes), source=source)
@@ -175,13 +188,13 @@ def model_from_payload(payload: Mapping[str, Any], source: str) -> tuple[Any, An
     import jax.numpy as jnp
     from flax.core import freeze
 
-    from torch2flax.converter import flax_layers
+    from torch2flax.converter import variable_shapes
 
     tree = payload.get("variables")
     if not isinstance(tree, dict) or "params" not in tree:
         raise ValueError(f"{source}: no 'params' in the stored variables")
     module = module_from_config(json.loads(payload["config"]), source=source)
-    shapes, _ = flax_layers(module)
+    shapes = variable_shapes(module)
     tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
     tree, _ = unreplicate_like(tree, dict(shapes), source=source)
     return module, freeze(jax.tree.map(jnp.asarray, tree))

@@ -25,6 +25,7 @@ class TrainConfig:
     num_workers: int = 2
     # model
     model: str = "resnet18"
+    backend: str = "auto"  # auto | native | export (see torch2flax.convert)
     pretrained: bool = False
     checkpoint: str | None = None  # timm state dict (.pth/.safetensors) to start from
     init: str | None = None  # a torch2flax .msgpack to start from
@@ -53,7 +54,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         choices = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"),
-                   "parallel": ("pmap", "jit")}
+                   "parallel": ("pmap", "jit"), "backend": ("auto", "native", "export")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.{name}={getattr(self, name)!r}: expected one of {allowed}")

@@ -20,9 +20,14 @@ class TrainState(train_state.TrainState):
     dropout_rng: jax.Array = None
 
 
-def decay_mask(params: Any) -> Any:
-    """Weight decay applies to kernels only: biases and norm scales/offsets (ndim <= 1) are exempt."""
-    return jax.tree_util.tree_map(lambda p: p.ndim > 1, params)
+def decay_mask(params: Any, exempt: frozenset[str] = frozenset()) -> Any:
+    """Weight decay applies to weight matrices and kernels only: biases and norm scales/offsets
+    (ndim <= 1) are exempt, and so are the parameters timm's `no_weight_decay()` names
+    (`pos_embed`, `cls_token`, ...; `exempt`, as dotted paths)."""
+    def decays(path: tuple, p: Any) -> bool:
+        name = ".".join(str(getattr(k, "key", k)) for k in path)
+        return p.ndim > 1 and name not in exempt and name.rsplit(".", 1)[0] not in exempt
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
@@ -35,13 +40,15 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
         decay_steps=total, end_value=config.lr * config.min_lr_ratio)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(config: TrainConfig, steps_per_epoch: int,
+                   no_weight_decay: frozenset[str] = frozenset()) -> optax.GradientTransformation:
     """Optional clipping, AdamW or SGD on the schedule, optional gradient accumulation.
 
     The same hyper-parameters give the same optimiser object: it is static data of the
     `TrainState`, so an equal one lets a later run reuse the compiled steps.
     """
-    return _optimizer(*(getattr(config, f) for f in OPTIMIZER_FIELDS), steps_per_epoch=steps_per_epoch)
+    return _optimizer(*(getattr(config, f) for f in OPTIMIZER_FIELDS), steps_per_epoch=steps_per_epoch,
+                      no_weight_decay=frozenset(no_weight_decay))
 
 
 OPTIMIZER_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "grad_clip", "accum_steps",
@@ -49,16 +56,17 @@ OPTIMIZER_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "grad_clip", 
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer(*values: Any, steps_per_epoch: int) -> optax.GradientTransformation:
+def _optimizer(*values: Any, steps_per_epoch: int, no_weight_decay: frozenset[str]) -> optax.GradientTransformation:
     config = TrainConfig(**dict(zip(OPTIMIZER_FIELDS, values)))
     schedule = make_schedule(config, steps_per_epoch)
+    mask = functools.partial(decay_mask, exempt=no_weight_decay)
     parts = []
     if config.grad_clip:
         parts.append(optax.clip_by_global_norm(config.grad_clip))
     if config.optimizer == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+        parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask))
     else:
-        parts.append(optax.add_decayed_weights(config.weight_decay, mask=decay_mask))
+        parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
         parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=True))
     tx = optax.chain(*parts)
     if config.accum_steps > 1:

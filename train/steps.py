@@ -57,7 +57,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, module: nn.Mod
             mutable=["batch_stats"], rngs={"dropout": rng})
         logits = logits.astype(jnp.float32)
         loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
-        return loss, (logits, updates["batch_stats"])
+        return loss, (logits, updates.get("batch_stats", {}))  # models without BatchNorm have none
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == labels)}

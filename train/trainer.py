@@ -49,16 +49,32 @@ def init_model(config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
             raise ValueError(f"{config.init} has a {module.num_classes}-class head, but the run "
                              f"asks for num_classes={config.num_classes}; convert with --num-classes "
                              f"{config.num_classes} or start from a timm checkpoint")
-        module = module.clone(drop_rate=config.drop_rate, drop_path_rate=config.drop_path_rate)
-        return module, variables, ()
+        return _with_run_settings(module, config), variables, ()
     import torch
 
     torch.manual_seed(config.seed)  # a randomly initialised model is reproducible by seed
     result = torch2flax.convert(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
                                 num_classes=config.num_classes, drop_rate=config.drop_rate,
-                                drop_path_rate=config.drop_path_rate)
+                                drop_path_rate=config.drop_path_rate, backend=config.backend,
+                                image_size=config.image_size)
     module, variables = result
     return module, variables, tuple(result.reinitialized)
+
+
+def _with_run_settings(module: Any, config: TrainConfig) -> Any:
+    """The model file's module with this run's dropout rates (and, exported, the check on its size)."""
+    if not hasattr(module, "variable_shapes"):
+        return module.clone(drop_rate=config.drop_rate, drop_path_rate=config.drop_path_rate)
+    # An exported graph is fixed at its image size and has its drop rates baked in: a change
+    # re-exports from timm (the cache key is the module's fields).
+    if tuple(module.image_size) != (config.image_size, config.image_size):
+        raise ValueError(f"{config.init} was exported at {module.image_size[0]}x{module.image_size[1]}, but the "
+                         f"run trains at image_size={config.image_size}: convert again with --size "
+                         f"{config.image_size} (the exported graph has a fixed input size)")
+    from torch2flax.export.model import freeze_kwargs
+
+    kwargs = {**dict(module.timm_kwargs), "drop_rate": config.drop_rate, "drop_path_rate": config.drop_path_rate}
+    return module.clone(timm_kwargs=freeze_kwargs(kwargs))
 
 
 def eval_crop_pct(config: TrainConfig, module: Any) -> float:
@@ -151,7 +167,8 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
         module, variables, reinitialized = init_model(config)
     data = DataSpec(config.image_size, eval_crop_pct(config, module))
     train_loader, val_loader = build_loaders(config, data.crop_pct, len(par.devices))
-    state = create_train_state(variables, make_optimizer(config, len(train_loader)),
+    no_decay = module.no_weight_decay() if hasattr(module, "no_weight_decay") else frozenset()
+    state = create_train_state(variables, make_optimizer(config, len(train_loader), no_decay),
                                seed=config.seed, ema=config.ema_decay > 0)
     run = Run(config, par, module, state, train_loader, val_loader, *_steps(config, par, module),
               data=data, paths=paths, reinitialized=reinitialized)

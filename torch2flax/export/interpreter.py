@@ -252,7 +252,9 @@ def run(
 def abstract_check(program: Program, params: Mapping[str, Any], buffers: Mapping[str, Any],
                    inputs: Sequence[Any]) -> Any:
     """Trace the program once without computing (`jax.eval_shape`): op-argument errors surface at conversion."""
-    spec = lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.asarray(a).dtype if not hasattr(a, "dtype") else a.dtype)
+    def spec(a: Any) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(np.shape(a), jax.dtypes.canonicalize_dtype(np.asarray(a).dtype))
+
     has_random = program.random
     return jax.eval_shape(
         lambda p, b, x: run(program, p, b, x, rng=jax.random.key(0) if has_random else None),

@@ -235,6 +235,18 @@ class ExportedModel(nn.Module):
         n = getattr(timm_model(self.spec), "num_features", None)
         return out is not None and out.ndim == 4 and out.shape[1] == n and out.shape[3] != n
 
+    def variable_shapes(self) -> dict[str, Any]:
+        """`{"params": ..., "batch_stats": ...}` as `jax.ShapeDtypeStruct`s, without tracing the graph."""
+        params, buffers = flat_state(timm_model(self.spec))
+        shape = lambda flat: nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()})
+        return {"params": shape(params), **({"batch_stats": shape(buffers)} if buffers else {})}
+
+    def no_weight_decay(self) -> frozenset[str]:
+        """Top-level parameter names timm exempts from weight decay (`pos_embed`, `cls_token`, ...)."""
+        model = timm_model(self.spec)
+        names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        return frozenset(str(n) for n in names)
+
     # ------------------------------------------------------------------ rebuilding from JSON
 
     def config(self) -> dict[str, Any]:
@@ -257,7 +269,7 @@ class ExportedModel(nn.Module):
             num_classes=int(cfg["num_classes"]), in_chans=int(cfg.get("in_chans", 3)),
             image_size=tuple(cfg["image_size"]),
             pretrained_cfg=PretrainedCfg(cfg["pretrained_cfg"]) if cfg.get("pretrained_cfg") else None,
-            dtype=jnp.dtype(cfg.get("dtype", "float32")), axis_name=cfg.get("axis_name"),
+            dtype=getattr(jnp, cfg.get("dtype", "float32")), axis_name=cfg.get("axis_name"),
         )
 
 
@@ -272,20 +284,6 @@ def _const(tree: Any) -> Callable[..., Any]:
 
 
 # ---------------------------------------------------------------------- conversion
-
-
-def _load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model", "state_dict_ema"):
-        if isinstance(state, Mapping) and key in state and isinstance(state[key], Mapping):
-            state = state[key]
-            break
-    return {k.removeprefix("module."): v for k, v in state.items()}
 
 
 def _image_size(image_size: int | tuple[int, int] | None, model: torch.nn.Module) -> tuple[int, int]:
@@ -313,6 +311,7 @@ def convert_exported(
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     image_size: int | tuple[int, int] | None = None,
+    rebuild: tuple[str, Mapping[str, Any]] | None = None,
     **timm_kwargs: Any,
 ) -> tuple[ExportedModel, FrozenDict]:
     """Any timm model (name or instance) as `(ExportedModel, variables)` via torch.export.
@@ -324,6 +323,10 @@ def convert_exported(
     named model; `num_classes` different from the weights' re-initialises the
     head with timm's `reset_classifier`. `variables` is a FrozenDict of float32
     `params` and `batch_stats` (see `ExportedModel`).
+
+    `rebuild=(name, timm_kwargs)` says that an instance was made by
+    `timm.create_model(name, **timm_kwargs)` (then given its weights and head), so the
+    module can be rebuilt from its config in another process (`save`/`load`).
     """
     import timm
 
@@ -333,20 +336,25 @@ def convert_exported(
             raise ValueError("pass either pretrained=True or checkpoint=..., not both")
         name = model_or_name
         if checkpoint is not None:
-            state = _load_checkpoint(checkpoint)
+            from torch2flax.converter import load_checkpoint, load_into_timm
+
+            state = load_checkpoint(checkpoint)
             model = timm.create_model(name, pretrained=False, **timm_kwargs)
             clf = model.pretrained_cfg.get("classifier") or "fc"
             if f"{clf}.weight" in state and state[f"{clf}.weight"].shape[0] != model.num_classes:
                 model.reset_classifier(int(state[f"{clf}.weight"].shape[0]))
-            model.load_state_dict(state)
+            load_into_timm(model, state, source=f"checkpoint {os.fspath(checkpoint)}")
         else:
             model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
     else:
-        if pretrained or checkpoint is not None or timm_kwargs:
+        if pretrained or checkpoint is not None or (timm_kwargs and rebuild is None):
             raise TypeError("pretrained/checkpoint/timm kwargs apply to a model name, not to a model instance")
         model = model_or_name
-        name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-        instance_key = f"{name}@{uuid.uuid4().hex[:12]}"
+        if rebuild is not None:
+            name, timm_kwargs = rebuild[0], dict(rebuild[1])
+        else:
+            name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
+            instance_key = f"{name}@{uuid.uuid4().hex[:12]}"
     if num_classes is not None and num_classes != model.num_classes:
         if instance_key is not None:
             import copy

@@ -32,12 +32,13 @@ aten = torch.ops.aten
 
 OPS: dict[Any, Callable[..., Any]] = {}
 
-# Whether `aten.convolution` runs in NHWC (transposes around each conv) or
-# directly in NCHW. Measured on the 2-core dev machine, XLA:CPU, jit, batch 8,
-# regnetx_002 / convnext_atto graphs at 64 px (benchmarks in the module
-# docstring of `interpreter.py`): NHWC forward 1.3-1.4x faster, gradient about
-# equal, because XLA folds the transposes into neighbouring elementwise ops;
-# NHWC also shares `layers.conv2d` (and its small-map path) with the native models.
+# Whether `aten.convolution` runs in NHWC (transposes around each conv, `layers.conv2d`) or
+# directly in NCHW (`lax.conv_general_dilated` on the graph's layout). Measured on the 2-core dev
+# machine, XLA:CPU, jit, batch 8, best of 5, ms forward / gradient of a train-mode sum:
+#   regnetx_002 at 64 px (grouped 3x3):  NHWC 11.6 / 293   NCHW 11.3 / 705
+#   resnet18 at 96 px (dense 3x3):       NHWC 96.6 / 310   NCHW 97.8 / 298
+# XLA folds the transposes into neighbouring ops, so dense convs tie and grouped-conv gradients
+# are 2.4x faster in NHWC; NHWC also shares the small-map path with the native models.
 CONV_LAYOUT = "NHWC"
 
 
@@ -586,8 +587,14 @@ def convolution(x, w, b, stride, padding, dilation, transposed, output_padding, 
     if transposed:
         y = _conv_transpose(x, w, stride, padding, dilation, tuple(output_padding), groups)
     elif nd == 2 and CONV_LAYOUT == "NHWC":
+        # The small-map path (one einsum per kernel tap) is kept for what it was measured on: dense
+        # convs of at most 3x3 taps. Depthwise convs cost XLA:CPU 3x the compile time that way
+        # (mobilenetv3_small_100 train step at 32 px: 49 s vs 16 s), and a ViT's 16x16 patch embedding
+        # on a 2x2 map becomes 256 einsums (14.6 s to compile a 2-block ViT vs 1 s).
+        shifted_ok = w.shape[2] * w.shape[3] <= 9 and not (groups > 1 and groups == x.shape[1])
         y = layers.conv2d(x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0), stride,
-                          tuple((p, p) for p in padding), dilation, groups).transpose(0, 3, 1, 2)
+                          tuple((p, p) for p in padding), dilation, groups,
+                          small_map_max_pixels=None if shifted_ok else 0).transpose(0, 3, 1, 2)
     else:
         y = lax.conv_general_dilated(x, w, stride, [(p, p) for p in padding], rhs_dilation=dilation,
                                      feature_group_count=groups)
@@ -749,7 +756,8 @@ def avg_pool(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_includ
     s, p = _spatial(stride or k, nd), _spatial(padding, nd)
     pads = [_pool_pads(x.shape[2 + i], k[i], s[i], p[i], 1, ceil_mode) for i in range(nd)]
     window, strides = (1, 1) + k, (1, 1) + s
-    total = lax.reduce_window(x, jnp.zeros((), x.dtype), lax.add, window, strides, [(0, 0), (0, 0)] + pads)
+    # Python-scalar init values: JAX recognises the add monoid and can differentiate reduce_window.
+    total = lax.reduce_window(x, 0.0, lax.add, window, strides, [(0, 0), (0, 0)] + pads)
     if divisor_override:
         return total / divisor_override
     # Divisor: window cells inside the input, plus the explicit padding when
@@ -758,7 +766,7 @@ def avg_pool(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_includ
     if count_include_pad:
         ones = jnp.pad(ones, [(pi, pi) for pi in p], constant_values=1)
         pads = [(0, hi - lo) for lo, hi in pads]
-    count = lax.reduce_window(ones, jnp.zeros((), x.dtype), lax.add, k, s, pads)
+    count = lax.reduce_window(ones, 0.0, lax.add, k, s, pads)
     return total / count
 
 

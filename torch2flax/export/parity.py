@@ -98,7 +98,8 @@ def train_parity(model: torch.nn.Module, module: ExportedModel, variables: Any, 
         "batch_stats": max(relative_errors(bufs_j, bufs_t).values(), default=0.0),
     }
     if float64_reference:
-        _, grads_64, bufs_64 = torch_train_step(model, x, labels, torch.float64)
+        loss_64, grads_64, bufs_64 = torch_train_step(model, x, labels, torch.float64)
+        out["loss_f32_vs_f64"] = abs(loss_t - loss_64) / max(abs(loss_64), 1e-12)
         out["grad_f32_vs_f64"] = max(relative_errors(grads_t, grads_64).values(), default=0.0)
         out["batch_stats_f32_vs_f64"] = max(relative_errors(bufs_t, bufs_64).values(), default=0.0)
     return out

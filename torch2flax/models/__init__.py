@@ -134,6 +134,8 @@ def create_model(name: str, **kwargs: Any):
 
 def model_name(module: Any) -> str:
     """The registry name a Flax module was built for (from its pretrained_cfg, else by arguments)."""
+    if hasattr(module, "variable_shapes"):  # an exported-graph model carries its timm name
+        return module.model_name
     cfg = getattr(module, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if arch in _REGISTRY:

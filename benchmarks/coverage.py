@@ -1,0 +1,195 @@
+"""How much of timm the exported-graph backend converts, one representative per model family.
+
+Run: `python benchmarks/coverage.py [--families resnet,vit,...] [--all] [--out COVERAGE.md]`.
+
+For each timm family module (`timm.list_modules()`), the representative is the
+smallest pretrained architecture (by parameter count, counted on the meta
+device); `--all` walks every pretrained tag instead. Each model is built with
+random init, randomised BatchNorm statistics and dropout / drop-path off, at its
+own pretrained input size (`--image-size N` overrides it for models that take
+`img_size=`; others keep theirs), then:
+
+* export: `convert_exported` (eval and train graphs exported, every op checked),
+  with its wall time;
+* eval parity: max |logits - timm| / max(1, max |timm|) on a batch of 2;
+* train parity: one step's loss, every gradient (relative in norm) and the
+  updated BatchNorm statistics against timm's float32 `.backward()`, each passing
+  at 1e-4 or twice timm's own float32-vs-float64 difference where that is larger.
+
+Models over `--max-params` (default 100M) are skipped as too large for the
+machine. Writes a Markdown table (one row per family, with the failure reason
+where one fails) to `--out`.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import os
+import sys
+import time
+import traceback
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+TOL = 1e-4
+
+
+def _param_count(name: str) -> int:
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return sum(p.numel() for p in model.parameters())
+
+
+def representatives(families: list[str] | None, all_tags: bool) -> list[tuple[str, str]]:
+    """(family, model name) pairs: every pretrained tag, or each family's smallest pretrained architecture."""
+    import timm
+
+    out = []
+    for family in sorted(timm.list_modules()):
+        if families and family not in families:
+            continue
+        tags = timm.list_models(module=family, pretrained=True)
+        if not tags:
+            continue
+        if all_tags:
+            out += [(family, t) for t in tags]
+            continue
+        # timm's own tiny `test_*` models are not representatives of a family.
+        archs = sorted({t.split(".")[0] for t in tags if not t.startswith("test_")})
+        sizes = {}
+        for arch in archs:
+            with contextlib.suppress(Exception):  # an architecture that fails to build is not a candidate
+                sizes[arch] = _param_count(arch)
+        if sizes:
+            out.append((family, min(sizes, key=sizes.get)))
+    return out
+
+
+def _build(name: str, image_size: int | None) -> Any:
+    import timm
+
+    arch = name.split(".")[0]
+    base = dict(pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
+    attempts = [dict(base, img_size=image_size)] if image_size else []
+    attempts += [base, dict(pretrained=False)]
+    for i, kwargs in enumerate(attempts):
+        try:
+            return timm.create_model(arch, **kwargs)
+        except TypeError:
+            if i == len(attempts) - 1:
+                raise
+
+
+def check(name: str, *, image_size: int | None, max_params: float) -> dict[str, Any]:
+    """One model's row: export time, eval and train parity, or the first failure."""
+    import torch
+
+    from tests.helpers import randomize_batchnorm
+    from torch2flax.export import convert_exported, model
+    from torch2flax.export.parity import eval_parity, random_batch, train_parity
+
+    row: dict[str, Any] = {"model": name}
+    torch.manual_seed(0)  # reproducible random init
+    try:
+        net = randomize_batchnorm(_build(name, image_size), seed=0).eval()
+        row["params_m"] = sum(p.numel() for p in net.parameters()) / 1e6
+        if row["params_m"] > max_params:
+            row["error"] = f"skipped: {row['params_m']:.0f}M parameters > --max-params {max_params:.0f}M"
+            return row
+        size = tuple(net.pretrained_cfg.get("input_size", (3, 224, 224))[1:])
+        if image_size and getattr(net, "img_size", None) is not None:
+            size = (image_size, image_size)
+        row["input"] = f"{size[0]}x{size[1]}"
+        t = time.perf_counter()
+        module, variables = convert_exported(net, image_size=size)
+        row["export_s"] = time.perf_counter() - t
+        x, labels = random_batch(module, batch=2)
+        row["eval_rel"] = eval_parity(net, module, variables, x)["rel"]
+        tr = train_parity(net, module, variables, x, labels)
+        row.update(loss_rel=tr["loss"], grad_rel=tr["grad"], grad_floor=tr["grad_f32_vs_f64"],
+                   bs_rel=tr["batch_stats"], bs_floor=tr["batch_stats_f32_vs_f64"])
+        row["train_ok"] = (tr["loss"] <= max(TOL, 2 * tr["loss_f32_vs_f64"]) and tr["grad"] <= max(TOL, 2 * tr["grad_f32_vs_f64"])
+                           and tr["batch_stats"] <= max(TOL, 2 * tr["batch_stats_f32_vs_f64"]))
+        if not row["train_ok"]:
+            row["error"] = f"train parity: worst gradient {tr['grad_worst']}"
+    except Exception as e:  # a coverage report records failures, it does not stop at them
+        msg = str(e).strip().splitlines()
+        row["error"] = f"{type(e).__name__}: {' / '.join(msg[:3])}"[:300]
+        row["trace"] = traceback.format_exc(limit=3)
+    finally:
+        model._PROGRAMS.clear()
+        model._TIMM_MODELS.clear()
+        gc.collect()
+        import jax
+
+        jax.clear_caches()
+    return row
+
+
+def _fmt(v: Any, spec: str = ".1e") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def write_markdown(rows: list[dict[str, Any]], path: str, args: argparse.Namespace) -> None:
+    ok_eval = sum(1 for r in rows if r.get("eval_rel") is not None and r["eval_rel"] <= TOL)
+    ok_train = sum(1 for r in rows if r.get("train_ok"))
+    lines = [
+        "# Exported-graph backend coverage",
+        "",
+        f"Generated by `python benchmarks/coverage.py {' '.join(sys.argv[1:])}`. One "
+        f"{'row per pretrained tag' if args.all else 'representative per timm family (its smallest pretrained architecture)'}, "
+        "random init with randomised BatchNorm statistics, dropout/drop-path off, batch 2, float32 on CPU.",
+        "Eval parity: max |logits - timm| / max(1, max |timm|) <= 1e-4. Train parity: loss, every gradient "
+        "(relative in norm) and updated batch_stats within 1e-4, or twice timm's own float32-vs-float64 "
+        "difference (`floor`) where larger.",
+        "",
+        f"**{len(rows)} models: eval parity {ok_eval}/{len(rows)}, train parity {ok_train}/{len(rows)}.**",
+        "",
+        "| family | model | input | params (M) | export+check s | eval rel | loss rel | grad rel | grad floor "
+        "| batch_stats rel | train | failure |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        train = "" if r.get("train_ok") is None else ("ok" if r["train_ok"] else "FAIL")
+        lines.append(
+            f"| {r['family']} | {r['model']} | {r.get('input', '')} | {_fmt(r.get('params_m'), '.1f')} "
+            f"| {_fmt(r.get('export_s'), '.1f')} | {_fmt(r.get('eval_rel'))} | {_fmt(r.get('loss_rel'))} "
+            f"| {_fmt(r.get('grad_rel'))} | {_fmt(r.get('grad_floor'))} | {_fmt(r.get('bs_rel'))} | {train} "
+            f"| {r.get('error', '').replace('|', '/')} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--families", default="", help="comma-separated timm family modules (default: all)")
+    p.add_argument("--all", action="store_true", help="every pretrained tag, not one model per family")
+    p.add_argument("--image-size", type=int, default=None, help="input size for models taking img_size=")
+    p.add_argument("--max-params", type=float, default=100.0, help="skip models over this many million params")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                 "COVERAGE.md"))
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    families = [f for f in args.families.split(",") if f] or None
+    rows = []
+    for family, name in representatives(families, args.all):
+        t = time.perf_counter()
+        row = dict(check(name, image_size=args.image_size, max_params=args.max_params), family=family)
+        rows.append(row)
+        status = row.get("error") or f"eval {row['eval_rel']:.1e} grad {row['grad_rel']:.1e}"
+        print(f"{family:28s} {name:40s} {time.perf_counter() - t:6.1f}s  {status}", flush=True)
+        write_markdown(rows, args.out, args)  # rewrite as we go: a long run killed midway keeps its rows
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
