@@ -28,37 +28,44 @@ def test_unknown_command_fails(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_module_entry_point_matchesconsole_script():
-    out = subprocess.run([sys.executable, "-m", "torch2flax", "--version"],
-                         capture_output=True, text=True, check=True)
-    assert out.stdout.strip().startswith("torch2flax ")
+@pytest.mark.parametrize("args", [["--version"], ["--help"], ["convert", "--help"]])
+def test_module_entry_point_matches_console_script(args):
+    module = subprocess.run([sys.executable, "-m", "torch2flax", *args], capture_output=True, text=True)
+    script = subprocess.run([console_script(), *args], capture_output=True, text=True)
+    assert module.returncode == script.returncode == 0, module.stderr + script.stderr
+    assert module.stdout == script.stdout and module.stdout.startswith(("torch2flax ", "usage: torch2flax"))
 
 
-def test_cli_convert_then_verify_from_the_shell(r18, tmp_path):
+def test_cli_convert_then_verify(r18, tmp_path, capsys, monkeypatch):
     import timm
     from safetensors.torch import save_file
 
     _, state = r18
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "x.safetensors"))
-    run = lambda *a: subprocess.run([console_script(), *a], cwd=tmp_path, capture_output=True, text=True)
+    monkeypatch.chdir(tmp_path)
 
-    out = run("convert", "resnet18", "--checkpoint", "x.safetensors", "--out", "r18.msgpack", "--size", "32")
-    assert out.returncode == 0, out.stderr
-    assert "logits" in out.stdout and "features" in out.stdout and "FAIL" not in out.stdout
-    assert "wrote r18.msgpack" in out.stdout and "wrote r18.msgpack.json" in out.stdout
+    def run(*args):
+        code = main(list(args))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    code, out, err = run("convert", "resnet18", "--checkpoint", "x.safetensors", "--out", "r18.msgpack",
+                         "--size", "32")
+    assert code == 0, err
+    assert "logits" in out and "features" in out and "FAIL" not in out
+    assert "wrote r18.msgpack" in out and "wrote r18.msgpack.json" in out
     assert (tmp_path / "r18.msgpack").stat().st_size > 46e6  # 11.7M float32 parameters
 
-    out = run("verify", "r18.msgpack", "--checkpoint", "x.safetensors", "--size", "32")
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.count(" ok ") == 2
+    code, out, err = run("verify", "r18.msgpack", "--checkpoint", "x.safetensors", "--size", "32")
+    assert code == 0 and out.count(" ok ") == 2, out + err
     # Without a checkpoint: the msgpack converted back to torch.
-    out = run("verify", "r18.msgpack", "--size", "40")
-    assert out.returncode == 0 and "converted back to torch" in out.stdout, out.stderr
+    code, out, err = run("verify", "r18.msgpack", "--size", "32")
+    assert code == 0 and "converted back to torch" in out, err
     # Weights that differ from the msgpack's fail verification with a non-zero exit.
     other = timm.create_model("resnet18", pretrained=False)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "y.safetensors"))
-    out = run("verify", "r18.msgpack", "--checkpoint", "y.safetensors", "--size", "32")
-    assert out.returncode == 1 and "FAIL" in out.stdout
+    code, out, err = run("verify", "r18.msgpack", "--checkpoint", "y.safetensors", "--size", "32")
+    assert code == 1 and "FAIL" in out
 
 
 def test_cli_list_and_unknown_name(capsys):
