@@ -43,6 +43,7 @@ from torch2flax.loaders.collate import numpy_collate, shard_batch
 from torch2flax.loaders.shared import SharedBatch, SlotPool, unpack
 from torch2flax.loaders.transforms import (
     find_augmenters,
+    holds_user_code,
     preserved_global_rngs,
     reseed_augmenters,
     sample_seed,
@@ -65,13 +66,14 @@ class _SeededDataset(torch.utils.data.Dataset):
         self.dataset = dataset
         self.seed = seed
         self._augmenters: list | None = None
+        self._user_code = True
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __reduce__(self) -> tuple:
         # _augmenters: found again in each worker's own copy.
-        return _by_value, (cloudpickle.dumps((type(self), self.dataset, self.seed)),)
+        return _unpickled, (type(self), cloudpickle.dumps((self.dataset, self.seed)))
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         if torch.utils.data.get_worker_info() is None:  # the caller's process: leave its RNGs as they were
@@ -82,8 +84,10 @@ class _SeededDataset(torch.utils.data.Dataset):
     def _load(self, epoch: int, index: int) -> Any:
         if self._augmenters is None:
             self._augmenters = find_augmenters(self.dataset)
+            self._user_code = holds_user_code(self.dataset)
         seed = sample_seed(self.seed, epoch, index)
-        seed_global_rngs(seed)
+        if self._user_code:
+            seed_global_rngs(seed)
         if self._augmenters:
             reseed_augmenters(self._augmenters, seed)
         try:
@@ -94,9 +98,22 @@ class _SeededDataset(torch.utils.data.Dataset):
             raise
 
 
-def _by_value(payload: bytes) -> _SeededDataset:
-    cls, dataset, seed = pickle.loads(payload)  # cloudpickle's output loads with plain pickle
-    return cls(dataset, seed)
+def _unpickled(cls: type, payload: bytes) -> Any:
+    return cls(*pickle.loads(payload))  # cloudpickle's output loads with plain pickle
+
+
+class _ByValue:
+    """A callable the workers receive by value (cloudpickle), like the dataset: a `collate_fn` or
+    `worker_init_fn` swapped in from `__main__` must not need `__main__` in the worker."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def __reduce__(self) -> tuple:
+        return _unpickled, (_ByValue, cloudpickle.dumps((self.fn,)))
 
 
 _PREPARATION_LOCK = threading.Lock()
@@ -258,8 +275,14 @@ class Loader:
         return len(self.sampler)
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        dl = self.dataloader
+        if dl.num_workers > 0:  # everything the workers run travels by value (see the module doc)
+            if not isinstance(dl.collate_fn, _ByValue):
+                dl.collate_fn = _ByValue(dl.collate_fn)
+            if dl.worker_init_fn is not None and not isinstance(dl.worker_init_fn, _ByValue):
+                dl.worker_init_fn = _ByValue(dl.worker_init_fn)
         with _no_main_reimport():  # the first iteration starts the (persistent) workers
-            batches = iter(self.dataloader)
+            batches = iter(dl)
         for batch in batches:
             yield unpack(batch) if isinstance(batch, SharedBatch) else batch
 
