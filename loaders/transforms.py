@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import sys
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -244,8 +245,13 @@ _ATOMS = (str, bytes, bytearray, memoryview, int, float, bool, np.ndarray, np.ge
 # Code from these packages draws only from generators `find_augmenters` returns (or none): a
 # dataset holding nothing else needs no per-sample seeding of the process-wide generators, which
 # costs ~2-3% of loader throughput (measured with benchmarks/loader.py).
-_KNOWN_PACKAGES = ("torch2flax.", "albumentations.", "albucore.", "numpy", "torch.", "cv2", "builtins",
-                   "functools", "collections")
+_KNOWN_PACKAGES = ("torch2flax.", "albumentations.", "albucore.", "numpy", "torch.", "cv2")
+
+
+def _known(module: str | None) -> bool:
+    """Code of ours, albumentations, numpy, torch, OpenCV or the standard library."""
+    module = module or ""
+    return module.startswith(_KNOWN_PACKAGES) or module.split(".")[0] in sys.stdlib_module_names
 
 
 def find_augmenters(obj: Any, *, max_depth: int = 6, max_items: int = 64) -> list[Any]:
@@ -280,7 +286,7 @@ def _walk(obj: Any, max_depth: int, max_items: int) -> tuple[list[Any], bool]:
             return
         seen.add(id(x))
         module = x.__module__ if isinstance(x, types.FunctionType) else type(x).__module__
-        user = user or not (module or "").startswith(_KNOWN_PACKAGES)
+        user = user or not _known(module)
         if isinstance(x, (A.BaseCompose, *rng_types)):
             found.append(x)
             return

@@ -172,3 +172,29 @@ def test_reseeding_found_augmenters_is_deterministic_per_sample():
 
     np.testing.assert_array_equal(draw(5), draw(5))
     assert not np.array_equal(draw(5), draw(6))
+
+
+def test_global_generators_are_seeded_only_for_datasets_holding_user_code(tmp_path):
+    from tests.helpers import write_flower_tfrecords
+    from torch2flax.loaders import RecordTransform, TFRecordDataset, train_transform
+    from torch2flax.loaders.transforms import holds_user_code
+
+    files = write_flower_tfrecords(tmp_path, num_records=4, num_shards=1, size=16).files
+    ours = TFRecordDataset(files, transform=RecordTransform(train_transform(8)))
+    assert not holds_user_code(ours)  # only torch2flax + albumentations: their draws are reseeded
+    assert holds_user_code(TFRecordDataset(files, transform=lambda d: d))
+    assert holds_user_code(TFRecordDataset(files, transform=_user_record_transform(train_transform(8))))
+
+
+def _user_record_transform(augment):
+    from torch2flax.loaders import RecordTransform
+
+    class Jittered(RecordTransform):  # a user's subclass may draw from np.random
+        def __call__(self, record):
+            import numpy as np
+
+            out = super().__call__(record)
+            out["image"] = out["image"] + np.random.randint(2)
+            return out
+
+    return Jittered(augment)
