@@ -116,7 +116,7 @@ def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int):
 
 
 @functools.lru_cache(maxsize=4)
-def compiled_steps(par_key: tuple, spec: StepSpec, donate: bool = True) -> tuple[Callable, Callable]:
+def compiled_steps(par_key: tuple, spec: StepSpec) -> tuple[Callable, Callable]:
     """`(train_step, eval_step)` compiled for a layout, device set and step configuration.
 
     Memoised, so a second `fit` with the same model and hyper-parameters in one process (a
@@ -127,7 +127,7 @@ def compiled_steps(par_key: tuple, spec: StepSpec, donate: bool = True) -> tuple
     step_args = dict(module=spec.module, mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
                      dtype=spec.dtype, axis_name=par.axis_name)
     p_train = par.compile(functools.partial(train_step, label_smoothing=spec.label_smoothing,
-                                            ema_decay=spec.ema_decay, **step_args), donate_state=donate)
+                                            ema_decay=spec.ema_decay, **step_args), donate_state=True)
     return p_train, par.compile(functools.partial(eval_step, **step_args))
 
 

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from flax import traverse_util
 from flax.core import FrozenDict, freeze
 
 from torch2flax.export import interpreter
@@ -116,25 +117,12 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 
 def nest(flat: Mapping[str, Any]) -> dict[str, Any]:
     """{"stages.0.conv.weight": a} -> {"stages": {"0": {"conv": {"weight": a}}}}."""
-    out: dict[str, Any] = {}
-    for name, value in flat.items():
-        *path, leaf = name.split(".")
-        node = out
-        for p in path:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return out
+    return traverse_util.unflatten_dict(dict(flat), sep=".")
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any]) -> dict[str, Any]:
     """The inverse of `nest`."""
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+    return traverse_util.flatten_dict(tree, sep=".")
 
 
 def _get(tree: Mapping[str, Any], name: str) -> Any:
