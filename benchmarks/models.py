@@ -1,22 +1,36 @@
-"""Converted Flax ResNets against timm (PyTorch eager) and a plain hand-written Flax ResNet.
+"""Converted Flax models against timm (PyTorch eager), a plain Flax ResNet and each other.
 
-Run: `python benchmarks/models.py [--iters N]`. Measures, side by side in one run
-on the same CPU threads, images/s of inference and of one SGD training step for
+Run: `python benchmarks/models.py [--sections ...] [--models ...] [--iters N]`. Measures,
+side by side in one run on the same CPU threads, images/s of inference and of one
+SGD (momentum 0.9) training step, float32, random init, in three sections:
 
-* `converted`: `torch2flax.convert(name)` under `jax.jit`,
-* `plain`: a minimal Flax ResNet of the same shape written here with stock
-  `flax.linen` layers (nn.Conv / nn.BatchNorm / nn.Dense, no conversion
-  machinery): the floor the converted model must not add to,
-* `timm` eager, NCHW and channels_last,
+* `native`: the native backend against its floors. `converted`:
+  `torch2flax.convert(name)` (hand-written Flax ResNet) under `jax.jit`; `plain`: a
+  minimal Flax ResNet of the same shape written here with stock `flax.linen`
+  layers (nn.Conv / nn.BatchNorm / nn.Dense, no conversion machinery), the floor
+  the converted model must not add to; `timm` eager, NCHW and channels_last; plus,
+  at 64x64 where XLA:CPU's small-map convolution cliff shows, the converted model
+  with its shifted-matmul path switched off; and conversion wall time and peak
+  memory (measured in a child process).
+* `export-native`: the exported backend (`backend="export"`, timm's torch.export
+  graph lowered to JAX) against the native backend, both converted from the same
+  timm instance (BatchNorm statistics and affine parameters randomised, so the
+  residual branches are not zeroed), with the ratio exported / native (the
+  project's bar: >= 0.9x in inference and in training) and the eval logits' max
+  difference relative to max |native logit| (bar: <= 1e-5).
+* `export-timm`: models with no native twin through the exported backend against
+  timm eager (NCHW and channels_last) with the same weights, plus export wall time
+  and the eval logits' max difference relative to max |timm logit|.
 
-plus, at 64x64 where XLA:CPU's small-map convolution cliff shows, the converted
-model with its shifted-matmul path switched off; and conversion wall time and
-peak memory (measured in a child process). Ratios are converted / other; each figure is the best of several interleaved
-rounds, since the CPU may be shared.
+Ratios are the first backend over the other; each figure is the best of several
+interleaved rounds, since the CPU may be shared. `--models` picks models (a name
+in no section's list is added to `export-timm`), `--batch` / `--size` override
+every configuration (quick smoke runs: `--batch 2 --size 64 --iters 1 --rounds 1`).
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -25,7 +39,13 @@ import time
 
 import numpy as np
 
-CONFIGS = [("resnet18", 16, 224), ("resnet50", 16, 224), ("resnet18", 64, 64)]
+# (timm name, batch, image size) per section.
+NATIVE_CONFIGS = [("resnet18", 16, 224), ("resnet50", 16, 224), ("resnet18", 64, 64)]
+EXPORT_NATIVE_CONFIGS = [("resnet50", 16, 224)]
+EXPORT_TIMM_CONFIGS = [("efficientnet_b0", 16, 224), ("convnext_tiny", 16, 224), ("vit_small_patch16_224", 16, 224)]
+SECTIONS = ("native", "export-native", "export-timm")
+RATIO_BAR = 0.9  # exported / native images/s, inference and training
+LOGITS_BAR = 1e-5  # max |exported - native| / max |native|
 
 
 # ----------------------------------------------------------------- plain Flax ResNet
@@ -79,6 +99,63 @@ def plain_resnet(name: str, num_classes: int = 1000):
     return Plain()
 
 
+# ----------------------------------------------------------------- models and inputs
+
+
+def timm_instance(name: str, size: int, seed: int = 0):
+    """A random-init timm model built for `size` (fixed-size models such as ViT get `img_size`)."""
+    import timm
+    import torch
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    kwargs = {}
+    if cfg is not None and getattr(cfg, "fixed_input_size", False) and tuple(cfg.input_size[1:]) != (size, size):
+        kwargs["img_size"] = size
+    torch.manual_seed(seed)
+    return timm.create_model(name, pretrained=False, **kwargs).eval()
+
+
+def randomize_batchnorm(model, seed: int = 0):
+    """Non-trivial BatchNorm statistics and affine parameters, in place (timm zeroes each residual
+    block's last BN weight, which would leave a logits check blind to the residual branches)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats and m.affine:
+                shape = m.running_mean.shape
+                m.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
+                m.running_var.copy_(torch.rand(shape, generator=gen) * 1.5 + 0.5)
+                m.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
+                m.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
+    return model
+
+
+def images(batch: int, size: int) -> np.ndarray:
+    """The benchmark's input batch, NHWC float32."""
+    return np.random.default_rng(0).standard_normal((batch, size, size, 3)).astype(np.float32)
+
+
+def flax_logits(module, variables, x: np.ndarray) -> np.ndarray:
+    import jax
+
+    return np.asarray(jax.jit(lambda v, x: module.apply(v, x, train=False))(variables, x), np.float64)
+
+
+def timm_logits(model, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        return model.eval()(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).double().numpy()
+
+
+def rel_diff(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """Max abs difference, and the same relative to max |ref|."""
+    err = float(np.max(np.abs(got - ref)))
+    return err, err / max(float(np.max(np.abs(ref))), 1e-30)
+
+
 # ----------------------------------------------------------------- timing
 
 
@@ -92,30 +169,41 @@ def _time(fn, iters: int, warmup: int = 1) -> float:
 
 
 def flax_steps(module, variables, batch: int, size: int):
-    """Compiled (and warmed-up) inference and train-step callables."""
+    """Compiled (and warmed-up) inference and train-step callables.
+
+    The train step passes a fresh `"dropout"` key each step (exported models with
+    dropout / drop-path draw from it) and threads `batch_stats` only where the
+    model has them (a ViT has none).
+    """
     import jax
     import optax
 
-    x = jax.numpy.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3)), jax.numpy.float32)
+    x = jax.numpy.asarray(images(batch, size))
     y = jax.numpy.asarray(np.arange(batch) % 1000)
     infer = jax.jit(lambda v, x: module.apply(v, x, train=False))
     tx = optax.sgd(0.01, momentum=0.9)
+    has_stats = "batch_stats" in variables
 
     @jax.jit
-    def step(params, stats, opt, x, y):
+    def step(params, stats, opt, key, x, y):
+        key, drop = jax.random.split(key)
+
         def loss_fn(p):
-            logits, upd = module.apply({"params": p, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), upd["batch_stats"]
+            v = {"params": p, "batch_stats": stats} if has_stats else {"params": p}
+            logits, upd = module.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": drop})
+            return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
+                    upd["batch_stats"] if has_stats else stats)
 
         (_, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt = tx.update(grads, opt, params)
-        return optax.apply_updates(params, updates), stats, opt
+        return optax.apply_updates(params, updates), stats, opt, key
 
     from flax.core import unfreeze
 
     # Plain dicts in and out, so the second call does not retrace (FrozenDict -> dict).
     variables = unfreeze(variables)
-    state = [variables["params"], variables["batch_stats"], tx.init(variables["params"])]
+    state = [variables["params"], variables.get("batch_stats", {}), tx.init(variables["params"]),
+             jax.random.key(0)]
 
     def train():
         state[:] = step(*state, x, y)
@@ -126,12 +214,13 @@ def flax_steps(module, variables, batch: int, size: int):
     return run_infer, train
 
 
-def timm_steps(name: str, batch: int, size: int, channels_last: bool):
+def timm_steps(model, batch: int, size: int, channels_last: bool):
+    """Eager inference and train-step callables for a timm name (random init) or a copy of an instance."""
     import timm
     import torch
 
-    model = timm.create_model(name, pretrained=False)
-    x = torch.randn(batch, 3, size, size)
+    model = timm.create_model(model, pretrained=False) if isinstance(model, str) else copy.deepcopy(model)
+    x = torch.from_numpy(images(batch, size).transpose(0, 3, 1, 2).copy())
     y = torch.arange(batch) % 1000
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -190,26 +279,31 @@ print(json.dumps([dt, status_mb('VmHWM') - base]))
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=2, help="timed iterations per round, after one warm-up")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported")
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
-    args = parser.parse_args()
+def print_table(rows: list, cols: list[str], ratios: list[tuple[str, str, str]]) -> None:
+    """Markdown: images/s per column, then each (label, numerator, denominator) ratio."""
+    print()
+    print("| model | batch | size | mode | " + " | ".join(f"{c} img/s" for c in cols)
+          + "".join(f" | {label}" for label, _, _ in ratios) + " |")
+    print("|" + "---|" * (4 + len(cols) + len(ratios)))
+    for name, batch, size, mode, r in rows:
+        cells = [f"{r[c]:.1f}" if c in r else "-" for c in cols]
+        cells += [f"{r[a] / r[b]:.2f}" if a in r and b in r else "-" for _, a, b in ratios]
+        print(f"| {name} | {batch} | {size} | {mode} | " + " | ".join(cells) + " |")
 
+
+# ----------------------------------------------------------------- sections
+
+
+def run_native(configs, args) -> None:
+    """Converted (native) ResNets vs the plain Flax ResNet vs timm eager; conversion cost."""
     import jax
-    import torch
 
     import torch2flax
     import torch2flax.layers as layers
 
-    torch.set_num_threads(args.threads)
-    print(f"# jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, loadavg {os.getloadavg()}, "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, best of {args.rounds} rounds x {args.iters} iters")
     rows = []
     costs, param_mb = {}, {}
-    for name, batch, size in CONFIGS:
+    for name, batch, size in configs:
         if name not in costs:
             costs[name] = conversion_cost(name)
         module, variables = torch2flax.convert(name)
@@ -231,23 +325,149 @@ def main() -> None:
         best = measure(steps, batch, args.iters, args.rounds)
         for mode in ("infer", "train"):
             rows.append((name, batch, size, mode, {k: best[k, mode] for k in steps}))
-        print(f"# done {name} b{batch} {size}px, loadavg {os.getloadavg()}", flush=True)
+        print(f"# done native {name} b{batch} {size}px, loadavg {os.getloadavg()}", flush=True)
 
-    cols = ["converted", "plain", "timm NCHW", "timm CL", "no-matmul"]
-    print()
-    print("| model | batch | size | mode | " + " | ".join(f"{c} img/s" for c in cols)
-          + " | conv/plain | conv/timm NCHW | conv/timm CL | conv/no-matmul |")
-    print("|" + "---|" * (4 + len(cols) + 4))
-    for name, batch, size, mode, r in rows:
-        cells = [f"{r[c]:.1f}" if c in r else "-" for c in cols]
-        ratios = [f"{r['converted'] / r[c]:.2f}" if c in r else "-" for c in ("plain", "timm NCHW", "timm CL",
-                                                                                "no-matmul")]
-        print(f"| {name} | {batch} | {size} | {mode} | " + " | ".join(cells + ratios) + " |")
+    print("\n## native backend: converted vs plain Flax vs timm eager")
+    print_table(rows, ["converted", "plain", "timm NCHW", "timm CL", "no-matmul"],
+                [(f"conv/{c}", "converted", c) for c in ("plain", "timm NCHW", "timm CL", "no-matmul")])
     print()
     print("| model | conversion wall s | peak RSS growth MiB (params float32) |")
     print("|---|---|---|")
     for name, (sec, mb) in costs.items():
         print(f"| {name} | {sec:.2f} | {mb:.0f} ({param_mb[name]:.0f}) |")
+
+
+def run_export_native(configs, args) -> None:
+    """Exported vs native backend from one timm instance: speed ratio and logits difference."""
+    import torch2flax
+
+    rows, checks = [], []
+    for name, batch, size in configs:
+        model = randomize_batchnorm(timm_instance(name, size), seed=1)
+        native = torch2flax.convert(model, backend="native")
+        t = time.perf_counter()
+        exported = torch2flax.convert(model, backend="export", image_size=size)
+        export_s = time.perf_counter() - t
+        x = images(batch, size)
+        ref = flax_logits(*native, x)
+        got = flax_logits(*exported, x)
+        eager = timm_logits(model, x)
+        checks.append((name, batch, size, export_s, *rel_diff(got, ref), rel_diff(ref, eager)[1],
+                       rel_diff(got, eager)[1]))
+        steps = {"exported": flax_steps(*exported, batch, size), "native": flax_steps(*native, batch, size)}
+        best = measure(steps, batch, args.iters, args.rounds)
+        for mode in ("infer", "train"):
+            rows.append((name, batch, size, mode, {k: best[k, mode] for k in steps}))
+        print(f"# done export-native {name} b{batch} {size}px, loadavg {os.getloadavg()}", flush=True)
+
+    print(f"\n## exported vs native backend, same weights (bar: exported/native >= {RATIO_BAR}x)")
+    print_table(rows, ["exported", "native"], [("exported/native", "exported", "native")])
+    for name, batch, size, mode, r in rows:
+        ratio = r["exported"] / r["native"]
+        print(f"# {name} b{batch} {size}px {mode}: exported/native {ratio:.2f}x "
+              f"{'ok' if ratio >= RATIO_BAR else f'BELOW {RATIO_BAR}x'}")
+    print()
+    print(f"| model | batch | size | export s | logits max abs diff | max rel diff (bar {LOGITS_BAR:.0e}) "
+          "| native vs timm rel | exported vs timm rel |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, batch, size, export_s, err, rel, native_timm, exported_timm in checks:
+        verdict = "ok" if rel <= LOGITS_BAR else "FAIL"
+        print(f"| {name} | {batch} | {size} | {export_s:.1f} | {err:.2e} | {rel:.2e} {verdict} "
+              f"| {native_timm:.2e} | {exported_timm:.2e} |")
+
+
+def run_export_timm(configs, args) -> None:
+    """Exported backend vs timm eager (NCHW, channels_last), same weights."""
+    import torch2flax
+
+    rows, checks = [], []
+    for name, batch, size in configs:
+        model = timm_instance(name, size)
+        t = time.perf_counter()
+        exported = torch2flax.convert(model, backend="export", image_size=size)
+        export_s = time.perf_counter() - t
+        x = images(batch, size)
+        err, rel = rel_diff(flax_logits(*exported, x), timm_logits(model, x))
+        checks.append((name, batch, size, export_s, err, rel, "batch_stats" in exported.variables))
+        steps = {
+            "exported": flax_steps(*exported, batch, size),
+            "timm NCHW": timm_steps(model, batch, size, channels_last=False),
+            "timm CL": timm_steps(model, batch, size, channels_last=True),
+        }
+        best = measure(steps, batch, args.iters, args.rounds)
+        for mode in ("infer", "train"):
+            rows.append((name, batch, size, mode, {k: best[k, mode] for k in steps}))
+        print(f"# done export-timm {name} b{batch} {size}px, loadavg {os.getloadavg()}", flush=True)
+
+    print("\n## exported backend vs timm eager, same weights")
+    print_table(rows, ["exported", "timm NCHW", "timm CL"],
+                [("exp/timm NCHW", "exported", "timm NCHW"), ("exp/timm CL", "exported", "timm CL")])
+    print()
+    print("| model | batch | size | export s | batch_stats | logits max abs diff vs timm | max rel diff |")
+    print("|---|---|---|---|---|---|---|")
+    for name, batch, size, export_s, err, rel, stats in checks:
+        print(f"| {name} | {batch} | {size} | {export_s:.1f} | {'yes' if stats else 'no'} | {err:.2e} | {rel:.2e} |")
+
+
+# ----------------------------------------------------------------- main
+
+
+def _csv(text: str) -> list[str]:
+    return [s.strip() for s in text.split(",") if s.strip()]
+
+
+def select(args) -> dict[str, list[tuple[str, int, int]]]:
+    """The configurations per section after --sections, --models, --batch and --size."""
+    plan = {"native": NATIVE_CONFIGS, "export-native": EXPORT_NATIVE_CONFIGS, "export-timm": EXPORT_TIMM_CONFIGS}
+    plan = {k: list(v) for k, v in plan.items()}
+    if args.models:
+        known = {name for configs in plan.values() for name, _, _ in configs}
+        plan = {k: [c for c in v if c[0] in args.models] for k, v in plan.items()}
+        plan["export-timm"] += [(m, 16, 224) for m in args.models if m not in known]
+    out = {}
+    for section in args.sections:
+        configs = []
+        for name, batch, size in plan[section]:
+            c = (name, args.batch or batch, args.size or size)
+            if c not in configs:  # overrides can make two configurations one
+                configs.append(c)
+        out[section] = configs
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=2, help="timed iterations per round, after one warm-up")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best is reported")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--sections", type=_csv, default=list(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)} (default: all)")
+    parser.add_argument("--models", type=_csv, default=None,
+                        help="comma-separated timm names to keep (default: every section's list); a name in "
+                             "no list is benchmarked in export-timm")
+    parser.add_argument("--batch", type=int, default=None, help="batch size for every configuration (>= 2)")
+    parser.add_argument("--size", type=int, default=None, help="image size for every configuration")
+    args = parser.parse_args()
+    unknown = [s for s in args.sections if s not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {unknown}; choose from {', '.join(SECTIONS)}")
+    if args.batch is not None and args.batch < 2:
+        parser.error("--batch must be >= 2 (training BatchNorm and the exported graphs need a batch of 2+)")
+
+    import jax
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"# jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), {os.cpu_count()} CPUs, loadavg {os.getloadavg()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}, best of {args.rounds} rounds x {args.iters} iters, "
+          "float32")
+    runners = {"native": run_native, "export-native": run_export_native, "export-timm": run_export_timm}
+    for section, configs in select(args).items():
+        if not configs:
+            print(f"# {section}: no configuration left after --models, skipped")
+            continue
+        runners[section](configs, args)
     print(f"# end loadavg {os.getloadavg()}")
 
 

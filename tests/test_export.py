@@ -9,8 +9,6 @@ float64 by more than 1e-4; there the bound is twice that measured difference.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 
@@ -24,7 +22,7 @@ def _effnet(variant: str, **kwargs):
     # timm's efficientnet_b0 entry points fix the width/depth multipliers; the generator takes them.
     from timm.models.efficientnet import _gen_efficientnet
 
-    return _gen_efficientnet(variant, channel_multiplier=0.25, depth_multiplier=0.34, num_classes=10, **kwargs)
+    return _gen_efficientnet(variant, channel_multiplier=0.25, depth_multiplier=0.1, num_classes=10, **kwargs)
 
 
 def _timm(name: str, **kwargs):
@@ -33,12 +31,11 @@ def _timm(name: str, **kwargs):
     return lambda: timm.create_model(name, num_classes=10, drop_rate=0.0, drop_path_rate=0.0, **kwargs)
 
 
-# name -> (timm model factory, image size). The suite runs CASES, chosen so that together they
-# reach every op family the unit tests are meant to pin down (depthwise/grouped/TF-"same" convs,
-# squeeze-excite, LayerNorm, GELU, attention, rotary embeddings, weight-standardised convs).
-# EXTRA_CASES repeat those ops in other arrangements; each conversion costs 6-12 s of
-# torch.export on the 2-core CI machine, more than the 8-minute suite leaves room for, so they
-# run with T2F_EXPORT_ALL=1 (`T2F_EXPORT_ALL=1 pytest tests/test_export.py`, ~3 minutes).
+# name -> (timm model factory, image size): the architectures the issue names, each shrunk through
+# timm's own kwargs (depths, widths, image size) to the smallest model that still has every kind of
+# block (depthwise/grouped/TF-"same" convs, squeeze-excite, LayerNorm, GELU, window and relative-
+# position attention, rotary embeddings, weight-standardised convs), since export and XLA compile
+# time grow with the graph.
 CASES = {
     "efficientnet_b0": (lambda: _effnet("efficientnet_b0"), 32),
     "tf_efficientnet_b0": (lambda: _effnet("tf_efficientnet_b0", bn_eps=1e-3, pad_type="same"), 32),
@@ -53,13 +50,6 @@ CASES = {
     "coatnet_nano_rw_224": (_timm("coatnet_nano_rw_224", depths=(1, 1, 1, 1), img_size=64), 64),
     "nf_regnet_b0": (_timm("nf_regnet_b0", depths=(1, 1, 1, 1)), 32),
 }
-
-
-EXTRA = ("efficientnet_b0", "mobilenetv3_small_100", "deit_tiny_patch16_224", "swin_tiny_patch4_window7_224",
-         "coatnet_nano_rw_224")
-EXTRA_CASES = {name: CASES.pop(name) for name in EXTRA}
-if os.environ.get("T2F_EXPORT_ALL"):
-    CASES.update(EXTRA_CASES)
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -91,12 +81,10 @@ def test_train_step_parity(case):
     from torch2flax.export.parity import train_parity
 
     model, module, variables, x, labels = case
-    err = train_parity(model, module, variables, x, labels)
-    assert err["loss"] <= max(TRAIN_TOL, 2 * err["loss_f32_vs_f64"]), err
-    assert err["grad"] <= max(TRAIN_TOL, 2 * err["grad_f32_vs_f64"]), err
-    assert err["batch_stats"] <= max(TRAIN_TOL, 2 * err["batch_stats_f32_vs_f64"]), err
+    err = train_parity(model, module, variables, x, labels, tol=TRAIN_TOL)
+    assert err["ok"], err
     if "batch_stats" in variables:
-        assert err["batch_stats_f32_vs_f64"] > 0  # the step really updated the running stats
+        assert err["batch_stats"]["floor"] > 0  # the step really updated the running stats
 
 
 # ---------------------------------------------------------------------- a reduced ResNet: native vs exported

@@ -11,6 +11,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
+import numpy as np
 from flax import jax_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -49,7 +50,8 @@ class Parallel:
 
     def replicate(self, tree: Any) -> Any:
         if self.layout == "pmap":
-            return jax_utils.replicate(tree, devices=self.devices)
+            # Host arrays: flax stacks device arrays with jnp.stack, one compile per leaf shape.
+            return jax_utils.replicate(jax.device_get(tree), devices=self.devices)
         return jax.device_put(tree, NamedSharding(self.mesh, PartitionSpec()))
 
     def unreplicate(self, tree: Any) -> Any:
@@ -58,8 +60,9 @@ class Parallel:
         if self.layout == "pmap":
             # Not flax.jax_utils.unreplicate: for pmap outputs on a subset of the local
             # devices (e.g. 1 of 8) it returns the shard with its leading axis kept.
-            tree = jax.tree_util.tree_map(
-                lambda x: x.addressable_shards[0].data.reshape(x.shape[1:]), tree)
+            # The reshape happens on the host: on device it would compile one program per leaf shape.
+            return jax.tree_util.tree_map(
+                lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
         return jax.device_get(tree)
 
     def feed(self, batches: Iterable[dict], size: int = 2) -> Iterator[dict]:

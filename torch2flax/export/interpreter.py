@@ -113,15 +113,17 @@ def bind_arguments(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) 
     return tuple(out)
 
 
-def _strip(name: str, prefix: str) -> str:
-    return name[len(prefix):] if prefix and name.startswith(prefix) else name
+def _strip(name: str, prefix: str, aliases: Mapping[str, str] | None = None) -> str:
+    name = name[len(prefix):] if prefix and name.startswith(prefix) else name
+    return (aliases or {}).get(name, name)
 
 
-def lower(ep: ExportedProgram, *, name: str, prefix: str = "") -> Program:
+def lower(ep: ExportedProgram, *, name: str, prefix: str = "", aliases: Mapping[str, str] | None = None) -> Program:
     """Check an exported (core-ATen) program against the op table and describe its signature.
 
     `prefix` is stripped from parameter/buffer names (a wrapper module's
-    attribute, when a method other than `forward` was exported). Raises
+    attribute, when a method other than `forward` was exported); `aliases` maps
+    a tied tensor's other names to the one the variables use. Raises
     `UnsupportedOpError` listing every missing op with the node and source line
     of its first use.
     """
@@ -152,12 +154,12 @@ def lower(ep: ExportedProgram, *, name: str, prefix: str = "") -> Program:
     for spec in sig.input_specs:
         target = spec.target
         if spec.kind == InputKind.PARAMETER:
-            inputs.append(("param", _strip(target, prefix)))
+            inputs.append(("param", _strip(target, prefix, aliases)))
         elif spec.kind == InputKind.BUFFER and target.endswith("num_batches_tracked"):
             # BN's step counter matters only with momentum=None (cumulative averaging), which timm never uses.
             inputs.append(("const", jnp.zeros((), jnp.int32)))
         elif spec.kind == InputKind.BUFFER and target in persistent:
-            inputs.append(("buffer", _strip(target, prefix)))
+            inputs.append(("buffer", _strip(target, prefix, aliases)))
         elif spec.kind in (InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             # Non-persistent buffers (position indices, rope tables) and lifted constants:
             # fixed by the architecture, so they live with the program, not in the variables.
@@ -172,7 +174,7 @@ def lower(ep: ExportedProgram, *, name: str, prefix: str = "") -> Program:
     user = 0
     for spec in sig.output_specs:
         if spec.kind == OutputKind.BUFFER_MUTATION:
-            target = _strip(spec.target, prefix)
+            target = _strip(spec.target, prefix, aliases)
             outputs.append(("drop" if target.endswith("num_batches_tracked") else "buffer", target))
         elif spec.kind == OutputKind.USER_OUTPUT:
             outputs.append(("user", user))

@@ -93,7 +93,8 @@ def program(spec: ExportSpec, method: str = "forward", train: bool = False) -> i
         model = timm_model(spec)
         ep = export_timm(model, train=train, input_size=spec.input_size, method=method)
         name = f"{spec.model_name} ({method}, {'train' if train else 'eval'})"
-        prog = interpreter.lower(ep, name=name, prefix="" if method == "forward" else "model.")
+        prog = interpreter.lower(ep, name=name, prefix="" if method == "forward" else "model.",
+                                 aliases=tied_names(model))
         params, buffers = flat_state(model)
         x = example_input(model, spec.input_size, method).numpy()
         interpreter.abstract_check(prog, params, buffers, [x])  # op-argument errors surface here, not at run time
@@ -108,6 +109,20 @@ def flat_state(model: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str,
     buffers = {k: _numpy(v) for k, v in model.named_buffers()
                if k in persistent and not k.endswith("num_batches_tracked")}
     return params, buffers
+
+
+def tied_names(model: torch.nn.Module) -> dict[str, str]:
+    """Every other name of a tied parameter/buffer -> the one `named_parameters()` keeps.
+
+    Some timm models share one module under two attributes (CoaT's `cpe1` is also
+    each serial block's `cpe`); torch.export may name either; variables hold one.
+    """
+    out: dict[str, str] = {}
+    for named in (model.named_parameters, model.named_buffers):
+        first: dict[int, str] = {}
+        for name, t in named(remove_duplicate=False):
+            out[name] = first.setdefault(id(t), name)
+    return {k: v for k, v in out.items() if k != v}
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -284,6 +299,8 @@ def _image_size(image_size: int | tuple[int, int] | None, model: torch.nn.Module
 
 
 def _in_chans(model: torch.nn.Module) -> int:
+    if isinstance(getattr(model, "in_chans", None), int):  # timm models record it (CSATv2's first conv takes 64)
+        return model.in_chans
     for m in model.modules():
         if isinstance(m, torch.nn.Conv2d):
             return m.in_channels
@@ -387,7 +404,8 @@ def timm_from_exported(module: ExportedModel, variables: Mapping[str, Any]) -> t
 
     model = copy.deepcopy(timm_model(module.spec))
     missing, unexpected = model.load_state_dict(exported_state_dict(variables), strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    tied = tied_names(model)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in tied]
     if missing or unexpected:
         raise ValueError(f"{module.model_name}: variables do not match timm's state dict "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import itertools
 import math
 import operator
 from collections.abc import Callable, Iterator, Sequence
@@ -302,8 +303,11 @@ def gather(x, dim, idx, sparse_grad=False):
 
 
 @register(aten.embedding.default)
-def embedding(weight, idx, *_):
-    return jnp.take(weight, idx, axis=0)
+def embedding(weight, idx, padding_idx=-1, *_):
+    out = jnp.take(weight, idx, axis=0)
+    if padding_idx >= 0:  # ATen sends no gradient to the padding row (-1: no padding row)
+        out = jnp.where((idx == padding_idx)[..., None], lax.stop_gradient(out), out)
+    return out
 
 
 @register(aten.constant_pad_nd.default)
@@ -360,7 +364,8 @@ def ones_like(x, dtype=None, *_):
 
 @register(aten.scalar_tensor.default)
 def scalar_tensor(s, dtype=None, *_):
-    return jnp.asarray(s, _creation_dtype(dtype, s))
+    # Unlike `full`, ATen's scalar_tensor defaults to the float dtype whatever the scalar's type.
+    return jnp.asarray(s, jax_dtype(dtype) if dtype is not None else current().float_dtype)
 
 
 @register(aten.arange.start_step)
@@ -539,7 +544,11 @@ def any_all(x):
 
 @register(aten.var.correction)
 def var(x, dim=None, correction=None, keepdim=False):
-    return jnp.var(x, axis=_dims(dim, x.ndim), ddof=1 if correction is None else correction, keepdims=keepdim)
+    axes = _dims(dim, x.ndim)
+    n = math.prod(x.shape[a] for a in axes)
+    ddof = 1 if correction is None else correction
+    v = layers.moments(x, axes)[1] * (n / (n - ddof) if n > ddof else jnp.inf)  # ATen divides by max(0, n - ddof)
+    return jnp.expand_dims(v, axes) if keepdim else v
 
 
 @register(aten.cumsum.default)
@@ -555,6 +564,10 @@ def vector_norm(x, ord=2, dim=None, keepdim=False, dtype=None):  # noqa: A002
         return jnp.sqrt(jnp.sum(jnp.square(x), axis=axes, keepdims=keepdim))
     if ord == math.inf:
         return jnp.max(jnp.abs(x), axis=axes, keepdims=keepdim)
+    if ord == -math.inf:  # the general formula gives 1 here, and divides by zero for ord=0
+        return jnp.min(jnp.abs(x), axis=axes, keepdims=keepdim)
+    if ord == 0:
+        return jnp.sum(x != 0, axis=axes, keepdims=keepdim).astype(x.dtype)
     return jnp.sum(jnp.abs(x) ** ord, axis=axes, keepdims=keepdim) ** (1.0 / ord)
 
 
@@ -644,25 +657,14 @@ def batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
 
 
 def _batch_stats(xf, sync: bool):
-    """Batch mean and biased variance over (N, H, W), and the element count behind them.
-
-    With a sync axis, the mean is `pmean`-ed first and the variance is the
-    `pmean` of squared deviations from that global mean, so 8 devices give the
-    1-device statistics of the global batch. Two collectives rather than one
-    `pmean` of (E[x], E[x^2]): E[x^2] - E[x]^2 loses float32 digits when the
-    mean is large against the spread, which is exactly what parity tests see.
-    """
+    """Batch mean and biased variance over (N, H, W), and the element count behind them."""
     axes = _bn_axes(xf)
     n = math.prod(xf.shape[a] for a in axes)
     axis_name = current().axis_name if sync else None
-    mean = xf.mean(axes)
     if axis_name is not None:
-        mean = lax.pmean(mean, axis_name)
         n = n * lax.psum(1, axis_name)
-    var = jnp.square(xf - mean.reshape(_channel_shape(xf))).mean(axes)
-    if axis_name is not None:
-        var = lax.pmean(var, axis_name)
-    return mean, var, n
+    mean, var = layers.moments(xf, axes, axis_name)
+    return mean.reshape(-1), var.reshape(-1), n
 
 
 def _batch_norm_train(x, weight, bias, eps, sync):
@@ -698,8 +700,7 @@ def batch_norm_no_stats(x, weight, bias, training, momentum, eps):
 def layer_norm(x, normalized_shape, weight, bias, eps):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     xf = x.astype(jnp.float32)
-    mean = xf.mean(axes, keepdims=True)
-    var = jnp.square(xf - mean).mean(axes, keepdims=True)
+    mean, var = (jnp.expand_dims(v, axes) for v in layers.moments(xf, axes))
     rstd = lax.rsqrt(var + eps)
     y = (xf - mean) * rstd
     if weight is not None:
@@ -712,8 +713,7 @@ def layer_norm(x, normalized_shape, weight, bias, eps):
 @register(aten.native_group_norm.default)
 def group_norm(x, weight, bias, n, c, hw, group, eps):
     xf = x.astype(jnp.float32).reshape(x.shape[0], group, -1)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    mean, var = (v[..., None] for v in layers.moments(xf, (2,)))
     rstd = lax.rsqrt(var + eps)
     y = ((xf - mean) * rstd).reshape(x.shape)
     return _affine(y, weight, bias, x.dtype), mean[..., 0], rstd[..., 0]
@@ -744,6 +744,18 @@ def max_pool(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     k = _spatial(kernel_size, nd)
     s, p, d = _spatial(stride or k, nd), _spatial(padding, nd), _spatial(dilation, nd)
     pads = [(0, 0), (0, 0)] + [_pool_pads(x.shape[2 + i], k[i], s[i], p[i], d[i], ceil_mode) for i in range(nd)]
+    if max(d) > 1:
+        # JAX cannot differentiate a dilated max reduce_window: take the max over the kernel taps'
+        # strided slices instead, the first maximal tap winning ties (ATen's gradient goes to the first max).
+        xp = lax.pad(x, jnp.asarray(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in pads])
+        sizes = [(xp.shape[2 + i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(nd)]
+        out = None
+        for tap in itertools.product(*map(range, k)):
+            start = (0, 0) + tuple(t * di for t, di in zip(tap, d))
+            limit = x.shape[:2] + tuple(st + (o - 1) * si + 1 for st, o, si in zip(start[2:], sizes, s))
+            v = lax.slice(xp, start, limit, (1, 1) + s)
+            out = v if out is None else jnp.where(v > out, v, out)
+        return out, None
     out = lax.reduce_window(x, -jnp.inf, lax.max, (1, 1) + k, (1, 1) + s, pads,
                             window_dilation=(1, 1) + d)
     return out, None  # indices feed only max_unpool/backward, which these graphs do not contain

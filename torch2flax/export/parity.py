@@ -81,25 +81,35 @@ def relative_errors(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]
             for k in ref}
 
 
-def train_parity(model: torch.nn.Module, module: ExportedModel, variables: Any, x: np.ndarray,
-                 labels: np.ndarray, *, float64_reference: bool = True) -> dict[str, Any]:
-    """Relative errors of loss, gradients and updated batch_stats against timm's float32 step.
+def _within_bounds(got: Mapping[str, np.ndarray], ref32: Mapping[str, np.ndarray], ref64: Mapping[str, np.ndarray],
+                   tol: float) -> dict[str, Any]:
+    """Every tensor of `got` within `tol` of timm's float32 result, or, where timm's own float32
+    results are further than that from float64 (`floor`: the largest such difference over the
+    model's tensors, one figure per model), within twice the floor of timm float32 or of float64."""
+    e32, e64, floor = relative_errors(got, ref32), relative_errors(got, ref64), relative_errors(ref32, ref64)
+    bound = max(tol, 2 * max(floor.values(), default=0.0))
+    excess = {k: min(e32[k], e64[k]) / bound for k in e32}
+    worst = max(excess, key=excess.get) if excess else ""
+    return {"rel": max(e32.values(), default=0.0), "vs_f64": max(e64.values(), default=0.0),
+            "floor": max(floor.values(), default=0.0), "bound": bound, "ok": all(v <= 1 for v in excess.values()),
+            "worst": worst, "worst_rel": e32.get(worst, 0.0), "worst_vs_f64": e64.get(worst, 0.0)}
 
-    With `float64_reference`, also how far timm's own float32 gradients are from
-    float64 (`grad_f32_vs_f64`): the noise floor a deep random-BN net imposes.
+
+def train_parity(model: torch.nn.Module, module: ExportedModel, variables: Any, x: np.ndarray,
+                 labels: np.ndarray, *, tol: float = 1e-4) -> dict[str, Any]:
+    """One training step (loss, every gradient, updated batch_stats) against timm's float32 and float64 steps.
+
+    Deep random-BN nets are ill-conditioned: timm's own float32 gradients can be
+    far from float64 (the floor). Each tensor passes at `tol` relative in norm,
+    or where twice the model's floor is larger, within that (see `_within_bounds`).
+    Returns `{"loss"|"grad"|"batch_stats": {rel, vs_f64, floor, ok, worst, ...}, "ok": bool}`.
     """
     loss_t, grads_t, bufs_t = torch_train_step(model, x, labels)
+    loss_64, grads_64, bufs_64 = torch_train_step(model, x, labels, torch.float64)
     loss_j, grads_j, bufs_j = jax_train_step(module, variables, x, labels)
-    grad_err = relative_errors(grads_j, grads_t)
-    worst = max(grad_err, key=grad_err.get) if grad_err else ""
-    out = {
-        "loss": abs(loss_j - loss_t) / max(abs(loss_t), 1e-12),
-        "grad": grad_err.get(worst, 0.0), "grad_worst": worst,
-        "batch_stats": max(relative_errors(bufs_j, bufs_t).values(), default=0.0),
-    }
-    if float64_reference:
-        loss_64, grads_64, bufs_64 = torch_train_step(model, x, labels, torch.float64)
-        out["loss_f32_vs_f64"] = abs(loss_t - loss_64) / max(abs(loss_64), 1e-12)
-        out["grad_f32_vs_f64"] = max(relative_errors(grads_t, grads_64).values(), default=0.0)
-        out["batch_stats_f32_vs_f64"] = max(relative_errors(bufs_t, bufs_64).values(), default=0.0)
+    scalar = lambda v: {"loss": np.asarray(v, np.float64)}
+    out = {"loss": _within_bounds(scalar(loss_j), scalar(loss_t), scalar(loss_64), tol),
+           "grad": _within_bounds(grads_j, grads_t, grads_64, tol),
+           "batch_stats": _within_bounds(bufs_j, bufs_t, bufs_64, tol)}
+    out["ok"] = all(out[k]["ok"] for k in ("loss", "grad", "batch_stats"))
     return out
