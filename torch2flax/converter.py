@@ -538,7 +538,9 @@ def parity_errors(model: Any, module: Any, variables: Any, *, batch: int = 2,
         f = module.apply(v, x, method="forward_features")
         return f, module.apply(v, f, method="forward_head")
 
-    feats_f, logits_f = (np.asarray(a) for a in run(variables, x.transpose(0, 2, 3, 1)))
+    # Full float32 matmuls/convs: GPUs default to TF32 (~1e-3 relative), which is not a conversion error.
+    with jax.default_matmul_precision("highest"):
+        feats_f, logits_f = (np.asarray(a) for a in run(variables, x.transpose(0, 2, 3, 1)))
     if feats_t.ndim == 4 and feats_f.shape != feats_t.shape:  # a CNN map: ours is NHWC, timm's NCHW
         feats_t = feats_t.transpose(0, 2, 3, 1)
     out = {}

@@ -34,7 +34,8 @@ def eval_parity(model: torch.nn.Module, module: ExportedModel, variables: Any, x
     model = model.eval()
     with torch.no_grad():
         ref = _logits(model(torch.from_numpy(x))).numpy()
-    got = np.asarray(jax.jit(module.apply)(variables, x.transpose(0, 2, 3, 1)), np.float64)
+    with jax.default_matmul_precision("highest"):  # GPUs default to TF32 matmuls/convs (~1e-3 relative)
+        got = np.asarray(jax.jit(module.apply)(variables, x.transpose(0, 2, 3, 1)), np.float64)
     err = float(np.max(np.abs(got - ref)))
     return {"abs": err, "rel": err / max(1.0, float(np.max(np.abs(ref))))}
 
@@ -67,7 +68,8 @@ def jax_train_step(module: ExportedModel, variables: Any, x: np.ndarray, labels:
         loss = -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(labels)[:, None], axis=1))
         return loss, state.get("batch_stats", {})
 
-    (loss, new_stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
+    with jax.default_matmul_precision("highest"):  # as in eval_parity
+        (loss, new_stats), grads = jax.jit(jax.value_and_grad(loss_fn, has_aux=True))(variables["params"])
     as_np = lambda t: {k: np.asarray(v, np.float64) for k, v in flatten(t).items()}
     return float(loss), as_np(grads), as_np(new_stats)
 
