@@ -39,6 +39,9 @@ import time
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import randomize_batchnorm  # noqa: E402  (timm zeroes residual blocks' last BN weight)
+
 # (timm name, batch, image size) per section.
 NATIVE_CONFIGS = [("resnet18", 16, 224), ("resnet50", 16, 224), ("resnet18", 64, 64)]
 EXPORT_NATIVE_CONFIGS = [("resnet50", 16, 224)]
@@ -107,29 +110,10 @@ def timm_instance(name: str, size: int, seed: int = 0):
     import timm
     import torch
 
-    cfg = timm.models.get_pretrained_cfg(name)
-    kwargs = {}
-    if cfg is not None and getattr(cfg, "fixed_input_size", False) and tuple(cfg.input_size[1:]) != (size, size):
-        kwargs["img_size"] = size
+    from torch2flax.converter import _fixed_size_kwargs
+
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, **kwargs).eval()
-
-
-def randomize_batchnorm(model, seed: int = 0):
-    """Non-trivial BatchNorm statistics and affine parameters, in place (timm zeroes each residual
-    block's last BN weight, which would leave a logits check blind to the residual branches)."""
-    import torch
-
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.modules.batchnorm._NormBase) and m.track_running_stats and m.affine:
-                shape = m.running_mean.shape
-                m.running_mean.copy_(torch.randn(shape, generator=gen) * 0.1)
-                m.running_var.copy_(torch.rand(shape, generator=gen) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(shape, generator=gen) + 0.5)
-                m.bias.copy_(torch.randn(shape, generator=gen) * 0.1)
-    return model
+    return timm.create_model(name, pretrained=False, **_fixed_size_kwargs(name, size)).eval()
 
 
 def images(batch: int, size: int) -> np.ndarray:

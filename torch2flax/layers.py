@@ -236,8 +236,9 @@ class BatchNorm(nn.Module):
         return x.astype(self.dtype) * mul.astype(self.dtype) + shift.astype(self.dtype)
 
 
-def moments(xf: Array, axes: tuple[int, ...], axis_name: str | None = None) -> tuple[Array, Array]:
-    """Mean and biased variance over `axes` (and over `axis_name` devices when set), reduced away.
+def moments(xf: Array, axes: tuple[int, ...], axis_name: str | None = None,
+            keepdims: bool = False) -> tuple[Array, Array]:
+    """Mean and biased variance over `axes` (and over `axis_name` devices when set).
 
     The mean gets one correction pass: a float32 sum rounds it by several ulps,
     which (x - mean) turns into a large relative error where the spread is tiny
@@ -252,7 +253,7 @@ def moments(xf: Array, axes: tuple[int, ...], axis_name: str | None = None) -> t
     # (and its compile time) that of the one-pass mean.
     mean = mean + lax.stop_gradient(pmean((xf - mean).mean(axes, keepdims=True)))
     var = pmean(jnp.square(xf - mean).mean(axes, keepdims=True))
-    return jnp.squeeze(mean, axes), jnp.squeeze(var, axes)
+    return (mean, var) if keepdims else (jnp.squeeze(mean, axes), jnp.squeeze(var, axes))
 
 
 def max_pool(x: Array, kernel: IntPair, stride: IntPair, padding: IntPair = 0) -> Array:

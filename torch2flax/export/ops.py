@@ -664,7 +664,7 @@ def _batch_stats(xf, sync: bool):
     if axis_name is not None:
         n = n * lax.psum(1, axis_name)
     mean, var = layers.moments(xf, axes, axis_name)
-    return mean.reshape(-1), var.reshape(-1), n
+    return mean, var, n
 
 
 def _batch_norm_train(x, weight, bias, eps, sync):
@@ -700,7 +700,7 @@ def batch_norm_no_stats(x, weight, bias, training, momentum, eps):
 def layer_norm(x, normalized_shape, weight, bias, eps):
     axes = tuple(range(x.ndim - len(normalized_shape), x.ndim))
     xf = x.astype(jnp.float32)
-    mean, var = (jnp.expand_dims(v, axes) for v in layers.moments(xf, axes))
+    mean, var = layers.moments(xf, axes, keepdims=True)
     rstd = lax.rsqrt(var + eps)
     y = (xf - mean) * rstd
     if weight is not None:
@@ -713,7 +713,7 @@ def layer_norm(x, normalized_shape, weight, bias, eps):
 @register(aten.native_group_norm.default)
 def group_norm(x, weight, bias, n, c, hw, group, eps):
     xf = x.astype(jnp.float32).reshape(x.shape[0], group, -1)
-    mean, var = (v[..., None] for v in layers.moments(xf, (2,)))
+    mean, var = layers.moments(xf, (2,), keepdims=True)
     rstd = lax.rsqrt(var + eps)
     y = ((xf - mean) * rstd).reshape(x.shape)
     return _affine(y, weight, bias, x.dtype), mean[..., 0], rstd[..., 0]
