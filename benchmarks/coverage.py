@@ -137,6 +137,20 @@ def check(name: str, *, image_size: int | None, max_params: float) -> dict[str, 
     return row
 
 
+def check_in_child(name: str, *, image_size: int | None, max_params: float, threads: int) -> dict[str, Any]:
+    """`check` in a fresh process: memory does not build up over 98 models, and a model that
+    exhausts it (the OOM killer) costs its own row, not the run."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--max-params", str(max_params),
+           "--threads", str(threads)] + (["--image-size", str(image_size)] if image_size else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+    why = f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0 else proc.stderr[-300:]
+    return {"model": name, "error": f"the check's process died: {why}"}
+
+
 def _fmt(v: Any, spec: str = ".1e") -> str:
     return "" if v is None else format(v, spec)
 
@@ -182,6 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-params", type=float, default=100.0, help="skip models over this many million params")
     p.add_argument("--resume", action="store_true", help="skip families already in the JSON rows")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--one", default=None, help=argparse.SUPPRESS)  # the child process of check_in_child
     p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                  "COVERAGE.md"))
     args = p.parse_args(argv)
@@ -189,6 +204,9 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.one:
+        print(json.dumps(check(args.one, image_size=args.image_size, max_params=args.max_params)))
+        return
     families = [f for f in args.families.split(",") if f] or None
     json_path = os.path.splitext(args.out)[0] + ".json"
     rows = []
@@ -200,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
         if name in done:
             continue
         t = time.perf_counter()
-        row = dict(check(name, image_size=args.image_size, max_params=args.max_params), family=family)
+        row = dict(check_in_child(name, image_size=args.image_size, max_params=args.max_params,
+                                  threads=args.threads), family=family)
         trace = row.pop("trace", None)
         rows = sorted(rows + [row], key=lambda r: (r["family"], r["model"]))
         status = row.get("error") or f"eval {row['eval_rel']:.1e} grad {row['grad_rel']:.1e}"
