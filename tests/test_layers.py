@@ -112,6 +112,53 @@ def test_sync_batchnorm_equals_global_batch_statistics(devices):
         np.testing.assert_allclose(np.asarray(upd["batch_stats"][k])[0], upd_ref["batch_stats"][k], rtol=1e-5)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_batch_norm_custom_gradient_equals_autodiff(devices, affine):
+    """`layers.batch_norm_train`'s hand-written VJP against JAX autodiff of the same forward,
+    with cotangents on y, the batch mean and the variance; alone and synced over devices
+    (input gradient of the global batch, per-device parameter gradients summing to it)."""
+    import jax
+    import jax.numpy as jnp
+
+    from torch2flax import layers
+
+    rng = np.random.default_rng(3)
+    n = len(devices)
+    x = jnp.asarray(rng.standard_normal((2 * n, 3, 3, 4)) * 3 + 2, jnp.float32)
+    w, b = (jnp.asarray(rng.uniform(0.5, 1.5, 4), jnp.float32), jnp.asarray(rng.standard_normal(4), jnp.float32)) \
+        if affine else (None, None)
+    cts = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in (x.shape, (4,), (4,))]
+    axes = (0, 1, 2)
+
+    def loss(f, x, w, b, axis_name=None):
+        y, mean, var = f(x, w, b, 1e-3, axes, axis_name)
+        return (y * cts[0][: x.shape[0]] if axis_name is None else y * x_ct).sum() + (mean * cts[1]).sum() \
+            + (var * cts[2]).sum()
+
+    x_ct = None
+    plain = lambda *a: layers._bn_forward(*a)[0]
+    ref = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, w, b)
+    got = jax.grad(lambda *a: loss(layers.batch_norm_train, *a), argnums=(0, 1, 2))(x, w, b)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(g, r, rtol=2e-5, atol=2e-5)
+
+    # Synced: each device holds 2 samples; the mean/var cotangents are per-device (summed by pmap).
+    def device_grads(x, ct):
+        nonlocal x_ct
+        x_ct = ct
+        return jax.grad(lambda *a: loss(layers.batch_norm_train, *a, axis_name="batch"), argnums=(0, 1, 2))(x, w, b)
+
+    synced = jax.pmap(device_grads, axis_name="batch", devices=devices)(x.reshape(n, 2, 3, 3, 4),
+                                                                         cts[0].reshape(n, 2, 3, 3, 4))
+    # The mean/var cotangents enter once per device: n times in all.
+    cts[1], cts[2] = cts[1] * n, cts[2] * n
+    ref_global = jax.grad(lambda *a: loss(plain, *a), argnums=(0, 1, 2))(x, w, b)
+    np.testing.assert_allclose(np.asarray(synced[0]).reshape(x.shape), ref_global[0], rtol=2e-5, atol=2e-5)
+    if affine:
+        for k in (1, 2):
+            np.testing.assert_allclose(np.asarray(synced[k]).sum(0), ref_global[k], rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("hw", [(7, 5), (6, 9), (1, 3)])
 def test_pooling_matches_torch(hw):
     import torch

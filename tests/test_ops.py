@@ -609,3 +609,88 @@ def test_every_registered_op_is_tested_or_excused():
     assert not untested, f"ops with no test case and no NOT_TESTED reason: {sorted(map(str, untested))}"
     assert not set(NOT_TESTED) & tested, "NOT_TESTED lists ops that are tested"
     assert set(NOT_TESTED) <= set(ops.OPS), "NOT_TESTED lists ops that are not registered"
+
+
+# ------------------------------------------------------------------ channels-last propagation
+
+
+def _layout_cases():
+    from torch2flax.export import layout
+
+    def has_4d(args):
+        return any(isinstance(v, torch.Tensor) and v.ndim == 4 for a in args for v in _listed(a))
+    return [c for c in CASES if c.values[0] in layout.OPS and has_4d(c.values[1])]
+
+
+def _tag(v):
+    from torch2flax.export import layout
+
+    if isinstance(v, (list, tuple)):
+        return type(v)(_tag(x) for x in v)
+    if hasattr(v, "ndim") and v.ndim == 4 and v.dtype.kind == "f":
+        return layout.ChannelsLast(v.transpose(0, 2, 3, 1))
+    return v
+
+
+@pytest.mark.parametrize("op,args,kwargs,grad,outs,tol", _layout_cases())
+def test_channels_last_op_equals_the_nchw_op(op, args, kwargs, grad, outs, tol):
+    """Each op of `layout.OPS` on channels-last (NHWC-held) 4-D float inputs gives, once back in
+    NCHW, what the plain op gives; and its VJP agrees too (the train step differentiates it)."""
+    import jax
+    import jax.numpy as jnp
+
+    from torch2flax.export import layout, ops
+    from torch2flax.export.interpreter import bind_arguments
+
+    bound = bind_arguments(op, *jax.tree.map(_jax, (args, kwargs)))
+    floats = [i for i, a in enumerate(bound) if any(isinstance(v, jax.Array) and v.dtype.kind == "f"
+                                                    for v in _listed(a))]
+
+    weight = 1 if op == A.convolution.default else None  # parameters never arrive channels-last
+
+    def run(fn, tag, *xs):
+        full = list(bound)
+        for i, x in zip(floats, xs):
+            full[i] = _tag(x) if tag and i != weight else x
+        with ops.running(ops.RunContext(rng=jax.random.key(0))):
+            out = layout.materialize(fn(*full))
+        return [o for o in _listed(out) if isinstance(o, jax.Array) and o.dtype.kind == "f"]
+
+    xs = [bound[i] for i in floats]
+    ref, ref_vjp = jax.vjp(lambda *xs: run(ops.OPS[op], False, *xs), *xs)
+    got, got_vjp = jax.vjp(lambda *xs: run(layout.OPS[op], True, *xs), *xs)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        np.testing.assert_allclose(g, r, rtol=1e-6, atol=1e-6)
+    cts = [jnp.asarray(np.random.default_rng(2).standard_normal(r.shape), r.dtype) for r in ref]
+    for g, r in zip(got_vjp(cts), ref_vjp(cts)):
+        for gl, rl in zip(jax.tree.leaves(g), jax.tree.leaves(r)):
+            np.testing.assert_allclose(gl, rl, rtol=1e-5, atol=1e-5)
+
+
+def test_channels_last_stays_channels_last_through_a_resnet_block():
+    """conv -> BN (train) -> relu -> add -> max-pool -> spatial mean keeps NHWC data throughout:
+    the only transposes left are those of the weights (the point of `layout`)."""
+    import jax
+    import jax.numpy as jnp
+
+    from torch2flax.export import layout, ops
+
+    x = layout.ChannelsLast(jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 4)), jnp.float32))
+    w = jnp.ones((4, 4, 3, 3), jnp.float32)
+    stats = jnp.zeros(4), jnp.ones(4)
+
+    def block(x):
+        y = layout.OPS[A.convolution.default](x, w, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1)
+        assert isinstance(y, layout.ChannelsLast)
+        y = layout.OPS[A._native_batch_norm_legit_functional.default](y, None, None, *stats, True, 0.1, 1e-5)[0]
+        y = layout.OPS[A.relu.default](layout.OPS[A.add.Tensor](y, x))
+        y = layout.OPS[A.max_pool2d_with_indices.default](y, [3, 3], [2, 2], [1, 1])[0]
+        assert isinstance(y, layout.ChannelsLast)
+        return layout.OPS[A.mean.dim](y, [-1, -2], False)
+
+    with ops.running(ops.RunContext()):
+        hlo = jax.jit(jax.grad(lambda d: block(layout.ChannelsLast(d)).sum())).lower(x.data).as_text()
+    transposes = [line for line in hlo.splitlines() if "stablehlo.transpose" in line]
+    assert all("4x4x3x3" in t or "3x3x4x4" in t for t in transposes), transposes

@@ -9,6 +9,7 @@ batch variance. Parameter names follow Flax (``kernel``/``bias``,
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -225,12 +226,13 @@ class BatchNorm(nn.Module):
             n = math.prod(x.shape[:-1])
             if self.axis_name is not None:
                 n = n * lax.psum(1, self.axis_name)
-            mean, var = moments(x.astype(jnp.float32), axes, self.axis_name)
+            y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axes, self.axis_name)
             if not self.is_initializing():
                 m = self.momentum
                 ra_mean.value = m * ra_mean.value + (1.0 - m) * lax.stop_gradient(mean)
                 unbiased = var * (n / jnp.maximum(n - 1, 1))
                 ra_var.value = m * ra_var.value + (1.0 - m) * lax.stop_gradient(unbiased)
+            return y.astype(self.dtype)
         mul = scale.astype(jnp.float32) * lax.rsqrt(var + self.epsilon)
         shift = bias.astype(jnp.float32) - mean * mul
         return x.astype(self.dtype) * mul.astype(self.dtype) + shift.astype(self.dtype)
@@ -254,6 +256,68 @@ def moments(xf: Array, axes: tuple[int, ...], axis_name: str | None = None,
     mean = mean + lax.stop_gradient(pmean((xf - mean).mean(axes, keepdims=True)))
     var = pmean(jnp.square(xf - mean).mean(axes, keepdims=True))
     return (mean, var) if keepdims else (jnp.squeeze(mean, axes), jnp.squeeze(var, axes))
+
+
+def batch_norm_train(x: Array, scale: Array | None, bias: Array | None, eps: float,
+                     axes: tuple[int, ...], axis_name: str | None = None) -> tuple[Array, Array, Array]:
+    """Training-mode BatchNorm over `axes`: `(y, batch mean, biased batch variance)`.
+
+    `y = (x - mean) * rsqrt(var + eps) * scale + bias` in float32 (cast back to x's dtype),
+    statistics from `moments` (over `axis_name` devices too: sync BN). The gradient is
+    written out (`jax.custom_vjp`) in the textbook form: two per-channel sums, then one
+    elementwise pass for dx. Autodiff of the forward takes five sums per layer (through
+    rsqrt, the mean and the variance separately): a ResNet-50 train step on XLA:CPU
+    spent 20% more time in BatchNorm that way.
+    """
+    return _batch_norm_train(x, scale, bias, eps, tuple(axes), axis_name)
+
+
+def _bn_forward(x, scale, bias, eps, axes, axis_name):
+    xf = x.astype(jnp.float32)
+    mean, var = moments(xf, axes, axis_name, keepdims=True)
+    rstd = lax.rsqrt(var + eps)
+    y = (xf - mean) * rstd
+    if scale is not None:
+        y = y * scale.astype(jnp.float32).reshape(mean.shape)
+    if bias is not None:
+        y = y + bias.astype(jnp.float32).reshape(mean.shape)
+    return (y.astype(x.dtype), jnp.squeeze(mean, axes), jnp.squeeze(var, axes)), (mean, rstd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _batch_norm_train(x, scale, bias, eps, axes, axis_name):
+    return _bn_forward(x, scale, bias, eps, axes, axis_name)[0]
+
+
+def _bn_fwd(x, scale, bias, eps, axes, axis_name):
+    out, (mean, rstd) = _bn_forward(x, scale, bias, eps, axes, axis_name)
+    return out, (x, scale, bias, mean, rstd)
+
+
+def _bn_bwd(eps, axes, axis_name, res, cts):
+    x, scale, bias, mean, rstd = res
+    dy, dmean, dvar = cts
+    xf, dyf = x.astype(jnp.float32), dy.astype(jnp.float32)
+    centred = xf - mean
+    xhat = centred * rstd
+    sum_dy = dyf.sum(axes, keepdims=True)
+    sum_dy_xhat = (dyf * xhat).sum(axes, keepdims=True)
+    n = math.prod(x.shape[a] for a in axes)
+    # dx needs the sums over the global batch; the parameter gradients stay per-device (the
+    # trainer averages them), as autodiff of the sync-BN forward would give.
+    total = (sum_dy, sum_dy_xhat, dmean.reshape(mean.shape), dvar.reshape(mean.shape))
+    if axis_name is not None:
+        n = n * lax.psum(1, axis_name)
+        total = lax.psum(total, axis_name)
+    g_dy, g_dy_xhat, g_mean, g_var = (t / n for t in total)
+    w = rstd if scale is None else rstd * scale.astype(jnp.float32).reshape(mean.shape)
+    dx = w * (dyf - g_dy - xhat * g_dy_xhat) + g_mean + 2.0 * g_var * centred
+    dscale = None if scale is None else sum_dy_xhat.reshape(scale.shape).astype(scale.dtype)
+    dbias = None if bias is None else sum_dy.reshape(bias.shape).astype(bias.dtype)
+    return dx.astype(x.dtype), dscale, dbias
+
+
+_batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 
 
 def max_pool(x: Array, kernel: IntPair, stride: IntPair, padding: IntPair = 0) -> Array:

@@ -22,7 +22,7 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
-from torch2flax.export import ops
+from torch2flax.export import layout, ops
 
 Array = jax.Array
 
@@ -61,6 +61,7 @@ class Step:
     fn: Any
     args: tuple[Any, ...]
     index: int
+    channels_last: bool = False  # `fn` takes `layout.ChannelsLast` arguments
 
 
 @dataclasses.dataclass
@@ -140,7 +141,9 @@ def lower(ep: ExportedProgram, *, name: str, prefix: str = "", aliases: Mapping[
             if fn is None:
                 missing.setdefault(op_name(node.target), node)
                 continue
-            steps.append(Step(node, fn, bind_arguments(node.target, node.args, node.kwargs), i))
+            aware = layout.OPS.get(node.target)
+            steps.append(Step(node, aware or fn, bind_arguments(node.target, node.args, node.kwargs), i,
+                              aware is not None))
         else:
             missing.setdefault(f"{node.op} {node.target}", node)
     if missing:
@@ -214,7 +217,8 @@ def run(
     """Evaluate a program: (user outputs, {buffer name: updated value}).
 
     `params`/`buffers` map torch names to arrays (floating params are cast to
-    `dtype`, buffers are used as given); `rng` feeds the random ops, folded with
+    `dtype`, buffers are used as given); a 4-D input may be a `layout.ChannelsLast`
+    (NHWC data), outputs are always in the graph's layout; `rng` feeds the random ops, folded with
     each node's index; `axis_name` makes training BatchNorm average its batch
     statistics over that mapped axis.
     """
@@ -233,14 +237,15 @@ def run(
     with ops.running(ctx):
         for step in program.steps:
             ctx.node_index = step.index
+            args = _lookup(env, step.args)
             try:
-                env[step.node] = step.fn(*_lookup(env, step.args))
+                env[step.node] = step.fn(*(args if step.channels_last else layout.materialize(args)))
             except Exception as e:  # name the node whatever the op raised
                 raise GraphError(
                     f"{program.name}: {op_name(step.node.target)} failed at node {step.node.name!r} "
                     f"({source_line(step.node)}): {type(e).__name__}: {e}"
                 ) from e
-    results = _lookup(env, program.output_node.args[0])
+    results = layout.materialize(_lookup(env, program.output_node.args[0]))
     user: list[Any] = []
     updates: dict[str, Array] = {}
     for (kind, key), value in zip(program.outputs, results):

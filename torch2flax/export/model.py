@@ -22,7 +22,7 @@ import torch
 from flax import traverse_util
 from flax.core import FrozenDict, freeze
 
-from torch2flax.export import interpreter
+from torch2flax.export import interpreter, layout
 from torch2flax.export.capture import example_input, export_timm
 from torch2flax.models import PretrainedCfg, pretrained_cfg_from_timm
 
@@ -217,8 +217,9 @@ class ExportedModel(nn.Module):
         value = self._stats[top].value
         return _get(value, rest) if rest else value
 
-    def _nchw(self, x: Array) -> Array:
-        return jnp.asarray(x, self.dtype).transpose(0, 3, 1, 2)
+    def _nchw(self, x: Array) -> layout.ChannelsLast:
+        # The graph's NCHW input, kept NHWC until an op needs otherwise (`layout`).
+        return layout.ChannelsLast(jnp.asarray(x, self.dtype))
 
     def __call__(self, x: Array, train: bool = False) -> Array:
         return self._run("forward", self._nchw(x), train)
@@ -228,9 +229,10 @@ class ExportedModel(nn.Module):
         return y.transpose(0, 2, 3, 1) if self._nchw_features() else y
 
     def forward_head(self, x: Array, train: bool = False, pre_logits: bool = False) -> Array:
+        x = jnp.asarray(x, self.dtype)
         if self._nchw_features():
-            x = x.transpose(0, 3, 1, 2)
-        return self._run("forward_head_pre_logits" if pre_logits else "forward_head", x.astype(self.dtype), train)
+            x = layout.ChannelsLast(x)
+        return self._run("forward_head_pre_logits" if pre_logits else "forward_head", x, train)
 
     def _nchw_features(self) -> bool:
         """Whether timm's forward_features returns an NCHW map (4-D with channels at dim 1)."""

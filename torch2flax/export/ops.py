@@ -600,20 +600,25 @@ def convolution(x, w, b, stride, padding, dilation, transposed, output_padding, 
     if transposed:
         y = _conv_transpose(x, w, stride, padding, dilation, tuple(output_padding), groups)
     elif nd == 2 and CONV_LAYOUT == "NHWC":
-        # The small-map path (one einsum per kernel tap) is kept for what it was measured on: dense
-        # convs of at most 3x3 taps. Depthwise convs cost XLA:CPU 3x the compile time that way
-        # (mobilenetv3_small_100 train step at 32 px: 49 s vs 16 s), and a ViT's 16x16 patch embedding
-        # on a 2x2 map becomes 256 einsums (14.6 s to compile a 2-block ViT vs 1 s).
-        shifted_ok = w.shape[2] * w.shape[3] <= 9 and not (groups > 1 and groups == x.shape[1])
-        y = layers.conv2d(x.transpose(0, 2, 3, 1), w.transpose(2, 3, 1, 0), stride,
-                          tuple((p, p) for p in padding), dilation, groups,
-                          small_map_max_pixels=None if shifted_ok else 0).transpose(0, 3, 1, 2)
+        y = conv2d_nhwc(x.transpose(0, 2, 3, 1), w, stride, padding, dilation, groups).transpose(0, 3, 1, 2)
     else:
         y = lax.conv_general_dilated(x, w, stride, [(p, p) for p in padding], rhs_dilation=dilation,
                                      feature_group_count=groups)
     if b is not None:
         y = y + b.astype(y.dtype).reshape((-1,) + (1,) * nd)
     return y
+
+
+def conv2d_nhwc(x, w, stride, padding, dilation, groups):
+    """A 2-D convolution on NHWC input with torch's (O, I/g, kH, kW) kernel, via `layers.conv2d`."""
+    stride, dilation, padding = (tuple(v) * (2 // len(v)) for v in (stride, dilation, padding))
+    # The small-map path (one einsum per kernel tap) is kept for what it was measured on: dense
+    # convs of at most 3x3 taps. Depthwise convs cost XLA:CPU 3x the compile time that way
+    # (mobilenetv3_small_100 train step at 32 px: 49 s vs 16 s), and a ViT's 16x16 patch embedding
+    # on a 2x2 map becomes 256 einsums (14.6 s to compile a 2-block ViT vs 1 s).
+    shifted_ok = w.shape[2] * w.shape[3] <= 9 and not (groups > 1 and groups == x.shape[3])
+    return layers.conv2d(x, w.transpose(2, 3, 1, 0), stride, tuple((p, p) for p in padding), dilation, groups,
+                         small_map_max_pixels=None if shifted_ok else 0)
 
 
 def _conv_transpose(x, w, stride, padding, dilation, output_padding, groups):
@@ -632,57 +637,54 @@ def _conv_transpose(x, w, stride, padding, dilation, output_padding, groups):
 # ------------------------------------------------------------------ normalisation
 
 
-def _channel_shape(x):
-    return (1, -1) + (1,) * (x.ndim - 2)
+def _channel_shape(x, axis=1):
+    """Broadcast shape of per-channel values: -1 at the channel axis (1; -1 for channels-last data)."""
+    shape = [1] * x.ndim
+    shape[axis] = -1
+    return tuple(shape)
 
 
-def _affine(y, weight, bias, x_dtype):
+def _affine(y, weight, bias, x_dtype, axis=1):
     if weight is not None:
-        y = y * weight.astype(jnp.float32).reshape(_channel_shape(y))
+        y = y * weight.astype(jnp.float32).reshape(_channel_shape(y, axis))
     if bias is not None:
-        y = y + bias.astype(jnp.float32).reshape(_channel_shape(y))
+        y = y + bias.astype(jnp.float32).reshape(_channel_shape(y, axis))
     return y.astype(x_dtype)
 
 
-def _bn_axes(x):
-    return (0,) + tuple(range(2, x.ndim))
+def _bn_axes(x, axis=1):
+    return tuple(a for a in range(x.ndim) if a != axis % x.ndim)
 
 
 @register(aten._native_batch_norm_legit_no_training.default)
-def batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
-    xf = x.astype(jnp.float32)
-    y = (xf - running_mean.reshape(_channel_shape(x))) * lax.rsqrt(running_var.reshape(_channel_shape(x)) + eps)
+def batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis=1):
+    cs = _channel_shape(x, channel_axis)
+    y = (x.astype(jnp.float32) - running_mean.reshape(cs)) * lax.rsqrt(running_var.reshape(cs) + eps)
     empty = jnp.zeros((0,), jnp.float32)
-    return _affine(y, weight, bias, x.dtype), empty, empty
+    return _affine(y, weight, bias, x.dtype, channel_axis), empty, empty
 
 
-def _batch_stats(xf, sync: bool):
-    """Batch mean and biased variance over (N, H, W), and the element count behind them."""
-    axes = _bn_axes(xf)
-    n = math.prod(xf.shape[a] for a in axes)
+def _batch_norm_train(x, weight, bias, eps, sync, axis=1):
+    """Batch-statistics BatchNorm (`layers.batch_norm_train`, shared with the native models):
+    (y, mean, biased var, rstd, element count over the whole, synced, batch)."""
+    axes = _bn_axes(x, axis)
+    n = math.prod(x.shape[a] for a in axes)
     axis_name = current().axis_name if sync else None
     if axis_name is not None:
         n = n * lax.psum(1, axis_name)
-    mean, var = layers.moments(xf, axes, axis_name)
-    return mean, var, n
-
-
-def _batch_norm_train(x, weight, bias, eps, sync):
-    xf = x.astype(jnp.float32)
-    mean, var, n = _batch_stats(xf, sync)
-    rstd = lax.rsqrt(var + eps)
-    y = (xf - mean.reshape(_channel_shape(x))) * rstd.reshape(_channel_shape(x))
-    return _affine(y, weight, bias, x.dtype), mean, var, rstd, n
+    y, mean, var = layers.batch_norm_train(x, weight, bias, eps, axes, axis_name)
+    return y, mean, var, lax.rsqrt(var + eps), n
 
 
 @register(aten._native_batch_norm_legit_functional.default)
-def batch_norm_train(x, weight, bias, running_mean, running_var, training, momentum, eps):
+def batch_norm_train(x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis=1):
     """Training BatchNorm: batch statistics, and running stats updated as PyTorch does
-    (new = (1 - momentum) * old + momentum * stat, with the unbiased batch variance)."""
+    (new = (1 - momentum) * old + momentum * stat, with the unbiased batch variance).
+    `channel_axis=-1` takes channels-last data (`layout.ChannelsLast`)."""
     if not training:
-        y, _, _ = batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps)
+        y, _, _ = batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps, channel_axis)
         return y, running_mean, running_var, running_mean, running_var
-    y, mean, var, rstd, n = _batch_norm_train(x, weight, bias, eps, sync=True)
+    y, mean, var, rstd, n = _batch_norm_train(x, weight, bias, eps, True, channel_axis)
     unbiased = var * (n / jnp.maximum(n - 1, 1))
     new_mean = (1 - momentum) * running_mean + momentum * lax.stop_gradient(mean).astype(running_mean.dtype)
     new_var = (1 - momentum) * running_var + momentum * lax.stop_gradient(unbiased).astype(running_var.dtype)
