@@ -207,24 +207,6 @@ def test_weight_decay_spares_biases_norms_and_what_timm_exempts():
     assert decay_mask(params)["pos_embed"] is True  # by shape alone it would decay
 
 
-def test_fit_and_predict_an_exported_model_without_batch_stats(flowers, tmp_path):
-    """A ViT through the exported-graph backend: no batch_stats, drop-path from the dropout stream."""
-    import torch2flax
-    from torch2flax.train import fit, predict
-
-    sets, globs = flowers
-    module, variables = torch2flax.convert("vit_tiny_patch16_224", num_classes=NUM_CLASSES, image_size=SIZE,
-                                           depth=1, drop_path_rate=0.1)
-    init = str(tmp_path / "vit.msgpack")
-    torch2flax.save(init, module, variables)
-    config = _config(globs, tmp_path / "run", init=init, num_devices=2, epochs=1, drop_path_rate=0.1)
-    result = fit(config, progress=False)
-    assert np.isfinite(result.history[0]["train_loss"]) and result.history[0]["val_loss"] < 5
-    out = predict(str(tmp_path / "run" / "best.msgpack"), globs["test"], str(tmp_path / "sub.csv"),
-                  num_workers=0, progress=False)
-    assert list(out.ids) == sets["test"].ids
-
-
 def test_labels_outside_num_classes_stop_before_training(flowers, tmp_path):
     from torch2flax.train import fit
 
