@@ -288,3 +288,35 @@ def test_convert_chooses_the_backend_and_save_load_rebuilds_the_graph(tmp_path):
     assert loaded == module
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded_vars, variables)))
     np.testing.assert_array_equal(np.asarray(loaded.apply(loaded_vars, x)), logits)
+
+
+def test_another_image_size_re_exports_with_timm_position_embedding_resampling():
+    """A converted model called at another size runs that size's graph, same variables: a ViT
+    through timm's `dynamic_img_size` (its position embeddings resampled by timm's bicubic,
+    antialiased `resample_abs_pos_embed`), a CNN converted from an instance by re-exporting it."""
+    import jax
+    import timm
+    import torch
+
+    import torch2flax
+    from torch2flax.export import convert_exported, timm_from_exported
+
+    torch.manual_seed(0)
+    module, variables = torch2flax.convert("vit_tiny_patch16_224", num_classes=3, image_size=32, depth=1)
+    for size in (48, 16):  # position-embedding grid 2x2 -> 3x3 (up) and -> 1x1 (down)
+        x = np.random.default_rng(size).standard_normal((2, size, size, 3)).astype(np.float32)
+        got = np.asarray(jax.jit(module.apply)(variables, x))
+        ref = timm_from_exported(module, variables)  # the converted weights in timm, 32 px grid
+        dynamic = timm.create_model("vit_tiny_patch16_224", num_classes=3, depth=1, img_size=32,
+                                    dynamic_img_size=True).eval()
+        dynamic.load_state_dict(ref.state_dict())
+        with torch.no_grad():
+            want = dynamic(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+        np.testing.assert_allclose(got, want, atol=1e-5 * max(1.0, float(np.abs(want).max())))
+
+    model = randomize_batchnorm(timm.create_model("resnet18", layers=[1, 1, 1, 1], num_classes=4), seed=2).eval()
+    module, variables = convert_exported(model, image_size=32)
+    x = np.random.default_rng(1).standard_normal((2, 40, 40, 3)).astype(np.float32)
+    with torch.no_grad():
+        want = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    np.testing.assert_allclose(np.asarray(module.apply(variables, x)), want, atol=1e-4 * max(1.0, np.abs(want).max()))

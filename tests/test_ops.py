@@ -340,6 +340,13 @@ for _ac in (False, True):
         case(A.upsample_bilinear2d.vec, X, None, _ac, [2.0, 1.5], grad=True, id=f"align{_ac:d}-scales"),
         case(A.upsample_bilinear2d.vec, rnd(1, 2, 6, 7), None, _ac, [0.5, 1.7], grad=True, id=f"align{_ac:d}-odd"),
         case(A.upsample_bilinear2d.vec, X, [3, 2], _ac, None, grad=True, id=f"align{_ac:d}-down"),
+        case(A.upsample_bicubic2d.vec, X, [7, 9], _ac, None, grad=True, id=f"align{_ac:d}"),
+        case(A.upsample_bicubic2d.vec, rnd(1, 2, 6, 7), None, _ac, [0.5, 1.7], grad=True, id=f"align{_ac:d}-odd"),
+        case(A.upsample_bicubic2d.default, X, [3, 2], _ac, grad=True, id=f"align{_ac:d}-down"),
+        case(A._upsample_bicubic2d_aa.vec, X, [7, 9], _ac, None, grad=True, id=f"align{_ac:d}"),
+        case(A._upsample_bicubic2d_aa.default, rnd(1, 2, 14, 14), [5, 9], _ac, grad=True, id=f"align{_ac:d}-down"),
+        case(A._upsample_bilinear2d_aa.vec, rnd(1, 2, 9, 8), None, _ac, [0.4, 0.75], grad=True, id=f"align{_ac:d}-down"),
+        case(A._upsample_bilinear2d_aa.default, X, [6, 11], _ac, grad=True, id=f"align{_ac:d}-up"),
     ]
 
 MISC = [  # runtime asserts (no-ops on static shapes) and the deterministic corners of the random ops

@@ -86,6 +86,27 @@ def timm_model(spec: ExportSpec) -> torch.nn.Module:
     return model
 
 
+def resized(spec: ExportSpec, size: tuple[int, int]) -> ExportSpec:
+    """The same model exported for another input size, with the same variables.
+
+    A model whose graph fixes its size through timm's `img_size` (ViT-style position
+    embeddings) is rebuilt with `dynamic_img_size=True`: the parameters keep the converted
+    grid and timm's own `resample_abs_pos_embed` resamples them inside the new graph. A
+    module converted from a timm instance re-exports that instance (CNNs; a fixed-size
+    instance fails at export, naming the op).
+    """
+    size = (int(size[0]), int(size[1]))
+    if size == tuple(spec.image_size):
+        return spec
+    kwargs = dict(spec.timm_kwargs)
+    if "img_size" in kwargs:
+        kwargs["dynamic_img_size"] = True
+    new = dataclasses.replace(spec, image_size=size, timm_kwargs=freeze_kwargs(kwargs))
+    if spec.instance_key is not None:
+        _TIMM_MODELS.setdefault(new, timm_model(spec))
+    return new
+
+
 def program(spec: ExportSpec, method: str = "forward", train: bool = False) -> interpreter.Program:
     """The lowered program of `method` in train or eval mode (exported on first use, then cached)."""
     key = (spec, method, train)
@@ -196,7 +217,10 @@ class ExportedModel(nn.Module):
         self._stats = {k: self.variable("batch_stats", k, _const(v), None) for k, v in nest(buffers).items()}
 
     def _run(self, method: str, x: Array, train: bool) -> Any:
-        prog = program(self.spec, method, train)
+        spec = self.spec
+        if method in ("forward", "forward_features"):  # another image size: that size's graph (exported once)
+            spec = resized(spec, x.data.shape[1:3] if isinstance(x, layout.ChannelsLast) else x.shape[2:4])
+        prog = program(spec, method, train)
         params = {n: _get(self._params, n) for n in prog.param_names}
         buffers = {n: self._stat(n) for n in prog.buffer_names}
         rng = self.make_rng("dropout") if prog.random else None

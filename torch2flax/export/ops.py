@@ -836,6 +836,83 @@ def upsample_bilinear(x, output_size, align_corners, scale_factors):
     return x
 
 
+def _cubic(t, a):
+    """Keys' cubic convolution kernel: a=-0.75 for ATen's bicubic, a=-0.5 for its antialiased one (PIL's)."""
+    t = np.abs(t)
+    return np.where(t <= 1, ((a + 2) * t - (a + 3)) * t * t + 1,
+                    np.where(t < 2, ((t - 5) * t + 8) * t * a - 4 * a, 0.0))
+
+
+def _source_scale(n, out, align_corners, f):
+    if align_corners:
+        return (n - 1) / (out - 1) if out > 1 else 0.0
+    return 1.0 / f if f else n / out
+
+
+def _bicubic_matrix(n, out, align_corners, f):
+    """(out, n) matrix of ATen's upsample_bicubic2d along one axis: 4 taps, borders replicated."""
+    scale = _source_scale(n, out, align_corners, f)
+    m = np.zeros((out, n), np.float64)
+    for i in range(out):
+        src = i * scale if align_corners else (i + 0.5) * scale - 0.5
+        base = math.floor(src)
+        t = src - base
+        for k, w in zip(range(-1, 3), _cubic(np.array([t + 1, t, 1 - t, 2 - t]), -0.75)):
+            m[i, min(max(base + k, 0), n - 1)] += w
+    return m
+
+
+def _antialias_matrix(n, out, align_corners, f, kernel, support):
+    """(out, n) matrix of ATen's antialiased (PIL-style) resampling along one axis: the kernel
+    widened by the downscale factor, taps inside the input only, weights normalised to 1."""
+    scale = _source_scale(n, out, align_corners, f)
+    width = max(scale, 1.0)
+    m = np.zeros((out, n), np.float64)
+    for i in range(out):
+        center = scale * (i + 0.5)
+        lo = max(int(center - support * width + 0.5), 0)
+        hi = min(int(center + support * width + 0.5), n)
+        w = kernel((np.arange(lo, hi) - center + 0.5) / width)
+        m[i, lo:hi] = w / w.sum() if w.sum() != 0 else w
+    return m
+
+
+def _resample(x, output_size, scale_factors, matrix):
+    sizes, scales = _out_sizes(x, output_size, scale_factors)
+    if output_size is not None and scale_factors:  # ATen maps indices with the given scales
+        scales = list(scale_factors)
+    mh, mw = (jnp.asarray(matrix(x.shape[2 + i], sizes[i], scales[i]).astype(np.float32), x.dtype) for i in range(2))
+    return jnp.einsum("nchw,ih,jw->ncij", x, mh, mw)
+
+
+def _resample_args(output_size, scales):
+    """`.default` overloads take (scales_h, scales_w); `.vec` ones a scale_factors list."""
+    if len(scales) == 2:
+        return output_size, None if scales[0] is None and scales[1] is None else list(scales)
+    return output_size, scales[0] if scales else None
+
+
+@register(aten.upsample_bicubic2d.vec, aten.upsample_bicubic2d.default)
+def upsample_bicubic(x, output_size, align_corners, *scales):
+    size, factors = _resample_args(output_size, scales)
+    return _resample(x, size, factors, lambda n, o, f: _bicubic_matrix(n, o, align_corners, f))
+
+
+@register(aten._upsample_bicubic2d_aa.vec, aten._upsample_bicubic2d_aa.default)
+def upsample_bicubic_aa(x, output_size, align_corners, *scales):
+    # timm resamples ViT position embeddings with this (F.interpolate(bicubic, antialias=True)).
+    size, factors = _resample_args(output_size, scales)
+    return _resample(x, size, factors, lambda n, o, f: _antialias_matrix(
+        n, o, align_corners, f, lambda t: _cubic(t, -0.5), 2.0))
+
+
+@register(aten._upsample_bilinear2d_aa.vec, aten._upsample_bilinear2d_aa.default)
+def upsample_bilinear_aa(x, output_size, align_corners, *scales):
+    size, factors = _resample_args(output_size, scales)
+    return _resample(x, size, factors, lambda n, o, f: _antialias_matrix(
+        n, o, align_corners, f, lambda t: np.maximum(0.0, 1.0 - np.abs(t)), 1.0))
+
+
 # ------------------------------------------------------------------ random ops (Flax "dropout" stream)
 
 
