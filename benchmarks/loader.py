@@ -18,6 +18,13 @@ shard_batch, side by side in one run:
 Every pipeline runs one warm-up epoch (worker start-up excluded), then is timed
 over `--epochs` epochs; the best of `--repeats` is reported because the cores
 may be shared. Usage: python benchmarks/loader.py [--images 512] [--epochs 2]
+
+`--scaling` measures instead what predicts a bigger host's throughput: images/s of the same
+pipeline in make_loader for 1, 2, 4, ... workers up to the usable CPUs (with the prefetch depth
+and shared-memory slots each count gets), and the ceiling of the main-process path: a dataset
+that does no work (one constant 224x224x3 uint8 image) through make_loader, alone and followed
+by prefetch_to_device (pmap layout, `--devices` CPU devices). A host with W workers is bounded
+by min(W x the per-worker rate, that ceiling).
 """
 from __future__ import annotations
 
@@ -146,9 +153,93 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds (best kept)")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--devices", type=int, default=8, help="num_devices for shard_batch")
+    parser.add_argument("--scaling", action="store_true",
+                        help="worker-count scaling table and the main-process ceiling instead")
     args = parser.parse_args(argv)
+    if args.scaling:
+        # prefetch_to_device needs the CPU devices, and XLA reads this flag once, at jax's start.
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                                   f" --xla_force_host_platform_device_count={args.devices}").strip()
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
-        return run(args, *build(tmp, args.images))
+        return (scaling if args.scaling else run)(args, *build(tmp, args.images))
+
+
+class NoWork:
+    """A dataset that does no work: the same 224x224x3 image every time (the main-process ceiling)."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self.image = np.full((SIZE, SIZE, 3), 127, np.uint8)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": self.image, "label": np.int64(i % 104), "id": f"{i:06d}"}
+
+
+def worker_counts(cpus: int) -> list[int]:
+    """1, 2, 4, ... up to `cpus`, and `cpus` itself."""
+    counts = [1]
+    while counts[-1] * 2 <= cpus:
+        counts.append(counts[-1] * 2)
+    return counts + ([cpus] if counts[-1] != cpus else [])
+
+
+def scaling(args, path: str, index: str, jpegs: list[bytes]) -> int:
+    from torch2flax.loaders import RecordTransform, make_loader, prefetch_to_device, train_transform
+    from torch2flax.loaders.loader import resolve_num_workers, slots_per_worker, usable_cpus
+    from torch2flax.loaders.tfrecord import TFRecordDataset
+
+    cpus = usable_cpus()
+    prefetch = 2
+    counts = worker_counts(cpus)
+    auto, why = resolve_num_workers("auto")
+    print(f"# {platform.processor() or platform.machine()}, {cpus} usable cpus, loadavg "
+          f"{os.getloadavg()[0]:.2f}, {args.images} images 512x512 (mean JPEG "
+          f"{np.mean([len(j) for j in jpegs]) / 1e3:.0f} KB), batch {BATCH} -> [{args.devices}, "
+          f"{BATCH // args.devices}, {SIZE}, {SIZE}, 3]; num_workers='auto' here: {auto} ({why})")
+
+    def epoch_of(loader, put: bool = False):
+        def run(epoch: int) -> int:
+            loader.set_epoch(epoch)
+            if not put:
+                return count_images(loader)
+            n = 0
+            for batch in prefetch_to_device(loader, size=2, layout="pmap"):
+                batch["image"].block_until_ready()
+                n += int(np.prod(batch["image"].shape[:2]))
+            return n
+        return run
+
+    pipes: dict[tuple[str, int], Timed] = {}
+    for w in tqdm(counts, desc="starting pipelines", unit="config"):
+        ds = TFRecordDataset(path, FEATURES, transform=RecordTransform(train_transform(SIZE)))
+        loader = make_loader(ds, BATCH, train=True, num_devices=args.devices, num_workers=w,
+                             prefetch_factor=prefetch)
+        pipes["readme", w] = Timed(epoch_of(loader))
+        # Ten times the images: the no-work epochs are otherwise too short to time.
+        for name, put in (("nowork", False), ("nowork_put", True)):
+            loader = make_loader(NoWork(10 * args.images), BATCH, train=True, num_devices=args.devices,
+                                 num_workers=w, prefetch_factor=prefetch)
+            pipes[name, w] = Timed(epoch_of(loader, put))
+    for _ in tqdm(range(args.repeats), desc="timing rounds", unit="round"):
+        for timed in pipes.values():
+            timed.measure(args.epochs)
+
+    print("\n| workers | batches in flight | slots per worker | README pipeline img/s | per worker "
+          "| no-work dataset img/s | no-work + prefetch_to_device img/s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|")
+    for w in counts:
+        r = pipes["readme", w].best
+        print(f"| {w} | {w * prefetch} | {slots_per_worker(prefetch, w)} | {r:.0f} | {r / w:.0f} "
+              f"| {pipes['nowork', w].best:.0f} | {pipes['nowork_put', w].best:.0f} |")
+    per_worker = pipes["readme", 1].best
+    ceiling = max(pipes["nowork_put", w].best for w in counts)
+    print(f"\nper-worker rate (1 worker): {per_worker:.0f} img/s; main-process ceiling with "
+          f"prefetch_to_device: {ceiling:.0f} img/s -> decoding stays the limit up to "
+          f"~{ceiling / per_worker:.0f} workers; loadavg at end {os.getloadavg()[0]:.2f}")
+    return 0
 
 
 def run(args, path: str, index: str, jpegs: list[bytes]) -> int:

@@ -15,7 +15,7 @@ _EXPORTS = {
     "numpy_collate": "collate", "pad_batch": "collate", "shard_batch": "collate",
     "make_mesh": "device", "normalize_on_device": "device", "prefetch_to_device": "device",
     "put_batch": "device",
-    "Loader": "loader", "make_loader": "loader",
+    "Loader": "loader", "make_loader": "loader", "resolve_num_workers": "loader",
     "RecordTransform": "transforms", "eval_transform": "transforms", "train_transform": "transforms",
     "ImageDecodeError": "image", "decode_image": "image",
     "CorruptRecordError": "tfrecord", "RecordError": "tfrecord", "TFRecordDataset": "tfrecord",

@@ -303,7 +303,7 @@ def test_another_image_size_re_exports_with_timm_position_embedding_resampling()
 
     torch.manual_seed(0)
     module, variables = torch2flax.convert("vit_tiny_patch16_224", num_classes=3, image_size=32, depth=1)
-    for size in (48, 16):  # position-embedding grid 2x2 -> 3x3 (up) and -> 1x1 (down)
+    for size in (48,):  # position-embedding grid 2x2 -> 3x3 (downsampling: test_ops' antialiased cases)
         x = np.random.default_rng(size).standard_normal((2, size, size, 3)).astype(np.float32)
         got = np.asarray(jax.jit(module.apply)(variables, x))
         ref = timm_from_exported(module, variables)  # the converted weights in timm, 32 px grid

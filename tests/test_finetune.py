@@ -3,7 +3,8 @@
 Full-size timm architectures through the exported-graph backend (random init: no hub here),
 each in a fresh process as a user runs them, held to the training tests' learning bar (best
 validation macro F1 >= 0.9, last-epoch train loss under 0.7x the first) on a learnable
-Flower-schema set, and each run's best checkpoint predicts a submission with every test id.
+Flower-schema set, and the ViT's best checkpoint predicts a submission with every test id (`predict` on an
+exported model is the same path whatever the architecture).
 `efficientnet_b0` (BatchNorm, SE, drop-path) trains at 64 px; `vit_tiny_patch16_224` (no
 batch_stats, drop-path from the dropout stream, weight decay off for pos_embed/cls_token)
 at its own 224 px.
@@ -40,14 +41,16 @@ def _shell(*args):
     return proc.stdout
 
 
-@pytest.mark.parametrize("model,size,epochs,train_records,batch,lr", [
+@pytest.mark.parametrize("model,size,epochs,train_records,batch,lr,predict", [
     # From random init (no hub here) a BatchNorm net needs ~48 steps before its running
     # statistics and weights give a 0.9 F1 (measured: 24 steps of AdamW at 2e-3 or 5e-3,
     # or SGD at 0.1, stay at F1 0.1-0.6); 48 steps at 48 px reach 0.89, at 64 px 0.94.
-    ("efficientnet_b0", 64, 3, 512, 32, 2e-3),
-    ("vit_tiny_patch16_224", 224, 2, 128, 16, 1e-3),
+    # (384 images at batch 24, the same 48 steps for 25% less compute, reached only F1 0.74.)
+    ("efficientnet_b0", 64, 3, 512, 32, 2e-3, False),
+    ("vit_tiny_patch16_224", 224, 2, 128, 16, 1e-3, True),
 ])
-def test_train_then_predict_from_the_shell(flowers, tmp_path, model, size, epochs, train_records, batch, lr):
+def test_train_then_predict_from_the_shell(flowers, tmp_path, model, size, epochs, train_records, batch, lr,
+                                           predict):
     sets, globs = flowers
     train = globs["train"]
     if train_records < len(sets["train"].ids):  # the first shard only: a ViT at 224 px costs 10x more per image
@@ -65,6 +68,8 @@ def test_train_then_predict_from_the_shell(flowers, tmp_path, model, size, epoch
     losses, f1 = [float(r["train_loss"]) for r in rows], [float(r["val_macro_f1"]) for r in rows]
     assert losses[-1] < 0.7 * losses[0], rows
     assert max(f1) >= 0.9, rows
+    if not predict:  # one `predict` run shows the submission path; each costs an export and a compile
+        return
 
     sub = tmp_path / "submission.csv"
     stdout = _shell("predict", "--checkpoint", str(out / "best.msgpack"), "--test", globs["test"],

@@ -243,3 +243,91 @@ def test_user_transform_with_module_compose_and_np_random_is_seeded():
     crops_e1, draws_e1 = _user_epoch(2, epoch=1)
     assert not set(draws_e1.tolist()) & set(draws2.tolist())
     assert not np.array_equal(crops_e1, crops2)
+
+
+@pytest.fixture
+def host(monkeypatch):
+    """Pretend this process may use `n` CPUs (affinity mask, or only `os.cpu_count()` with
+    `affinity=False`, as on macOS) and has `available` bytes of MemAvailable."""
+    import os
+
+    from torch2flax.loaders import loader as loader_mod
+
+    def set_host(n, *, affinity=True, available=64 << 30):
+        if affinity:
+            monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+            monkeypatch.setattr(os, "cpu_count", lambda: 4 * n)  # more cores than this process may use
+        else:
+            monkeypatch.delattr(os, "sched_getaffinity", raising=False)
+            monkeypatch.setattr(os, "cpu_count", lambda: n)
+        monkeypatch.setattr(loader_mod, "available_memory", lambda: available)
+
+    return set_host
+
+
+@pytest.mark.parametrize("affinity", [True, False], ids=["affinity", "cpu_count"])
+@pytest.mark.parametrize("cpus, expected", [(1, 0), (2, 2), (8, 7), (96, 95)])
+def test_auto_workers_follow_the_usable_cpus(host, cpus, expected, affinity):
+    from torch2flax.loaders.loader import resolve_num_workers, usable_cpus
+
+    host(cpus, affinity=affinity)
+    assert usable_cpus() == cpus
+    n, why = resolve_num_workers("auto")
+    assert n == expected and why.startswith("auto: ") and f"{cpus} usable CPU" in why
+    if cpus > 2:
+        assert "one left for the main process" in why and "memory allows" in why
+
+
+def test_auto_workers_are_capped_by_the_memory_budget(host):
+    from torch2flax.loaders.loader import MEMORY_FRACTION, resolve_num_workers, worker_memory_bytes
+
+    host(96)
+    assert resolve_num_workers("auto", memory_budget=10 * 200e6, per_worker_bytes=200e6)[0] == 10
+    n, why = resolve_num_workers("auto", memory_budget=10 * 200e6 - 1, per_worker_bytes=200e6)
+    assert n == 9 and "capped to 9 by memory: ~200 MB per worker, 2.0 GB budget" in why
+    assert resolve_num_workers("auto", memory_budget=100e6, per_worker_bytes=200e6)[0] == 0
+    assert resolve_num_workers("auto", cpus=8, memory_budget=1e12, per_worker_bytes=1)[0] == 7
+    # Default budget: MEMORY_FRACTION of MemAvailable; default per worker: a 128 x 224 px batch.
+    per = worker_memory_bytes(128 * 224 * 224 * 3)
+    assert 150e6 < per < 200e6  # measured 174 MB (see WORKER_BASE_BYTES)
+    host(96, available=int(20 * per / MEMORY_FRACTION) + 1)
+    assert resolve_num_workers("auto")[0] == 20
+    host(96, available=None)  # unknown memory: not capped, and said so
+    n, why = resolve_num_workers("auto")
+    assert n == 95 and "not capped" in why
+
+
+def test_explicit_worker_counts_win_and_bad_ones_are_refused(host):
+    from torch2flax.loaders.loader import resolve_num_workers
+
+    host(96, available=0)  # neither the CPUs nor the memory matter to an explicit count
+    assert resolve_num_workers(3) == (3, "num_workers=3 as given")
+    assert resolve_num_workers("12")[0] == 12 and resolve_num_workers(0)[0] == 0
+    for bad in (-1, "many", True, 2.5, None):
+        with pytest.raises(ValueError, match="num_workers"):
+            resolve_num_workers(bad)
+
+
+def test_slots_grow_with_the_workers_and_prefetch():
+    from torch2flax.loaders.loader import slots_per_worker
+
+    assert slots_per_worker(2, 1) == 7  # 2 in flight + the consumer's 4 + 1 being released
+    assert slots_per_worker(2, 2) == 5 and slots_per_worker(2, 95) == 4 and slots_per_worker(6, 95) == 8
+    for prefetch in (2, 4):
+        totals = [w * slots_per_worker(prefetch, w) for w in (1, 2, 4, 8, 16, 96)]
+        assert totals == sorted(totals) and all(t >= w * (prefetch + 1) for t, w in zip(totals, (1, 2, 4, 8, 16, 96)))
+
+
+def test_make_loader_auto_workers_and_their_reason(flowers, host):
+    from torch2flax.loaders import eval_transform, make_loader
+
+    ds = flower_dataset(flowers, eval_transform(32))
+    host(8)
+    loader = make_loader(ds, 16, train=True, num_devices=8)  # 18 batches: no cap from them
+    assert loader.num_workers == 7 and "8 usable CPUs, one left for the main process" in loader.workers_reason
+    host(96)
+    loader = make_loader(ds, 64, train=False, num_devices=8)  # workers are only started by iterating
+    assert loader.num_workers == 5 and "capped to 5 by the 5 batches per epoch" in loader.workers_reason
+    assert make_loader(ds, 64, train=False, num_devices=8, num_workers=40).num_workers == 40
+    with pytest.raises(ValueError, match="num_workers"):
+        make_loader(ds, 64, train=False, num_devices=8, num_workers=-1)

@@ -21,6 +21,23 @@ _HELP = {
     "ema_decay": "EMA of parameters for evaluation (0 disables)",
     "accum_steps": "gradient accumulation steps per update",
 }
+
+
+def num_workers_arg(value: str) -> int | str:
+    """`--num-workers`: "auto" or an int >= 0."""
+    if value == "auto":
+        return value
+    try:
+        n = int(value)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 0, got {value!r}")
+    return n
+
+
+_OPTIONAL_TYPES["num_workers"] = num_workers_arg
+_HELP["num_workers"] = "loader worker processes, or 'auto' (default): usable CPUs less one, capped by memory"
 _CHOICES = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"), "parallel": ("pmap", "jit")}
 
 
@@ -58,7 +75,7 @@ def register(subparsers) -> None:
     q.add_argument("--probs", help="also save class probabilities to this .npy")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
-    q.add_argument("--num-workers", type=int, default=2)
+    q.add_argument("--num-workers", type=num_workers_arg, default="auto", help=_HELP["num_workers"])
     q.add_argument("--parallel", choices=("pmap", "jit"), default="pmap")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     q.add_argument("--quiet", action="store_true")
@@ -72,7 +89,7 @@ def register(subparsers) -> None:
     d.add_argument("--epochs", type=int, default=8, help="training epochs (default %(default)s)")
     d.add_argument("--batch-size", type=int, default=64)
     d.add_argument("--image-size", type=int, default=32)
-    d.add_argument("--num-workers", type=int, default=2)
+    d.add_argument("--num-workers", type=num_workers_arg, default="auto", help=_HELP["num_workers"])
     d.add_argument("--no-pretrained", action="store_true",
                    help="start from random weights without trying the model hub")
     d.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -22,7 +22,7 @@ class TrainConfig:
     scale_min: float = 0.08  # RandomResizedCrop lower scale bound
     hflip: bool = True
     color_jitter: float = 0.0
-    num_workers: int = 2
+    num_workers: int | str = "auto"  # "auto": from the host's usable CPUs and memory (make_loader)
     # model
     model: str = "resnet18"
     backend: str = "auto"  # auto | native | export (see torch2flax.convert)
@@ -58,6 +58,7 @@ class TrainConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.{name}={getattr(self, name)!r}: expected one of {allowed}")
+        self.num_workers = _num_workers(self.num_workers)
         if self.accum_steps < 1:
             raise ValueError(f"config.accum_steps={self.accum_steps}: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -85,6 +86,15 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+
+def _num_workers(value: Any) -> int | str:
+    """"auto" or an int >= 0 (digit strings from a command line or a YAML file included)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    raise ValueError(f"config.num_workers={value!r}: expected 'auto' or an int >= 0")
 
 
 def dumps(config: TrainConfig) -> str:

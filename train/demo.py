@@ -57,7 +57,7 @@ def digits_tfrecords(out_dir: str, *, image_size: int = 32, seed: int = 0) -> De
 
 def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8,
              batch_size: int = 64, image_size: int = 32, lr: float = 2e-3,
-             num_workers: int = 2, seed: int = 0, pretrained: bool = True, progress: bool = True) -> dict:
+             num_workers: int | str = "auto", seed: int = 0, pretrained: bool = True, progress: bool = True) -> dict:
     """Run the five steps into `out`; returns the summary, the files written and the test ids.
 
     `pretrained=False` starts from random weights without trying the hub (offline machines, tests).

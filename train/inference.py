@@ -28,7 +28,7 @@ class PredictResult:
 
 def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str | None = None,
             probs: str | None = None, batch_size: int = 64, image_size: int | None = None,
-            crop_pct: float | None = None, num_workers: int = 2, parallel: str = "pmap",
+            crop_pct: float | None = None, num_workers: int | str = "auto", parallel: str = "pmap",
             num_devices: int | None = None, dtype: str = "float32",
             progress: bool = True) -> PredictResult:
     """Predict every record of `test` (in file order) and write `id,label` to `out`.

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
+from torch2flax.loaders.loader import resolve_num_workers, usable_cpus, worker_memory_bytes, workers_for_cpus
 from torch2flax.train import artifacts
 from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, load_checkpoint, save_checkpoint
 from torch2flax.train.config import TrainConfig, dumps
@@ -25,6 +26,8 @@ from torch2flax.train.state import create_train_state, learning_rate, make_optim
 from torch2flax.train.steps import COMPUTE_DTYPES, StepSpec, eval_step, train_step
 
 TRAIN_FEATURES = {"image": "bytes", "class": "int", "id": "str"}
+# Above this share of the timed step time spent waiting for the next batch, say so (once per run).
+DATA_WAIT_HINT = 0.10
 
 
 class NonFiniteLossError(RuntimeError):
@@ -102,17 +105,33 @@ def check_labels(dataset: TFRecordDataset, num_classes: int, key: str = "class")
                          f"{labels.min()}..{labels.max()}: set num_classes to at least {labels.max() + 1})")
 
 
-def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int):
+def loader_workers(config: TrainConfig) -> tuple[int, str]:
+    """Worker count for each of the two loaders, and why (`resolve_num_workers`).
+
+    Both loaders keep their workers between epochs, so "auto" budgets memory for two sets; the
+    validation set's workers sit idle while training runs, so the CPUs are counted once.
+    """
+    batch_nbytes = config.batch_size * (config.image_size ** 2 * 3 + 8)
+    n, why = resolve_num_workers(config.num_workers, per_worker_bytes=2 * worker_memory_bytes(batch_nbytes))
+    return n, why + (" (a worker here: one training and one validation worker)" if "per worker" in why else "")
+
+
+def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int,
+                  num_workers: int | None = None):
     train_ds = _dataset(config.train, RecordTransform(train_transform(
         config.image_size, scale=(config.scale_min, 1.0), hflip=config.hflip,
         color_jitter=config.color_jitter)))
     val_ds = _dataset(config.val, RecordTransform(eval_transform(config.image_size, crop_pct=crop_pct)))
     for ds in (train_ds, val_ds):
         check_labels(ds, config.num_classes)
-    common = dict(num_devices=num_devices, num_workers=config.num_workers, seed=config.seed)
+    if num_workers is None:
+        num_workers, _ = loader_workers(config)
+    common = dict(num_devices=num_devices, seed=config.seed)
+    val_batches = -(-len(val_ds) // config.batch_size)  # more validation workers would never get a batch
+    val_workers = min(num_workers, val_batches) if config.num_workers == "auto" else num_workers
     # make_loader refuses a training set smaller than one batch, naming both sizes.
-    return (make_loader(train_ds, config.batch_size, train=True, **common),
-            make_loader(val_ds, config.batch_size, train=False, **common))
+    return (make_loader(train_ds, config.batch_size, train=True, num_workers=num_workers, **common),
+            make_loader(val_ds, config.batch_size, train=False, num_workers=val_workers, **common))
 
 
 @functools.lru_cache(maxsize=4)
@@ -149,10 +168,14 @@ class Run:
     best: float = -math.inf
     history: list[dict] = field(default_factory=list)
     reinitialized: tuple[str, ...] = ()
+    data_hint_shown: bool = False
 
 
 def setup(config: TrainConfig, *, resume: bool) -> Run:
     """Devices, model (fresh or resumed), loaders, optimiser, compiled steps."""
+    num_workers, why = loader_workers(config)
+    # The run's first line: the worker count decides the input throughput on a big host.
+    tqdm.write(f"data: {num_workers} loader workers ({why})")
     par = Parallel(config.parallel, select_devices(config.num_devices))
     os.makedirs(config.out, exist_ok=True)
     paths = {name: os.path.join(config.out, name) for name in
@@ -166,7 +189,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     else:
         module, variables, reinitialized = init_model(config)
     data = DataSpec(config.image_size, eval_crop_pct(config, module))
-    train_loader, val_loader = build_loaders(config, data.crop_pct, len(par.devices))
+    train_loader, val_loader = build_loaders(config, data.crop_pct, len(par.devices), num_workers)
     no_decay = module.no_weight_decay() if hasattr(module, "no_weight_decay") else frozenset()
     state = create_train_state(variables, make_optimizer(config, len(train_loader), no_decay),
                                seed=config.seed, ema=config.ema_decay > 0)
@@ -284,6 +307,20 @@ def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size
     return state, meter
 
 
+def data_wait_hint(row: dict[str, float], num_workers: int, cpus: int | None = None) -> str | None:
+    """One line of advice when an epoch waited for input more than DATA_WAIT_HINT of its step time."""
+    if row["data_wait"] <= DATA_WAIT_HINT:
+        return None
+    cpus = usable_cpus() if cpus is None else cpus
+    head = (f"data: training waited for input {row['data_wait']:.0%} of step time at "
+            f"{row['images_per_sec']:.0f} img/s with {num_workers} loader workers: ")
+    if num_workers < workers_for_cpus(cpus):
+        return head + (f"raise --num-workers (this host has {cpus} usable CPUs) "
+                       "or lower the augmentation cost")
+    return head + (f"the workers already use this host's {cpus} usable CPUs: lower the augmentation "
+                   "cost (smaller source images, reduce_decode, fewer transforms) or use more cores")
+
+
 def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
     """`last.msgpack` (model + training state) every epoch; `best.msgpack` when F1 improved.
 
@@ -325,6 +362,10 @@ def run_epoch(run: Run, epoch: int, *, progress: bool) -> dict[str, float]:
     save_checkpoints(run, epoch, improved)
     artifacts.write_metrics_csv(run.paths["metrics.csv"], run.history)
     artifacts.plot_curves(run.paths["curves.png"], run.history)
+    hint = None if run.data_hint_shown else data_wait_hint(row, run.train_loader.num_workers)
+    if hint:
+        run.data_hint_shown = True
+        tqdm.write(hint)
     if progress:
         tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
                    f"val loss {val['val_loss']:.4f}, val acc {val['val_accuracy']:.4f}, "
