@@ -49,9 +49,9 @@ def pytest_configure(config):
         os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
-# The longest test files, longest first: pytest-xdist (--dist loadfile) hands out files in
-# collection order, so starting these first keeps one worker from running a 3-minute file alone
-# at the end while the other idles (measured: the shell fine-tunes ran last, 4.5 min of tail).
+# The longest test files, longest first: with `--dist loadfile --no-loadscope-reorder` (Makefile)
+# pytest-xdist hands out files in collection order (by default it orders them by test count, which
+# sent the 2-test, 3-minute shell fine-tune file last: one worker ran it alone for 3 minutes).
 _LONGEST_FIRST = ("test_finetune.py", "test_train.py", "test_export.py", "test_notebook.py", "test_demo.py")
 
 
