@@ -179,20 +179,21 @@ def convolution(x, w, b, stride, padding, dilation, transposed, output_padding, 
     return ChannelsLast(y)
 
 
-@aware(aten._native_batch_norm_legit_no_training.default)
-def batch_norm_eval(x, *rest):
-    if not isinstance(x, ChannelsLast):
-        return ops.batch_norm_eval(x, *rest)
-    y, *stats = ops.batch_norm_eval(x.data, *rest, channel_axis=-1)
-    return (ChannelsLast(y), *stats)
+def _batch_norm(target: Any) -> Callable:
+    """BatchNorm on channels-last data: the op's own function with `channel_axis=-1`."""
+    fn = ops.OPS[target]
+
+    def run(x, *rest):
+        if not isinstance(x, ChannelsLast):
+            return fn(x, *rest)
+        y, *stats = fn(x.data, *rest, channel_axis=-1)
+        return (ChannelsLast(y), *stats)
+
+    return run
 
 
-@aware(aten._native_batch_norm_legit_functional.default)
-def batch_norm_train(x, *rest):
-    if not isinstance(x, ChannelsLast):
-        return ops.batch_norm_train(x, *rest)
-    y, *stats = ops.batch_norm_train(x.data, *rest, channel_axis=-1)
-    return (ChannelsLast(y), *stats)
+for _t in (aten._native_batch_norm_legit_no_training.default, aten._native_batch_norm_legit_functional.default):
+    OPS[_t] = _batch_norm(_t)
 
 
 # ------------------------------------------------------------------ pooling and reductions
