@@ -223,9 +223,7 @@ class BatchNorm(nn.Module):
             mean, var = ra_mean.value, ra_var.value
         else:
             axes = tuple(range(x.ndim - 1))
-            n = math.prod(x.shape[:-1])
-            if self.axis_name is not None:
-                n = n * lax.psum(1, self.axis_name)
+            n = batch_count(x, axes, self.axis_name)
             y, mean, var = batch_norm_train(x, scale, bias, self.epsilon, axes, self.axis_name)
             if not self.is_initializing():
                 m = self.momentum
@@ -256,6 +254,12 @@ def moments(xf: Array, axes: tuple[int, ...], axis_name: str | None = None,
     mean = mean + lax.stop_gradient(pmean((xf - mean).mean(axes, keepdims=True)))
     var = pmean(jnp.square(xf - mean).mean(axes, keepdims=True))
     return (mean, var) if keepdims else (jnp.squeeze(mean, axes), jnp.squeeze(var, axes))
+
+
+def batch_count(x: Array, axes: Sequence[int], axis_name: str | None = None) -> Any:
+    """Elements per channel behind BatchNorm statistics over `axes`, summed over `axis_name` devices."""
+    n = math.prod(x.shape[a] for a in axes)
+    return n * lax.psum(1, axis_name) if axis_name is not None else n
 
 
 def batch_norm_train(x: Array, scale: Array | None, bias: Array | None, eps: float,
@@ -302,12 +306,11 @@ def _bn_bwd(eps, axes, axis_name, res, cts):
     xhat = centred * rstd
     sum_dy = dyf.sum(axes, keepdims=True)
     sum_dy_xhat = (dyf * xhat).sum(axes, keepdims=True)
-    n = math.prod(x.shape[a] for a in axes)
+    n = batch_count(x, axes, axis_name)
     # dx needs the sums over the global batch; the parameter gradients stay per-device (the
     # trainer averages them), as autodiff of the sync-BN forward would give.
     total = (sum_dy, sum_dy_xhat, dmean.reshape(mean.shape), dvar.reshape(mean.shape))
     if axis_name is not None:
-        n = n * lax.psum(1, axis_name)
         total = lax.psum(total, axis_name)
     g_dy, g_dy_xhat, g_mean, g_var = (t / n for t in total)
     w = rstd if scale is None else rstd * scale.astype(jnp.float32).reshape(mean.shape)

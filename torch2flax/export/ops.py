@@ -668,10 +668,8 @@ def _batch_norm_train(x, weight, bias, eps, sync, axis=1):
     """Batch-statistics BatchNorm (`layers.batch_norm_train`, shared with the native models):
     (y, mean, biased var, rstd, element count over the whole, synced, batch)."""
     axes = _bn_axes(x, axis)
-    n = math.prod(x.shape[a] for a in axes)
     axis_name = current().axis_name if sync else None
-    if axis_name is not None:
-        n = n * lax.psum(1, axis_name)
+    n = layers.batch_count(x, axes, axis_name)
     y, mean, var = layers.batch_norm_train(x, weight, bias, eps, axes, axis_name)
     return y, mean, var, lax.rsqrt(var + eps), n
 
