@@ -48,6 +48,39 @@ def test_conv_paths_agree_in_value_and_gradient(case):
     np.testing.assert_allclose(y_mm, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("k,s,pad,d", [(3, 1, ((1, 1), (1, 1)), 1), (5, 2, ((2, 2), (2, 2)), 1),
+                                       (3, 1, ((2, 2), (2, 2)), 2), (3, 2, ((0, 1), (0, 1)), 1)])
+def test_depthwise_path_equals_grouped_convolution(k, s, pad, d):
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from jax import lax
+
+    from torch2flax.layers import conv2d
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 9, 8, 12)).astype(np.float32))
+    kernel = jnp.asarray(rng.standard_normal((k, k, 1, 12)).astype(np.float32))
+    ours = lambda x, w: conv2d(x, w, (s, s), pad, (d, d), groups=12)
+    ref = lambda x, w: lax.conv_general_dilated(x, w, (s, s), pad, rhs_dilation=(d, d),
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=12)
+    assert "conv_general_dilated" not in str(jax.make_jaxpr(ours)(x, kernel))
+    np.testing.assert_allclose(ours(x, kernel), ref(x, kernel), rtol=1e-5, atol=1e-5)
+    loss = lambda f: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1)))
+    for a, b in zip(loss(ours)(x, kernel), loss(ref)(x, kernel)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    if pad[0][0] == pad[0][1]:  # and PyTorch's depthwise Conv2d
+        t = torch.nn.functional.conv2d(torch.from_numpy(np.array(x).transpose(0, 3, 1, 2)),
+                                       torch.from_numpy(np.array(kernel).transpose(3, 2, 0, 1)),
+                                       stride=s, padding=pad[0][0], dilation=d, groups=12)
+        np.testing.assert_allclose(ours(x, kernel), t.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+    # bfloat16 inputs sum their taps in float32: as close to the float32 result as the output rounding.
+    low = ours(x.astype(jnp.bfloat16), kernel.astype(jnp.bfloat16))
+    exact = ref(x.astype(jnp.bfloat16).astype(jnp.float32), kernel.astype(jnp.bfloat16).astype(jnp.float32))
+    assert low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(low, np.float32), exact, rtol=2 ** -7, atol=2 ** -7)
+
+
 def test_small_maps_take_the_matmul_path_by_default():
     import jax
     import jax.numpy as jnp

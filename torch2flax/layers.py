@@ -100,6 +100,39 @@ def shifted_matmul_conv(
     return out.reshape(b, ho, wo, cout)
 
 
+def depthwise_conv(
+    x: Array,
+    kernel: Array,
+    strides: tuple[int, int],
+    padding: tuple[tuple[int, int], tuple[int, int]],
+    dilation: tuple[int, int] = (1, 1),
+) -> Array:
+    """Depthwise NHWC convolution (HWIO kernel `(kh, kw, 1, C)`) as a sum over kernel taps of
+    (strided slice) x (per-channel tap weight).
+
+    Same result as `lax.conv_general_dilated(..., feature_group_count=C)`. XLA fuses the taps
+    into one elementwise loop (and the gradients into pads and per-tap reductions) instead of
+    its grouped-convolution emitter, whose backward pass is as slow as a dense convolution's
+    (jax-ml/jax#13800, GPU; #23713, CPU). Measured on XLA:CPU (2 cores, batch 32, the
+    efficientnet_b0 layer shapes, forward + backward): 7x faster in total, 3.5x-60x per layer.
+    """
+    b, h, w, c = x.shape
+    kh, kw = kernel.shape[:2]
+    (sh, sw), (dh, dw) = strides, dilation
+    ho = conv_output_size(h, kh, sh, padding[0], dh)
+    wo = conv_output_size(w, kw, sw, padding[1], dw)
+    xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+    acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 inputs: sum the taps in float32, as convolutions do
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            taps = lax.slice(xp, (0, i * dh, j * dw, 0), (b, i * dh + (ho - 1) * sh + 1, j * dw + (wo - 1) * sw + 1, c),
+                             (1, sh, sw, 1))
+            y = taps.astype(acc) * kernel[i, j, 0].astype(acc)
+            out = y if out is None else out + y
+    return out.astype(x.dtype)
+
+
 def conv2d(
     x: Array,
     kernel: Array,
@@ -112,13 +145,17 @@ def conv2d(
 ) -> Array:
     """NHWC x HWIO convolution with explicit padding, as `torch.nn.functional.conv2d` computes it.
 
-    Output maps of at most `small_map_max_pixels` pixels (None: `SMALL_MAP_MAX_PIXELS`)
-    take the shifted-matmul path; the choice is made at trace time from static shapes.
+    Depthwise convolutions (one input channel per output channel) take `depthwise_conv`;
+    others with output maps of at most `small_map_max_pixels` pixels (None:
+    `SMALL_MAP_MAX_PIXELS`) take the shifted-matmul path. The choice is made at trace time
+    from static shapes.
     """
     kh, kw = kernel.shape[:2]
     ho = conv_output_size(x.shape[1], kh, strides[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[2], kw, strides[1], padding[1], dilation[1])
     limit = SMALL_MAP_MAX_PIXELS if small_map_max_pixels is None else small_map_max_pixels
+    if groups > 1 and groups == x.shape[3] == kernel.shape[3]:
+        return depthwise_conv(x, kernel, strides, padding, dilation)
     if ho * wo <= limit:
         return shifted_matmul_conv(x, kernel, strides, padding, dilation, groups)
     return lax.conv_general_dilated(
@@ -380,6 +417,16 @@ def global_pool(x: Array, pool_type: str) -> Array:
     if pool_type == "catavgmax":
         return jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
     raise ValueError(f"unknown global_pool {pool_type!r}: use 'avg', 'max', 'avgmax', 'catavgmax' or ''")
+
+
+class Activation(nn.Module):
+    """A parameter-free activation as a named submodule, where timm has one (`act1`): its
+    output is then addressable by timm's module name (`torch2flax.features`)."""
+
+    fn: Callable[[Array], Array] = nn.relu
+
+    def __call__(self, x: Array) -> Array:
+        return self.fn(x)
 
 
 class DropPath(nn.Module):

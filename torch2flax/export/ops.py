@@ -613,10 +613,10 @@ def conv2d_nhwc(x, w, stride, padding, dilation, groups):
     """A 2-D convolution on NHWC input with torch's (O, I/g, kH, kW) kernel, via `layers.conv2d`."""
     stride, dilation, padding = (tuple(v) * (2 // len(v)) for v in (stride, dilation, padding))
     # The small-map path (one einsum per kernel tap) is kept for what it was measured on: dense
-    # convs of at most 3x3 taps. Depthwise convs cost XLA:CPU 3x the compile time that way
-    # (mobilenetv3_small_100 train step at 32 px: 49 s vs 16 s), and a ViT's 16x16 patch embedding
-    # on a 2x2 map becomes 256 einsums (14.6 s to compile a 2-block ViT vs 1 s).
-    shifted_ok = w.shape[2] * w.shape[3] <= 9 and not (groups > 1 and groups == x.shape[3])
+    # convs of at most 3x3 taps (a ViT's 16x16 patch embedding on a 2x2 map would become 256
+    # einsums: 14.6 s to compile a 2-block ViT vs 1 s). Depthwise convs take `layers.depthwise_conv`
+    # (elementwise taps: no einsums) at every map size.
+    shifted_ok = w.shape[2] * w.shape[3] <= 9
     return layers.conv2d(x, w.transpose(2, 3, 1, 0), stride, tuple((p, p) for p in padding), dilation, groups,
                          small_map_max_pixels=None if shifted_ok else 0)
 
