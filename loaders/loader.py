@@ -1,7 +1,7 @@
 """`make_loader`: a torch DataLoader with the defaults a JAX training loop needs.
 
 - Batches are host dicts of NumPy arrays already shaped for `pmap`:
-  `[num_devices, batch_size // num_devices, ...]` (`image` uint8, `label` int64,
+  `[num_devices, batch_size // (process_count * num_devices), ...]` (`image` uint8, `label` int64,
   `id` strings; `mask` bool in evaluation).
 - Training batches are full and shuffled (drop_last); evaluation batches cover
   every sample exactly once, the last one padded to the full batch size (shapes
@@ -9,6 +9,12 @@
 - Shuffling is a function of (seed, epoch) and each sample's augmentation of
   (seed, epoch, index): batches do not depend on `num_workers` or on which
   worker loads what, two runs with one seed are identical, epochs differ.
+- Multi-host (`process_count` > 1): `batch_size` is the global batch. Every process
+  computes the same global order and loads its own slice of each global batch
+  (process p: rows [p * b, (p + 1) * b) for b = batch_size / process_count), so N
+  processes see exactly the samples, positions and augmentation seeds of one process
+  with the same global batch. Evaluation slices past the end are padded (`mask`
+  False); every process yields the same number of batches, as collectives need.
 - Workers start with forkserver (spawn where unavailable), never fork: JAX runs
   threads, and forking a process with threads can deadlock. They persist
   across epochs, so their start-up cost is paid once.
@@ -187,11 +193,13 @@ class _SeededDataset(torch.utils.data.Dataset):
         # _augmenters: found again in each worker's own copy.
         return _unpickled, (type(self), cloudpickle.dumps((self.dataset, self.seed)))
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, bool]) -> Any:
         if torch.utils.data.get_worker_info() is None:  # the caller's process: leave its RNGs as they were
             with preserved_global_rngs():
-                return self._load(*key)
-        return self._load(*key)
+                sample = self._load(*key[:2])
+        else:
+            sample = self._load(*key[:2])
+        return _Filler(sample) if len(key) == 3 else sample
 
     def _load(self, epoch: int, index: int) -> Any:
         if self._augmenters is None:
@@ -208,6 +216,14 @@ class _SeededDataset(torch.utils.data.Dataset):
             if hasattr(e, "add_note"):  # Python >= 3.11
                 e.add_note(f"(make_loader: while loading sample {index} of epoch {epoch})")
             raise
+
+
+class _Filler:
+    """A sample loaded only for its field shapes: the whole (padded) batch of a process whose
+    slice of the last evaluation batch is empty."""
+
+    def __init__(self, sample: Any):
+        self.sample = sample
 
 
 def _unpickled(cls: type, payload: bytes) -> Any:
@@ -257,15 +273,22 @@ def _no_main_reimport() -> Iterator[None]:
 
 
 class _EpochBatchSampler(torch.utils.data.Sampler):
-    """Batches of (epoch, index) keys; the order is a function of (seed, epoch) only."""
+    """Batches of (epoch, index) keys; the order is a function of (seed, epoch) only.
 
-    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int):
+    `batch_size` is the global batch; process `process_index` of `process_count` gets its
+    slice of each. A slice past the end of the data yields one filler key (epoch, index, True).
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, *, shuffle: bool, drop_last: bool, seed: int,
+                 process_index: int = 0, process_count: int = 1):
         self.num_samples = num_samples
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
+        self.local_batch_size = batch_size // process_count
+        self.start = process_index * self.local_batch_size
 
     def __len__(self) -> int:
         if self.drop_last:
@@ -279,7 +302,9 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
             order = np.arange(self.num_samples)
         epoch = self.epoch
         for b in range(len(self)):
-            yield [(epoch, int(i)) for i in order[b * self.batch_size : (b + 1) * self.batch_size]]
+            lo = b * self.batch_size + self.start
+            keys = [(epoch, int(i)) for i in order[lo : lo + self.local_batch_size]]
+            yield keys or [(epoch, int(order[0]), True)]
 
 
 class _Collate:
@@ -302,7 +327,10 @@ class _Collate:
         return {**self.__dict__, "_pool": None}  # each worker makes its own
 
     def __call__(self, samples: Sequence[Any]) -> dict[str, Any] | SharedBatch:
-        batch = numpy_collate(samples)
+        if isinstance(samples[0], _Filler):  # no real rows: all padding, shaped like the data
+            batch = {k: x[:0] for k, x in numpy_collate([samples[0].sample]).items()}
+        else:
+            batch = numpy_collate(samples)
         batch = shard_batch(batch, self.num_devices, pad=self.pad,
                             pad_to=self.batch_size if self.pad else None)
         if torch.utils.data.get_worker_info() is None:
@@ -374,7 +402,13 @@ class Loader:
 
     @property
     def batch_size(self) -> int:
+        """The global batch (all processes together)."""
         return self.sampler.batch_size
+
+    @property
+    def local_batch_size(self) -> int:
+        """The rows of each batch this process loads."""
+        return self.sampler.local_batch_size
 
     @property
     def epoch(self) -> int:
@@ -400,7 +434,8 @@ class Loader:
             yield unpack(batch) if isinstance(batch, SharedBatch) else batch
 
     def __repr__(self) -> str:
-        return (f"Loader(batches={len(self)}, batch_size={self.batch_size}, "
+        local = "" if self.local_batch_size == self.batch_size else f", local_batch_size={self.local_batch_size}"
+        return (f"Loader(batches={len(self)}, batch_size={self.batch_size}{local}, "
                 f"num_devices={self.num_devices}, train={self.train}, "
                 f"num_workers={self.dataloader.num_workers})")
 
@@ -420,6 +455,8 @@ def make_loader(
     prefetch_factor: int = 2,
     multiprocessing_context: str | mp.context.BaseContext | None = None,
     timeout: float = 0,
+    process_index: int | None = None,
+    process_count: int | None = None,
 ) -> Loader:
     """Wrap a map-style dataset in a DataLoader yielding `[num_devices, per_device, ...]` batches.
 
@@ -430,10 +467,12 @@ def make_loader(
         (through attributes, closures and the globals its functions name) and the
         process-wide generators (`random`, `np.random`, torch, OpenCV) are seeded from
         (seed, epoch, index); randomness from any other source is not controlled.
-      batch_size: global batch per process; must be divisible by `num_devices`.
+      batch_size: the global batch, over every device of every process; each process loads
+        `batch_size / process_count` rows, which must be divisible by `num_devices`.
       train: True: shuffled, full batches (drop_last), no mask. False: in order,
         every sample exactly once, last batch padded, bool `mask` always present.
-      num_devices: leading axis of every array; None means `jax.local_device_count()`.
+      num_devices: leading axis of every array (this process's devices); None means
+        `jax.local_device_count()`.
       num_workers: DataLoader worker processes (0 loads in the main process); "auto" picks
         one per usable CPU less one, capped by memory and by the batches per epoch
         (`resolve_num_workers`, with a 224 px RGB uint8 image per sample assumed for the
@@ -444,13 +483,26 @@ def make_loader(
       multiprocessing_context: override the start method ("forkserver"/"spawn");
         "fork" is refused because JAX's threads make it deadlock-prone.
       timeout: seconds to wait for a batch from a worker (0: forever).
+      process_index, process_count: this process and the number of processes of a
+        multi-host run (None: `jax.process_index()`, `jax.process_count()`); every process
+        passes the whole dataset and loads its slice of each global batch (module doc).
     """
-    if num_devices is None:
+    if num_devices is None or process_index is None or process_count is None:
         import jax
 
-        num_devices = jax.local_device_count()
+        num_devices = jax.local_device_count() if num_devices is None else num_devices
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
     if batch_size < 1 or num_devices < 1:
         raise ValueError(f"batch_size and num_devices must be >= 1, got {batch_size} and {num_devices}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+    if process_count > 1 and batch_size % (process_count * num_devices):
+        total = process_count * num_devices
+        raise ValueError(
+            f"batch_size {batch_size} (the global batch) is not divisible by {process_count} processes "
+            f"x {num_devices} devices: use a multiple of {total} (e.g. {max(total, batch_size - batch_size % total)})"
+        )
     if batch_size % num_devices:
         raise ValueError(
             f"batch_size {batch_size} is not divisible by num_devices {num_devices}: the global "
@@ -463,10 +515,12 @@ def make_loader(
             f"dataset has {num_samples} samples, fewer than one training batch of {batch_size} "
             "(training drops incomplete batches)"
         )
-    sampler = _EpochBatchSampler(num_samples, batch_size, shuffle=train, drop_last=train, seed=seed)
+    sampler = _EpochBatchSampler(num_samples, batch_size, shuffle=train, drop_last=train, seed=seed,
+                                 process_index=process_index, process_count=process_count)
+    local_batch = sampler.local_batch_size
     auto = num_workers == AUTO
     num_workers, workers_reason = resolve_num_workers(
-        num_workers, per_worker_bytes=worker_memory_bytes(batch_size * (224 * 224 * 3 + 8), prefetch_factor))
+        num_workers, per_worker_bytes=worker_memory_bytes(local_batch * (224 * 224 * 3 + 8), prefetch_factor))
     if auto and num_workers > len(sampler):  # a worker beyond the batch count never gets one
         num_workers = len(sampler)
         workers_reason += f", capped to {num_workers} by the {len(sampler)} batches per epoch"
@@ -493,7 +547,7 @@ def make_loader(
     dataloader = torch.utils.data.DataLoader(
         _SeededDataset(dataset, seed),
         batch_sampler=sampler,
-        collate_fn=_Collate(batch_size, num_devices, pad=not train,
+        collate_fn=_Collate(local_batch, num_devices, pad=not train,
                             max_slots=slots_per_worker(prefetch_factor, num_workers)),
         num_workers=num_workers,
         pin_memory=False,

@@ -6,11 +6,12 @@ import io
 import os
 from dataclasses import dataclass
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
-from torch2flax.train import artifacts
+from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import load_checkpoint
 from torch2flax.train.parallel import Parallel, select_devices
 from torch2flax.train.steps import COMPUTE_DTYPES, predict_step
@@ -34,7 +35,13 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     """Predict every record of `test` (in file order) and write `id,label` to `out`.
 
     Image size and centre crop default to what the checkpoint was validated with.
+
+    Multi-host: every process runs `predict` with the same arguments (`batch_size` is the
+    global batch) and predicts its slice of each batch; process 0 gathers the rows and
+    writes the files; every process returns the whole result.
     """
+    distributed.initialize()
+    progress = progress and distributed.is_main()
     module, variables, saved = load_checkpoint(checkpoint)
     data = saved.data if saved is not None else None  # None: a plain model file
     size = image_size or (data.image_size if data else int(module.pretrained_cfg["input_size"][-1]))
@@ -43,30 +50,38 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     dataset = TFRecordDataset(test, features=TEST_FEATURES,
                               transform=RecordTransform(eval_transform(size, crop_pct=crop)))
     loader = make_loader(dataset, batch_size, train=False, num_devices=len(par.devices),
-                         num_workers=num_workers)
+                         num_workers=num_workers, process_index=jax.process_index(),
+                         process_count=jax.process_count())
     cfg = module.pretrained_cfg
     step = par.compile(functools.partial(
         predict_step, module=module.clone(dtype=COMPUTE_DTYPES[dtype]), mean=tuple(cfg["mean"]),
         std=tuple(cfg["std"]), dtype=COMPUTE_DTYPES[dtype], tta=tta))
     variables = par.replicate(variables)
-    all_ids, all_probs = [], []
-    for batch in tqdm(par.feed(loader), total=len(loader), desc="predict", unit="batch",
-                      disable=not progress):
+    all_ids, all_probs, all_rows = [], [], []
+    local = loader.local_batch_size
+    for b, batch in enumerate(tqdm(par.feed(loader), total=len(loader), desc="predict", unit="batch",
+                                   disable=not progress)):
         p = par.gather(step(variables, batch["image"]))
-        mask = np.asarray(batch["mask"]).reshape(-1)
+        mask = par.gather(batch["mask"]).reshape(-1)
         all_probs.append(p[mask])
         all_ids.append(np.asarray(batch["id"]).reshape(-1)[mask])
-    ids = np.concatenate(all_ids)
-    prob = np.concatenate(all_probs).astype(np.float32)
+        # The dataset position of each row: this process's slice of global batch b.
+        all_rows.append(b * batch_size + jax.process_index() * local + np.flatnonzero(mask))
+    gathered = distributed.gather_rows({"id": np.concatenate(all_ids), "row": np.concatenate(all_rows),
+                                        "prob": np.concatenate(all_probs).astype(np.float32)})
+    order = np.argsort(gathered["row"], kind="stable")  # file order
+    ids, prob, rows = gathered["id"][order], gathered["prob"][order], gathered["row"][order]
     labels = prob.argmax(-1)
-    if len(ids) != len(dataset):
-        raise RuntimeError(f"predicted {len(ids)} records but {test} holds {len(dataset)}")
-    lines = ["id,label"] + [f"{i},{int(label)}" for i, label in zip(ids, labels)]
-    artifacts.atomic_write_text(out, "\n".join(lines) + "\n")
-    files = [out]
-    if probs:
-        buf = io.BytesIO()
-        np.save(buf, prob)
-        artifacts.atomic_write_bytes(probs, buf.getvalue())
-        files.append(probs)
+    if not np.array_equal(rows, np.arange(len(dataset))):
+        raise RuntimeError(f"predicted {len(ids)} records ({len(np.unique(rows))} distinct) but {test} "
+                           f"holds {len(dataset)}")
+    files = [out] + ([probs] if probs else [])
+    if distributed.is_main():
+        lines = ["id,label"] + [f"{i},{int(label)}" for i, label in zip(ids, labels)]
+        artifacts.atomic_write_text(out, "\n".join(lines) + "\n")
+        if probs:
+            buf = io.BytesIO()
+            np.save(buf, prob)
+            artifacts.atomic_write_bytes(probs, buf.getvalue())
+    distributed.barrier("torch2flax: predictions written")
     return PredictResult(ids=ids, labels=labels, probs=prob, files=[os.path.abspath(f) for f in files])

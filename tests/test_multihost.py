@@ -1,0 +1,295 @@
+"""Multi-host training on jax.distributed: 2 processes x 4 CPU devices on 127.0.0.1 against
+1 process x 8 devices with the same global batch and seed.
+
+One launch per process covers train (pmap, stopped after epoch 1), `--resume` (epoch 2,
+the compiled steps reused) and predict (jit layout: global `NamedSharding` arrays), through
+`torch2flax.cli.main`; the 1 x 8 reference (pmap) runs in this process meanwhile. Training
+under `--parallel jit` on 2 processes is left out to keep the file within its time budget
+(its compile doubles the launch's cost on 2 cores); it shares the jit feed, replication
+and read-back that predict checks here. Records: 64 training (2 global batches of 32),
+56 validation (the last global batch is padded on process 1 only) and 37 test (predicted in
+global batches of 16: process 1's slice of the last one is empty).
+"""
+import contextlib
+import csv
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from tests.helpers import write_flower_tfrecords
+
+NUM_CLASSES = 4
+SIZE = 32
+LAUNCH_TIMEOUT = 240  # seconds for a whole launch on a loaded 2-core machine
+# The driver each process runs: the CLI commands in order, timed, stopping at the first failure.
+DRIVER = """
+import json, sys, time
+from torch2flax.cli import main
+start = time.monotonic()
+for argv in json.loads(sys.argv[1]):
+    rc = main(argv)
+    print(f"driver: {argv[0]} done at {time.monotonic() - start:.1f} s (rc {rc})", flush=True)
+    if rc:
+        sys.exit(rc)
+"""
+
+
+@pytest.fixture(scope="module")
+def flowers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flowers")
+    sets = {
+        "train": write_flower_tfrecords(root / "train", num_records=64, num_shards=2, num_classes=NUM_CLASSES,
+                                        size=SIZE, seed=1, id_prefix="tr"),
+        "val": write_flower_tfrecords(root / "val", num_records=56, num_shards=2, num_classes=NUM_CLASSES,
+                                      size=SIZE, seed=2, id_prefix="va"),
+        "test": write_flower_tfrecords(root / "test", num_records=37, num_shards=2, labels=False,
+                                       num_classes=NUM_CLASSES, size=SIZE, seed=3, id_prefix="te"),
+    }
+    return sets, {k: str(root / k / "*.tfrec") for k in sets}
+
+
+def _train_args(globs, out, **overrides):
+    """TrainConfig fields (test_train.py's settings on a smaller set); `batch_size` is the global batch."""
+    return dict(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES, model="resnet18",
+                image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
+                warmup_epochs=0.5, num_workers=0, seed=0, out=str(out), **overrides)
+
+
+def _argv(command, values):
+    return [command] + [x for k, v in values.items() for x in ("--" + k.replace("_", "-"), str(v))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def _launch(tmp_path, commands, *, num_processes=2, peer_timeout=30):
+    """Start `num_processes` processes x 4 CPU devices running the CLI `commands`; yields the
+    Popen objects and their log paths. Every process is killed on the way out."""
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+           "TORCH2FLAX_COORDINATOR": f"127.0.0.1:{port}", "TORCH2FLAX_NUM_PROCESSES": str(num_processes),
+           "TORCH2FLAX_PEER_TIMEOUT": str(peer_timeout)}
+    procs, logs = [], []
+    try:
+        for i in range(num_processes):
+            logs.append(tmp_path / f"process{i}.log")
+            with open(logs[-1], "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-c", DRIVER, json.dumps(commands)],
+                                              env={**env, "TORCH2FLAX_PROCESS_ID": str(i)},
+                                              stdout=log, stderr=subprocess.STDOUT))
+        yield procs, logs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+
+
+def _wait(procs, logs, timeout=LAUNCH_TIMEOUT):
+    deadline = time.monotonic() + timeout
+    for p, log in zip(procs, logs):
+        try:
+            p.wait(max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{log.name} still running after {timeout} s:\n{_tail(log)}")
+        assert p.returncode == 0, f"{log.name} exited {p.returncode}:\n{_tail(log)}"
+
+
+def _tail(log, n=4000):
+    text = "\n".join(line for line in log.read_text().splitlines() if "[Gloo]" not in line)
+    return text[-n:]
+
+
+def _leaves(path):
+    import jax
+
+    import torch2flax
+
+    _, variables = torch2flax.load(path)
+    return jax.tree_util.tree_leaves(variables)
+
+
+def _rel_diff(a_leaves, b_leaves):
+    pairs = [(np.asarray(a, np.float64), np.asarray(b, np.float64)) for a, b in zip(a_leaves, b_leaves, strict=True)]
+    return float(np.sqrt(sum(((a - b) ** 2).sum() for a, b in pairs)) / np.sqrt(sum((b ** 2).sum() for _, b in pairs)))
+
+
+@pytest.fixture(scope="module")
+def runs(flowers, tmp_path_factory):
+    """The 2 x 4 launch and the 1 x 8 reference (computed here while the launch runs)."""
+    from torch2flax.train import TrainConfig, fit, predict
+
+    _, globs = flowers
+    tmp = tmp_path_factory.mktemp("multihost")
+    out, ref_out = tmp / "run", tmp / "ref"
+    test = {"test": globs["test"], "batch_size": 16, "num_workers": 0}
+    commands = [
+        _argv("train", _train_args(globs, out, parallel="pmap", stop_after_epochs=1)) + ["--quiet"],
+        ["train", "--resume", str(out), "--quiet"],
+        _argv("predict", {"checkpoint": out / "best.msgpack", "out": tmp / "jit.csv", "parallel": "jit",
+                          "probs": tmp / "jit.npy", **test}) + ["--quiet"],
+    ]
+    started = time.monotonic()
+    with _launch(tmp, commands) as (procs, logs):
+        ref = fit(TrainConfig(**_train_args(globs, ref_out, num_devices=8)), progress=False)
+        ref_pred = predict(str(ref_out / "best.msgpack"), globs["test"], str(tmp / "ref.csv"), batch_size=16,
+                           num_workers=0, progress=False)
+        _wait(procs, logs)
+    print(f"2 x 4 launch and 1 x 8 reference: {time.monotonic() - started:.0f} s")
+    return dict(tmp=tmp, out=out, ref_out=ref_out, ref=ref, ref_pred=ref_pred, logs=logs)
+
+
+def _metrics(path):
+    with open(path) as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def test_two_processes_train_like_one_process_with_eight_devices(runs):
+    """Same samples in the same global positions with the same augmentation: epoch 0's loss to
+    1e-5 (measured: equal to the last bit), the parameters after an epoch and a resumed
+    epoch to the single-host device tests' bound, validation identical."""
+    rows, ref = _metrics(runs["out"] / "metrics.csv"), runs["ref"].history
+    assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 0 from the first command, 1 resumed
+    assert rows[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-5)
+    for row, r in zip(rows, ref, strict=True):
+        assert row["train_loss"] == pytest.approx(r["train_loss"], rel=2e-3)
+        assert row["val_macro_f1"] == r["val_macro_f1"]
+        assert row["val_accuracy"] == r["val_accuracy"]  # every validation record counted once
+    assert _rel_diff(_leaves(runs["out"] / "last.msgpack"), _leaves(runs["ref_out"] / "last.msgpack")) < 1e-2
+    for name in ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack"):
+        assert (runs["out"] / name).stat().st_size > 0, name
+    # Process 0 reports and writes; process 1 says nothing of its own.
+    assert "wrote to" in runs["logs"][0].read_text() and "wrote to" not in runs["logs"][1].read_text()
+
+
+def test_predict_on_two_processes_writes_the_one_process_submission(runs, flowers):
+    sets, _ = flowers
+    ref_csv = (runs["tmp"] / "ref.csv").read_text()
+    assert (runs["tmp"] / "jit.csv").read_text() == ref_csv
+    assert [line.split(",")[0] for line in ref_csv.splitlines()[1:]] == sets["test"].ids  # file order, once
+    np.testing.assert_allclose(np.load(runs["tmp"] / "jit.npy"), runs["ref_pred"].probs, rtol=0, atol=1e-5)
+
+
+def _loader(dataset, batch_size, process_index, process_count, train):
+    from torch2flax.loaders import make_loader
+
+    return make_loader(dataset, batch_size, train=train, num_devices=4,
+                       num_workers=0, process_index=process_index, process_count=process_count)
+
+
+def _dataset(files, train):
+    from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, train_transform
+
+    augment = train_transform(SIZE, scale=(0.5, 1.0)) if train else eval_transform(SIZE, crop_pct=1.0)
+    return TFRecordDataset(files, {"image": "bytes", "class": "int", "id": "str"},
+                           transform=RecordTransform(augment))
+
+
+def test_process_slices_of_training_batches_are_the_one_process_batches(flowers):
+    """Each process's slice of each global batch, put side by side, is the one-process batch:
+    same records in the same places, same augmentation (seeded by the global index)."""
+    sets, _ = flowers
+    ds = _dataset(sets["train"].files, train=True)
+    one = _loader(ds, 32, 0, 1, train=True)
+    parts = [_loader(ds, 32, p, 2, train=True) for p in range(2)]
+    assert len(one) == len(parts[0]) == len(parts[1]) == 2
+    assert parts[0].local_batch_size == 16 and parts[0].batch_size == 32
+    for epoch in (0, 1):
+        for loader in (one, *parts):
+            loader.set_epoch(epoch)
+        for whole, *sliced in zip(one, *parts, strict=True):
+            for key in ("id", "label", "image"):
+                joined = np.concatenate([s[key].reshape(-1, *s[key].shape[2:]) for s in sliced])
+                np.testing.assert_array_equal(joined, whole[key].reshape(joined.shape))
+
+
+@pytest.mark.parametrize("num_records, batch_size, padded", [(56, 32, {1}), (37, 16, {0, 1})],
+                         ids=["pad-one-host", "empty-slice"])
+def test_evaluation_covers_every_record_once_across_processes(flowers, tmp_path, num_records, batch_size, padded):
+    """Every record exactly once over both processes, with the same number of batches on each;
+    56 = 32 + 24: only process 1 pads; 37 = 2 x 16 + 5: process 1's last slice is all padding."""
+    sets = write_flower_tfrecords(tmp_path, num_records=num_records, num_shards=2, num_classes=NUM_CLASSES,
+                                  size=16, seed=5)
+    ds = _dataset(sets.files, train=False)
+    seen, pads = [], set()
+    batches = [list(_loader(ds, batch_size, p, 2, train=False)) for p in range(2)]
+    assert len(batches[0]) == len(batches[1]) == -(-num_records // batch_size)
+    for p, loader_batches in enumerate(batches):
+        for batch in loader_batches:
+            mask = batch["mask"].reshape(-1)
+            assert mask.shape == (batch_size // 2,) and batch["image"].shape[:2] == (4, batch_size // 8)
+            seen += list(batch["id"].reshape(-1)[mask])
+            if not mask.all():
+                pads.add(p)
+    assert sorted(seen) == sorted(sets.ids) and len(seen) == num_records
+    assert pads == padded
+
+
+def test_a_dead_process_stops_the_other_and_the_last_checkpoint_resumes_on_one(flowers, runs, tmp_path):
+    """Process 1 is killed once epoch 1's checkpoint exists: process 0, waiting for it in a
+    collective, exits with an error within the peer timeout. last.msgpack loads, and resuming
+    it in this process (1 x 8 devices: another process count) finishes the reference run.
+    The run's settings are the `runs` launch's, so its programs come from the compilation
+    cache, and the resumed epoch reuses the reference's compiled steps."""
+    from torch2flax.train import TrainConfig, fit
+    from torch2flax.train.checkpoint import load_checkpoint
+
+    _, globs = flowers
+    out = tmp_path / "run"
+    commands = [_argv("train", _train_args(globs, out)) + ["--quiet"]]
+    with _launch(tmp_path, commands, peer_timeout=10) as (procs, logs):
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while not (out / "last.msgpack").exists():
+            assert time.monotonic() < deadline, _tail(logs[0])
+            assert procs[0].poll() is None and procs[1].poll() is None, _tail(logs[0]) + _tail(logs[1])
+            time.sleep(0.2)
+        procs[1].send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        try:
+            rc = procs[0].wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"process 0 still running 60 s after process 1 died:\n{_tail(logs[0])}")
+        waited = time.monotonic() - killed
+    assert rc != 0, _tail(logs[0])
+    assert waited < 60
+    assert "another task died" in logs[0].read_text() or "unhealthy" in logs[0].read_text(), _tail(logs[0])
+    module, variables, saved = load_checkpoint(out / "last.msgpack")
+    assert saved.epoch == 0 and saved.opt_state is not None and set(variables) == {"params", "batch_stats"}
+    resumed = fit(TrainConfig(**_train_args(globs, out, num_devices=8)), resume=True, progress=False)
+    last, ref = resumed.history[-1], runs["ref"].history[-1]
+    assert last["epoch"] == 1 and last["val_macro_f1"] == ref["val_macro_f1"]
+    assert last["train_loss"] == pytest.approx(ref["train_loss"], rel=2e-3)
+    assert _rel_diff(_leaves(out / "last.msgpack"), _leaves(runs["ref_out"] / "last.msgpack")) < 1e-2
+
+
+def test_launch_settings_come_from_arguments_or_the_environment(monkeypatch):
+    from torch2flax.train import distributed
+
+    for name in (distributed.ENV_DISTRIBUTED, distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+                 distributed.ENV_PROCESS_ID, "JAX_COORDINATOR_ADDRESS"):
+        monkeypatch.delenv(name, raising=False)
+    assert not distributed.requested() and distributed.initialize() is False  # a plain run stays single
+    assert distributed.requested(coordinator="10.0.0.1:1234")
+    monkeypatch.setenv(distributed.ENV_DISTRIBUTED, "1")
+    assert distributed.requested()
+    assert distributed.initialize(enabled=False) is False
+    monkeypatch.delenv(distributed.ENV_DISTRIBUTED)
+    with pytest.raises(ValueError, match="needs --num-processes and --process-id"):
+        distributed.initialize("10.0.0.1:1234", num_processes=2)
+    with pytest.raises(ValueError, match=r"process id 2 is outside \[0, 2\)"):
+        distributed.initialize("10.0.0.1:1234", num_processes=2, process_id=2)
+    monkeypatch.setenv(distributed.ENV_COORDINATOR, "10.0.0.1:1234")
+    monkeypatch.setenv(distributed.ENV_NUM_PROCESSES, "two")
+    with pytest.raises(ValueError, match="TORCH2FLAX_NUM_PROCESSES='two': expected an integer"):
+        distributed.initialize()
