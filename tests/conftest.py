@@ -52,7 +52,8 @@ def pytest_configure(config):
 # The longest test files, longest first: with `--dist loadfile --no-loadscope-reorder` (Makefile)
 # pytest-xdist hands out files in collection order (by default it orders them by test count, which
 # sent the 2-test, 3-minute shell fine-tune file last: one worker ran it alone for 3 minutes).
-_LONGEST_FIRST = ("test_finetune.py", "test_train.py", "test_export.py", "test_notebook.py", "test_demo.py")
+_LONGEST_FIRST = ("test_finetune.py", "test_train.py", "test_multihost.py", "test_export.py", "test_explain.py",
+                  "test_heads.py", "test_demo.py", "test_notebook.py")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -55,3 +55,31 @@ def test_demo_one_epoch_writes_everything(tmp_path):
     for name in ("resnet18.msgpack", "train/best.msgpack", "train/last.msgpack", "train/curves.png"):
         assert (out / name).stat().st_size > 0
         assert str(out / name) in log  # the summary lists every file written
+    check_gradcam(out, env)
+
+
+def check_gradcam(out, env):
+    """`torch2flax gradcam` on the demo's checkpoint: overlays at the image's size, per class."""
+    import numpy as np
+    from PIL import Image
+
+    from torch2flax.cli import main
+
+    args = ["gradcam", "--checkpoint", str(out / "train" / "best.msgpack"), "--images",
+            str(out / "data" / "val" / "*.tfrec"), "--num", "6"]
+    proc = subprocess.run([sys.executable, "-c", OFFLINE_CLI, *args, "--class", "0", "--out", str(out / "cam0")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"wrote 6 gradcam overlays (layer2) and grid.png to {out / 'cam0'}" in proc.stdout
+    assert main([*args, "--class", "1", "--out", str(out / "cam1")]) == 0  # in-process: saves an import
+    pictures = {}
+    for k in (0, 1):
+        files = sorted((out / f"cam{k}").glob("0*.png"))
+        assert len(files) == 6 and (out / f"cam{k}" / "grid.png").stat().st_size > 0
+        for f in files:
+            image = Image.open(f)
+            assert image.size == (32, 32)  # the demo's image size
+            assert f"gradcam of class {k} at layer2" in image.text["Title"] and "true " in image.text["Title"]
+        pictures[k] = np.stack([np.asarray(Image.open(f)) for f in files]).astype(int)
+    assert [f.name for f in sorted((out / "cam0").glob("0*.png"))] == [f.name for f in sorted((out / "cam1").glob("0*.png"))]
+    assert np.abs(pictures[0] - pictures[1]).mean() > 5  # another class, another heatmap

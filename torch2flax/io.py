@@ -6,7 +6,8 @@
   `{"config": <json str>, "variables": <state dict>}`. It is self-contained and
   authoritative: `load` needs nothing else.
 * `path + ".json"` (e.g. `r50.msgpack.json`): the same config, human-readable
-  (registry name, constructor arguments, format version).
+  (registry name, constructor arguments, format version; a model with an add-on head,
+  `torch2flax.heads`, adds `"head"`: the head's class and fields).
 
 Both are written atomically (temporary file in the same directory, fsync,
 `os.replace`), the msgpack last, so a kill at any moment leaves either the old
@@ -58,9 +59,14 @@ def module_config(module: Any) -> dict[str, Any]:
 
     An exported-graph model (`torch2flax.export`) records `"backend": "export"` and what
     rebuilding it needs (timm name and kwargs, image size): `load` re-exports it from timm.
+    A model with an add-on head (`torch2flax.heads.HeadModel`) is its backbone's config plus
+    `"head"`: the head's class (module and qualname) and its fields.
     """
+    from torch2flax.heads import HeadModel
     from torch2flax.models import model_name
 
+    if isinstance(module, HeadModel):
+        return {**module_config(module.backbone), "head": head_config(module.head)}
     if hasattr(module, "variable_shapes"):  # an ExportedModel
         config = module.config()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": "export",
@@ -81,13 +87,73 @@ def module_config(module: Any) -> dict[str, Any]:
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name(module), "kwargs": kwargs}
 
 
-def module_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
+# Head fields that follow the HeadModel (its dtype and BatchNorm sync axis), not saved with the head.
+_HEAD_MODEL_FIELDS = ("parent", "name", "dtype", "axis_name")
+
+
+def head_config(head: Any) -> dict[str, Any]:
+    """The class (module path + qualname) and JSON-able fields of an add-on head."""
+    cls = type(head)
+    kwargs = {}
+    for f in dataclasses.fields(head):
+        if f.name in _HEAD_MODEL_FIELDS:
+            continue
+        v = getattr(head, f.name)
+        if f.name.endswith("dtype"):
+            v = np.dtype(v).name
+        try:
+            json.dumps(v)
+        except TypeError:
+            raise ValueError(f"{cls.__qualname__}.{f.name}={v!r} cannot be saved: head fields must be "
+                             "JSON values (numbers, strings, bools, None, lists/tuples of them)") from None
+        kwargs[f.name] = list(v) if isinstance(v, tuple) else v
+    return {"module": cls.__module__, "qualname": cls.__qualname__, "kwargs": kwargs}
+
+
+def _tuples(v: Any) -> Any:
+    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
+
+
+def head_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
+    """The head `head_config` describes; a class this process cannot import raises, saying how to pass it."""
+    import importlib
+
+    import jax.numpy as jnp
+
+    module_name, qualname = config["module"], config["qualname"]
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        where = ("the __main__ of the process that saved it (a notebook or script)" if module_name == "__main__"
+                 else f"module {module_name!r}")
+        raise ValueError(f"{source}: its head class {qualname} was defined in {where} and cannot be imported "
+                         f"here; pass the head module: torch2flax.load(path, head={qualname}(...)), or define "
+                         "the class in an importable module") from None
+    kwargs = {k: getattr(jnp, v) if k.endswith("dtype") else _tuples(v) for k, v in config.get("kwargs", {}).items()}
+    return obj(**kwargs)
+
+
+def module_from_config(config: Mapping[str, Any], source: str = "config", head: Any = None) -> Any:
+    """The Flax module a `module_config` describes. `head`: the add-on head module to use instead
+    of rebuilding the saved one (a head class defined in a notebook cannot be imported elsewhere)."""
     import jax.numpy as jnp
 
     from torch2flax.models import create_model
 
     if config.get("format") != FORMAT or "model" not in config:
         raise ValueError(f"{source}: not a torch2flax model config (format={config.get('format')!r})")
+    if "head" in config or head is not None:
+        from torch2flax.heads import HeadModel
+
+        if "head" not in config:
+            raise ValueError(f"{source}: the model has no add-on head, but a head was passed; use "
+                             "torch2flax.with_head to add one")
+        backbone = module_from_config({k: v for k, v in config.items() if k != "head"}, source)
+        if head is None:
+            head = head_from_config(config["head"], source)
+        return HeadModel(backbone, head, dtype=backbone.dtype, axis_name=backbone.axis_name)
     kwargs = dict(config.get("kwargs", {}))
     if config.get("backend", "native") == "export":
         from torch2flax.export.model import ExportedModel
@@ -137,7 +203,7 @@ def model_payload(module: Any, variables: Mapping, source: str = "variables") ->
     import jax
     from flax import serialization
 
-    from torch2flax.converter import variable_shapes
+    from torch2flax.heads import variable_shapes
 
     shapes = variable_shapes(module)
     state = serialization.to_state_dict(variables)
@@ -182,18 +248,19 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
         return {"config": f.read(), "variables": state}
 
 
-def model_from_payload(payload: Mapping[str, Any], source: str) -> tuple[Any, Any]:
-    """`(module, variables)` from `read_payload`'s mapping; a replicated tree is unreplicated."""
+def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None) -> tuple[Any, Any]:
+    """`(module, variables)` from `read_payload`'s mapping; a replicated tree is unreplicated.
+    `head`: as in `module_from_config`."""
     import jax
     import jax.numpy as jnp
     from flax.core import freeze
 
-    from torch2flax.converter import variable_shapes
+    from torch2flax.heads import variable_shapes
 
     tree = payload.get("variables")
     if not isinstance(tree, dict) or "params" not in tree:
         raise ValueError(f"{source}: no 'params' in the stored variables")
-    module = module_from_config(json.loads(payload["config"]), source=source)
+    module = module_from_config(json.loads(payload["config"]), source=source, head=head)
     shapes = variable_shapes(module)
     tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
     tree, _ = unreplicate_like(tree, dict(shapes), source=source)
@@ -209,6 +276,10 @@ def save(path: str | os.PathLike, module: Any, variables: Mapping) -> tuple[str,
     return write_payload(path, model_payload(module, variables, source=f"save({os.fspath(path)})"))
 
 
-def load(path: str | os.PathLike) -> tuple[Any, Any]:
-    """`(module, variables)` from a `save`d file (or any training checkpoint)."""
-    return model_from_payload(read_payload(path), source=os.fspath(path))
+def load(path: str | os.PathLike, *, head: Any = None) -> tuple[Any, Any]:
+    """`(module, variables)` from a `save`d file (or any training checkpoint).
+
+    A model with an add-on head rebuilds its head from the saved class and fields; a head class
+    that cannot be imported here (defined in a notebook's `__main__`) is passed as `head=`.
+    """
+    return model_from_payload(read_payload(path), source=os.fspath(path), head=head)

@@ -1,4 +1,4 @@
-"""`torch2flax train` and `torch2flax predict`."""
+"""`torch2flax train`, `predict`, `gradcam` and `demo`."""
 from __future__ import annotations
 
 import argparse
@@ -9,17 +9,19 @@ from torch2flax.train.config import TrainConfig
 
 # argparse types for fields whose default is None (the default's type says nothing).
 _OPTIONAL_TYPES = {"crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
-                   "num_devices": int}
+                   "num_devices": int, "head": str}
 _HELP = {
     "train": "glob of training TFRecord files", "val": "glob of validation TFRecord files",
     "model": "timm model name (see `torch2flax list`)", "pretrained": "start from timm's pretrained weights",
     "checkpoint": "start from a timm state dict (.pth/.pt/.bin/.safetensors)",
     "init": "start from a torch2flax .msgpack", "out": "output folder",
-    "batch_size": "global batch per process (divisible by the device count)",
+    "batch_size": "global batch over every device of every process (divisible by the total device count)",
     "dtype": "compute dtype; parameters stay float32", "parallel": "pmap (default) or jit with a sharded mesh",
     "sync_bn": "synchronise BatchNorm statistics across devices",
     "ema_decay": "EMA of parameters for evaluation (0 disables)",
     "accum_steps": "gradient accumulation steps per update",
+    "head": "add-on head on the backbone's features, replacing its classifier: mlp[:HIDDEN][,dropout=P,act=relu|silu|gelu,"
+            "norm=BOOL] or gem[:P][,eps=E,dropout=P,learn_p=BOOL], e.g. mlp:512,dropout=0.3",
 }
 
 
@@ -56,6 +58,32 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, **kwargs)
 
 
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    """How this process joins a multi-host run (`train.distributed`); launch settings, not run settings."""
+    from torch2flax.train import distributed as d
+
+    g = parser.add_argument_group("multi-host (one process per host, every process runs the same command)")
+    g.add_argument("--distributed", action="store_true",
+                   help=f"join a multi-process run, detected by JAX on a Cloud TPU pod slice, SLURM or "
+                   f"Open MPI (env {d.ENV_DISTRIBUTED}=1)")
+    g.add_argument("--coordinator", metavar="HOST:PORT",
+                   help=f"process 0's address and a free port, elsewhere (env {d.ENV_COORDINATOR})")
+    g.add_argument("--num-processes", type=int, metavar="N", help=f"with --coordinator (env {d.ENV_NUM_PROCESSES})")
+    g.add_argument("--process-id", type=int, metavar="I", help=f"0..N-1, with --coordinator (env {d.ENV_PROCESS_ID})")
+    g.add_argument("--peer-timeout", type=int, metavar="S",
+                   help=f"seconds before a silent (dead) process stops the others (env {d.ENV_PEER_TIMEOUT}; "
+                   f"default {d.DEFAULT_PEER_TIMEOUT})")
+
+
+def _start_distributed(args: argparse.Namespace) -> bool:
+    """Join the multi-host run the flags or the environment ask for; True where this process writes."""
+    from torch2flax.train import distributed
+
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id,
+                           peer_timeout=args.peer_timeout, enabled=args.distributed or None)
+    return distributed.is_main()
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a timm backbone in Flax on TFRecord data",
                               description="Fine-tune a converted timm model; flags override --config.")
@@ -65,6 +93,7 @@ def register(subparsers) -> None:
                    help="end this invocation after N epochs; continue later with --resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_config_flags(p)
+    _add_distributed_flags(p)
     p.set_defaults(func=run_train)
 
     q = subparsers.add_parser("predict", help="predict a test split and write submission.csv")
@@ -79,7 +108,21 @@ def register(subparsers) -> None:
     q.add_argument("--parallel", choices=("pmap", "jit"), default="pmap")
     q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     q.add_argument("--quiet", action="store_true")
+    _add_distributed_flags(q)
     q.set_defaults(func=run_predict)
+
+    g = subparsers.add_parser("gradcam", help="Grad-CAM overlays of a trained model on images",
+                              description="Write one Grad-CAM overlay PNG per image (the image at the model's "
+                              "input size, heatmap over it; PNG title: predicted and true class) and grid.png.")
+    g.add_argument("--checkpoint", required=True, help="a .msgpack written by `torch2flax train` (or convert)")
+    g.add_argument("--images", required=True, help="glob of image files (.jpg/.png) or of TFRecord files")
+    g.add_argument("--layer", help="timm module name, e.g. layer4 or stages.3 (default: the deepest "
+                   "feature stage with at least a 4x4 map)")
+    g.add_argument("--class", dest="target", type=int, help="explain this class (default: each image's prediction)")
+    g.add_argument("--num", type=int, default=16, help="how many images (default %(default)s)")
+    g.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam")
+    g.add_argument("--out", required=True, help="folder to write the PNGs to")
+    g.set_defaults(func=run_gradcam)
 
     d = subparsers.add_parser("demo", help="the whole job on scikit-learn's digits (no downloads)",
                               description="Write digits TFRecords, convert a timm backbone, fine-tune "
@@ -121,10 +164,13 @@ def run_train(args: argparse.Namespace) -> int:
         from torch2flax.timm_names import check_model_name
 
         check_model_name(config.model)  # before the seconds of importing jax, torch and timm
+    main_process = _start_distributed(args)
     from torch2flax.train.trainer import fit
 
     result = fit(config, resume=bool(args.resume), stop_after_epochs=args.stop_after_epochs,
                  progress=not args.quiet)
+    if not main_process:
+        return 0
     if result.reinitialized:
         print(f"re-initialised for {config.num_classes} classes: {', '.join(result.reinitialized)}")
     print(f"best validation macro F1 {result.best_macro_f1:.4f}; "
@@ -134,13 +180,24 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_predict(args: argparse.Namespace) -> int:
+    main_process = _start_distributed(args)
     from torch2flax.train.inference import predict
 
     result = predict(args.checkpoint, args.test, args.out, tta=args.tta, probs=args.probs,
                      batch_size=args.batch_size, image_size=args.image_size,
                      num_workers=args.num_workers, parallel=args.parallel, dtype=args.dtype,
                      progress=not args.quiet)
-    print(f"predicted {len(result.ids)} records; wrote " + ", ".join(result.files))
+    if main_process:
+        print(f"predicted {len(result.ids)} records; wrote " + ", ".join(result.files))
+    return 0
+
+
+def run_gradcam(args: argparse.Namespace) -> int:
+    from torch2flax.train.explain import write_gradcam
+
+    files, layer = write_gradcam(args.checkpoint, args.images, args.out, layer=args.layer, target=args.target,
+                                 num=args.num, method=args.method)
+    print(f"wrote {len(files) - 1} {args.method} overlays ({layer}) and grid.png to {os.path.abspath(args.out)}")
     return 0
 
 

@@ -31,9 +31,10 @@ class TrainConfig:
     init: str | None = None  # a torch2flax .msgpack to start from
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    head: str | None = None  # add-on head spec, e.g. "mlp:512,dropout=0.3" or "gem" (torch2flax.heads)
     # optimisation
     epochs: int = 10
-    batch_size: int = 64  # global batch per process
+    batch_size: int = 64  # global batch: over every device of every process
     lr: float = 1e-3
     optimizer: str = "adamw"  # adamw | sgd
     momentum: float = 0.9

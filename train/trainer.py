@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
 from torch2flax.loaders.loader import resolve_num_workers, usable_cpus, worker_memory_bytes, workers_for_cpus
-from torch2flax.train import artifacts
+from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, load_checkpoint, save_checkpoint
 from torch2flax.train.config import TrainConfig, dumps
 from torch2flax.train.metrics import accuracy, macro_f1
@@ -45,9 +45,18 @@ class FitResult:
 
 
 def init_model(config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
-    """The starting model: a torch2flax file (`init`) or a timm conversion."""
+    """The starting model: a torch2flax file (`init`) or a timm conversion; with `config.head`,
+    the backbone without its classifier under a freshly initialised add-on head."""
+    from torch2flax.heads import HeadModel
+
     if config.init:
         module, variables = torch2flax.load(config.init)
+        if config.head and not isinstance(module, HeadModel):
+            module, variables = _headless(module, variables)
+            return _add_head(_with_run_settings(module, config), variables, config)
+        if config.head and not _same_head(module.head, config):
+            raise ValueError(f"{config.init} already has an add-on head ({type(module.head).__name__}) that "
+                             f"--head {config.head} does not describe: drop --head to fine-tune the saved one")
         if module.num_classes != config.num_classes:
             raise ValueError(f"{config.init} has a {module.num_classes}-class head, but the run "
                              f"asks for num_classes={config.num_classes}; convert with --num-classes "
@@ -56,16 +65,57 @@ def init_model(config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
     import torch
 
     torch.manual_seed(config.seed)  # a randomly initialised model is reproducible by seed
+    # Under an add-on head the backbone's classifier would be dead weight: convert without it.
     result = torch2flax.convert(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                                num_classes=config.num_classes, drop_rate=config.drop_rate,
+                                num_classes=0 if config.head else config.num_classes, drop_rate=config.drop_rate,
                                 drop_path_rate=config.drop_path_rate, backend=config.backend,
                                 image_size=config.image_size)
     module, variables = result
+    if config.head:
+        return _add_head(module, variables, config)
     return module, variables, tuple(result.reinitialized)
+
+
+def _add_head(module: Any, variables: Any, config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
+    """`config.head` on `module`, initialised from the run's seed; the head's parameter names
+    are what was re-initialised."""
+    from flax.traverse_util import flatten_dict
+
+    from torch2flax.heads import parse_head, with_head
+
+    module, variables = with_head(module, variables, parse_head(config.head, config.num_classes),
+                                  seed=config.seed, image_size=config.image_size)
+    names = tuple(".".join(("head", *k)) for k in flatten_dict(dict(variables["params"]["head"])))
+    return module, variables, names
+
+
+def _same_head(head: Any, config: TrainConfig) -> bool:
+    from torch2flax.heads import parse_head
+    from torch2flax.io import head_config
+
+    return head_config(head) == head_config(parse_head(config.head, config.num_classes))
+
+
+def _headless(module: Any, variables: Any) -> tuple[Any, Any]:
+    """A model file's backbone without its classifier (`num_classes=0`), the other variables kept."""
+    from flax.core import freeze
+    from flax.traverse_util import flatten_dict, unflatten_dict
+
+    from torch2flax.converter import variable_shapes
+
+    if module.num_classes == 0:
+        return module, variables
+    module = module.clone(num_classes=0)
+    keep = flatten_dict(dict(variable_shapes(module)))
+    return module, freeze(unflatten_dict({k: v for k, v in flatten_dict(dict(variables)).items() if k in keep}))
 
 
 def _with_run_settings(module: Any, config: TrainConfig) -> Any:
     """The model file's module with this run's dropout rates (and, exported, the check on its size)."""
+    from torch2flax.heads import HeadModel
+
+    if isinstance(module, HeadModel):  # the rates are the backbone's; the head's are in its spec
+        return module.clone(backbone=_with_run_settings(module.backbone, config))
     if not hasattr(module, "variable_shapes"):
         return module.clone(drop_rate=config.drop_rate, drop_path_rate=config.drop_path_rate)
     # An exported graph is fixed at its image size and has its drop rates baked in: a change
@@ -85,9 +135,9 @@ def eval_crop_pct(config: TrainConfig, module: Any) -> float:
 
 
 def _dataset(pattern: str, transform: RecordTransform) -> TFRecordDataset:
-    ds = TFRecordDataset(pattern, features=TRAIN_FEATURES, transform=transform)
-    # Multi-host: each process reads its own share of the records.
-    return ds.shard(jax.process_index(), jax.process_count()) if jax.process_count() > 1 else ds
+    # Multi-host: every process indexes every file but loads only its slice of each global
+    # batch (make_loader), so N processes see the batches one process would.
+    return TFRecordDataset(pattern, features=TRAIN_FEATURES, transform=transform)
 
 
 def check_labels(dataset: TFRecordDataset, num_classes: int, key: str = "class") -> None:
@@ -105,13 +155,25 @@ def check_labels(dataset: TFRecordDataset, num_classes: int, key: str = "class")
                          f"{labels.min()}..{labels.max()}: set num_classes to at least {labels.max() + 1})")
 
 
+def check_labels_everywhere(dataset: TFRecordDataset, num_classes: int) -> None:
+    """`check_labels` with each process reading its own part; every process stops if any fails."""
+    part = dataset.shard(jax.process_index(), jax.process_count()) if jax.process_count() > 1 else dataset
+    error = None
+    try:
+        check_labels(part, num_classes)
+    except ValueError as e:
+        error = e
+    distributed.raise_if_any(error, "checking the labels")
+
+
 def loader_workers(config: TrainConfig) -> tuple[int, str]:
     """Worker count for each of the two loaders, and why (`resolve_num_workers`).
 
     Both loaders keep their workers between epochs, so "auto" budgets memory for two sets; the
     validation set's workers sit idle while training runs, so the CPUs are counted once.
     """
-    batch_nbytes = config.batch_size * (config.image_size ** 2 * 3 + 8)
+    local_batch = config.batch_size // jax.process_count()
+    batch_nbytes = local_batch * (config.image_size ** 2 * 3 + 8)
     n, why = resolve_num_workers(config.num_workers, per_worker_bytes=2 * worker_memory_bytes(batch_nbytes))
     return n, why + (" (a worker here: one training and one validation worker)" if "per worker" in why else "")
 
@@ -123,10 +185,11 @@ def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int,
         color_jitter=config.color_jitter)))
     val_ds = _dataset(config.val, RecordTransform(eval_transform(config.image_size, crop_pct=crop_pct)))
     for ds in (train_ds, val_ds):
-        check_labels(ds, config.num_classes)
+        check_labels_everywhere(ds, config.num_classes)
     if num_workers is None:
         num_workers, _ = loader_workers(config)
-    common = dict(num_devices=num_devices, seed=config.seed)
+    common = dict(num_devices=num_devices, seed=config.seed, process_index=jax.process_index(),
+                  process_count=jax.process_count())
     val_batches = -(-len(val_ds) // config.batch_size)  # more validation workers would never get a batch
     val_workers = min(num_workers, val_batches) if config.num_workers == "auto" else num_workers
     # make_loader refuses a training set smaller than one batch, naming both sizes.
@@ -172,22 +235,35 @@ class Run:
 
 
 def setup(config: TrainConfig, *, resume: bool) -> Run:
-    """Devices, model (fresh or resumed), loaders, optimiser, compiled steps."""
+    """Devices, model (fresh or resumed), loaders, optimiser, compiled steps.
+
+    Multi-host: only process 0 writes files; every process reads the checkpoint it resumes
+    from, so `config.out` must be on a filesystem they share.
+    """
     num_workers, why = loader_workers(config)
-    # The run's first line: the worker count decides the input throughput on a big host.
-    tqdm.write(f"data: {num_workers} loader workers ({why})")
+    if distributed.is_main():
+        # The run's first line: the worker count decides the input throughput on a big host.
+        tqdm.write(f"data: {num_workers} loader workers ({why})"
+                   + (f" on each of {jax.process_count()} processes" if jax.process_count() > 1 else ""))
     par = Parallel(config.parallel, select_devices(config.num_devices))
-    os.makedirs(config.out, exist_ok=True)
+    if distributed.is_main():
+        os.makedirs(config.out, exist_ok=True)
     paths = {name: os.path.join(config.out, name) for name in
              ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack")}
     saved = None
     if resume:
+        missing = None
         if not os.path.exists(paths["last.msgpack"]):
-            raise FileNotFoundError(f"cannot resume: {paths['last.msgpack']} does not exist")
+            shared = (f" on process {jax.process_index()} (process 0 writes checkpoints: every process needs "
+                      "the run folder on a shared filesystem)" if jax.process_count() > 1 else "")
+            missing = FileNotFoundError(f"cannot resume: {paths['last.msgpack']} does not exist{shared}")
+        distributed.raise_if_any(missing, "finding the checkpoint to resume from")
         module, variables, saved = load_checkpoint(paths["last.msgpack"])
         reinitialized: tuple[str, ...] = ()
     else:
         module, variables, reinitialized = init_model(config)
+        # Replicas must start equal: process 0's initialisation (a random head, say) wins.
+        variables = distributed.broadcast_from_main(variables)
     data = DataSpec(config.image_size, eval_crop_pct(config, module))
     train_loader, val_loader = build_loaders(config, data.crop_pct, len(par.devices), num_workers)
     no_decay = module.no_weight_decay() if hasattr(module, "no_weight_decay") else frozenset()
@@ -202,7 +278,8 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
             run.history = [r for r in artifacts.read_metrics_csv(paths["metrics.csv"])
                            if r["epoch"] < run.start_epoch]
     run.state = par.replicate(run.state)
-    artifacts.atomic_write_text(paths["config.json"], dumps(config))
+    if distributed.is_main():
+        artifacts.atomic_write_text(paths["config.json"], dumps(config))
     return run
 
 
@@ -359,10 +436,14 @@ def run_epoch(run: Run, epoch: int, *, progress: bool) -> dict[str, float]:
     improved = val["val_macro_f1"] > run.best
     run.best = max(run.best, val["val_macro_f1"])
     run.history.append(row)
-    save_checkpoints(run, epoch, improved)
-    artifacts.write_metrics_csv(run.paths["metrics.csv"], run.history)
-    artifacts.plot_curves(run.paths["curves.png"], run.history)
-    hint = None if run.data_hint_shown else data_wait_hint(row, run.train_loader.num_workers)
+    if distributed.is_main():
+        save_checkpoints(run, epoch, improved)
+        artifacts.write_metrics_csv(run.paths["metrics.csv"], run.history)
+        artifacts.plot_curves(run.paths["curves.png"], run.history)
+    # Every process leaves the epoch knowing its files are written (a resume reads them).
+    distributed.barrier(f"torch2flax: epoch {epoch} written")
+    hint = None if run.data_hint_shown or not distributed.is_main() else data_wait_hint(
+        row, run.train_loader.num_workers)
     if hint:
         run.data_hint_shown = True
         tqdm.write(hint)
@@ -380,7 +461,13 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | N
 
     `stop_after_epochs` ends this call early (the schedule still spans `config.epochs`), for
     sessions with a time limit: a later `fit(config, resume=True)` carries on exactly.
+
+    Multi-host: every process calls `fit` with the same config (`distributed.initialize` first,
+    or the `TORCH2FLAX_*` environment variables it reads); `config.batch_size` is the global
+    batch; progress and files come from process 0.
     """
+    distributed.initialize()
+    progress = progress and distributed.is_main()
     run = setup(config, resume=resume)
     end = config.epochs if stop_after_epochs is None else min(config.epochs, run.start_epoch + stop_after_epochs)
     images_per_sec = 0.0

@@ -81,6 +81,7 @@ class Program:
     outputs: list[tuple[str, Any]]
     output_node: torch.fx.Node
     random: bool
+    outputs_by_module: dict[str, torch.fx.Node] | None = dataclasses.field(default=None, repr=False)  # module_outputs
 
     @property
     def param_names(self) -> list[str]:
@@ -213,6 +214,7 @@ def run(
     rng: Array | None = None,
     axis_name: str | None = None,
     dtype: Any = jnp.float32,
+    hooks: Mapping[torch.fx.Node, Any] | None = None,
 ) -> tuple[list[Any], dict[str, Array]]:
     """Evaluate a program: (user outputs, {buffer name: updated value}).
 
@@ -220,7 +222,8 @@ def run(
     `dtype`, buffers are used as given); a 4-D input may be a `layout.ChannelsLast`
     (NHWC data), outputs are always in the graph's layout; `rng` feeds the random ops, folded with
     each node's index; `axis_name` makes training BatchNorm average its batch
-    statistics over that mapped axis.
+    statistics over that mapped axis. `hooks` maps nodes to functions that see (and
+    may replace) the node's value, for intermediate outputs (`module_outputs`).
     """
     env: dict[torch.fx.Node, Any] = {}
     for node, (kind, key) in zip(program.placeholders, program.inputs):
@@ -245,6 +248,8 @@ def run(
                     f"{program.name}: {op_name(step.node.target)} failed at node {step.node.name!r} "
                     f"({source_line(step.node)}): {type(e).__name__}: {e}"
                 ) from e
+            if hooks and step.node in hooks:
+                env[step.node] = hooks[step.node](env[step.node])
     results = layout.materialize(_lookup(env, program.output_node.args[0]))
     user: list[Any] = []
     updates: dict[str, Array] = {}
@@ -254,6 +259,32 @@ def run(
         elif kind == "buffer":
             updates[key] = value
     return user, updates
+
+
+def module_outputs(program: Program, prefix: str = "") -> dict[str, torch.fx.Node]:
+    """The node holding each timm module's output, by module path (`"layer3"`, `"stages.2.blocks.0"`).
+
+    torch.export records the module stack of every node (`nn_module_stack`); a module's
+    output is its last node in graph order whose value is used outside the module (by a node
+    of another module or as a user output of the graph). Running-stat updates, which leave
+    through the graph's buffer outputs, do not count. Modules without nodes (`Identity`) are absent.
+    `prefix` is stripped from the paths (a wrapper's attribute, as `lower` strips it from names).
+    """
+    if program.outputs_by_module is not None:
+        return program.outputs_by_module
+    scopes = {s.node: {path for path, _ in (s.node.meta.get("nn_module_stack") or {}).values()}
+              for s in program.steps}
+    results = program.output_node.args[0]
+    user_results = {results[i] for i, (kind, _) in enumerate(program.outputs) if kind == "user"}
+    out: dict[str, torch.fx.Node] = {}
+    for step in program.steps:  # graph order: the last node leaving a module wins
+        node = step.node
+        for path in scopes[node]:
+            if path and (node in user_results or any(
+                    u is not program.output_node and path not in scopes.get(u, ()) for u in node.users)):
+                out[path[len(prefix):] if prefix and path.startswith(prefix) else path] = node
+    program.outputs_by_module = out
+    return out
 
 
 def abstract_check(program: Program, params: Mapping[str, Any], buffers: Mapping[str, Any],

@@ -86,6 +86,11 @@ def timm_model(spec: ExportSpec) -> torch.nn.Module:
     return model
 
 
+def feature_names(spec: ExportSpec) -> list[str]:
+    """The module names of timm's `feature_info` (the feature stages) for a spec."""
+    return [f["module"] for f in getattr(timm_model(spec), "feature_info", None) or ()]
+
+
 def resized(spec: ExportSpec, size: tuple[int, int]) -> ExportSpec:
     """The same model exported for another input size, with the same variables.
 
@@ -216,7 +221,7 @@ class ExportedModel(nn.Module):
         self._params = {k: self.param(k, _const(v)) for k, v in nest(params).items()}
         self._stats = {k: self.variable("batch_stats", k, _const(v), None) for k, v in nest(buffers).items()}
 
-    def _run(self, method: str, x: Array, train: bool) -> Any:
+    def _run(self, method: str, x: Array, train: bool, hooks: Mapping[Any, Any] | None = None) -> Any:
         spec = self.spec
         if method in ("forward", "forward_features"):  # another image size: that size's graph (exported once)
             spec = resized(spec, x.data.shape[1:3] if isinstance(x, layout.ChannelsLast) else x.shape[2:4])
@@ -224,7 +229,7 @@ class ExportedModel(nn.Module):
         params = {n: _get(self._params, n) for n in prog.param_names}
         buffers = {n: self._stat(n) for n in prog.buffer_names}
         rng = self.make_rng("dropout") if prog.random else None
-        outs, updates = interpreter.run(prog, params, buffers, [x], rng=rng,
+        outs, updates = interpreter.run(prog, params, buffers, [x], rng=rng, hooks=hooks,
                                         axis_name=self.axis_name if train else None, dtype=self.dtype)
         if updates and not self.is_initializing():
             by_top: dict[str, dict[str, Array]] = {}
@@ -257,6 +262,52 @@ class ExportedModel(nn.Module):
         if self._nchw_features():
             x = layout.ChannelsLast(x)
         return self._run("forward_head_pre_logits" if pre_logits else "forward_head", x, train)
+
+    def intermediates(self, x: Array, names: tuple[str, ...], taps: Mapping[str, Array] | None = None,
+                      train: bool = False, method: str = "forward") -> tuple[Array, dict[str, Array]]:
+        """`(output, {name: module output})` for timm module paths `names`, from one run of the
+        graph of `method` ("forward": logits, or "forward_features", each as that method returns it).
+
+        A module's output is the node `interpreter.module_outputs` finds for it. 4-D outputs of
+        a model whose `output_fmt` is NCHW (timm's default) come back NHWC, like
+        `forward_features`; others keep timm's layout. `taps[name]` (same shape as that
+        output) is added to the output before the rest of the graph runs: zero taps make
+        `jax.grad` with respect to them the gradient with respect to the module's output.
+        """
+        if method not in ("forward", "forward_features"):
+            raise ValueError(f"intermediates: method must be 'forward' or 'forward_features', got {method!r}")
+        taps = dict(taps or {})
+        x = self._nchw(x)
+        spec = resized(self.spec, x.data.shape[1:3])
+        found = interpreter.module_outputs(program(spec, method, train),
+                                           prefix="" if method == "forward" else "model.")
+        unknown = [n for n in (*names, *taps) if n not in found]
+        if unknown:
+            raise ValueError(f"{self.model_name}: no module output named {unknown} in the {method} graph; "
+                             f"modules with outputs include {feature_names(self.spec) or sorted(found)[:20]}")
+        nchw = getattr(timm_model(self.spec), "output_fmt", "NCHW") == "NCHW"
+        captured: dict[str, Array] = {}
+
+        def hook(name: str) -> Callable[[Any], Any]:
+            def fn(value: Any) -> Any:
+                cl = isinstance(value, layout.ChannelsLast)
+                flip = not cl and nchw and value.ndim == 4
+                user = value.data if cl else (value.transpose(0, 2, 3, 1) if flip else value)
+                if name in taps:
+                    user = user + taps[name].astype(user.dtype)
+                    value = layout.ChannelsLast(user) if cl else (user.transpose(0, 3, 1, 2) if flip else user)
+                captured[name] = user
+                return value
+            return fn
+
+        out = self._run(method, x, train, hooks={found[n]: hook(n) for n in {*names, *taps}})
+        if method == "forward_features" and self._nchw_features():
+            out = out.transpose(0, 2, 3, 1)
+        return out, {n: captured[n] for n in names}
+
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's `feature_info` of the model: `{"module", "num_chs", "reduction"}` per feature stage."""
+        return [dict(f) for f in getattr(timm_model(self.spec), "feature_info", None) or ()]
 
     def _nchw_features(self) -> bool:
         """Whether timm's forward_features returns an NCHW map (4-D with channels at dim 1)."""

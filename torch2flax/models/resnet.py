@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from torch2flax.layers import BatchNorm, Conv, Dense, DropPath, avg_pool, global_pool, max_pool
+from torch2flax.layers import Activation, BatchNorm, Conv, Dense, DropPath, avg_pool, global_pool, max_pool
 
 Array = jax.Array
 
@@ -240,6 +240,7 @@ class ResNet(nn.Module):
         else:
             self.conv1 = Conv(inplanes, 7, 2, 3, dtype=self.dtype)
         self.bn1 = _bn(cfg, None)
+        self.act1 = Activation(nn.relu)
         expansion = (Bottleneck if self.block == "bottleneck" else BasicBlock).expansion
         if len(self.layers) != 4:
             raise ValueError(f"ResNet needs 4 stages, got layers={self.layers}")
@@ -260,11 +261,19 @@ class ResNet(nn.Module):
     def forward_features(self, x: Array, train: bool = False) -> Array:
         x = x.astype(self.dtype)
         x = self.conv1(x, train) if isinstance(self.conv1, DeepStem) else self.conv1(x)
-        x = nn.relu(self.bn1(x, use_running_average=not train))
+        x = self.act1(self.bn1(x, use_running_average=not train))
         x = max_pool(x, 3, 2, 1)
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
             x = stage(x, train)
         return x
+
+    def feature_info(self) -> list[dict[str, Any]]:
+        """timm's `feature_info` for this ResNet: the stem activation and the four stages."""
+        expansion = (Bottleneck if self.block == "bottleneck" else BasicBlock).expansion
+        stem = self.stem_width * 2 if "deep" in self.stem_type else 64
+        return [{"module": "act1", "num_chs": stem, "reduction": 2}] + [
+            {"module": f"layer{i + 1}", "num_chs": planes * expansion, "reduction": 4 * 2 ** i}
+            for i, planes in enumerate((64, 128, 256, 512))]
 
     def forward_head(self, x: Array, train: bool = False, pre_logits: bool = False) -> Array:
         x = global_pool(x, self.global_pool)
