@@ -110,6 +110,26 @@ def write_flower_tfrecords(
     )
 
 
+def write_flower_splits(
+    root: str | os.PathLike,
+    *,
+    train: int,
+    val: int,
+    test: int,
+    num_classes: int,
+    size: int,
+    shards: tuple[int, int, int] = (2, 1, 1),
+) -> tuple[dict[str, FlowerSet], dict[str, str]]:
+    """Train, val and (unlabelled) test sets under `root/{train,val,test}` with the given record
+    and shard counts; returns the sets and a glob per split (the training tests' fixture)."""
+    counts = {"train": train, "val": val, "test": test}
+    sets = {split: write_flower_tfrecords(os.path.join(root, split), num_records=n, num_shards=k,
+                                          num_classes=num_classes, size=size, labels=split != "test",
+                                          seed=seed, id_prefix=split[:2])
+            for seed, (split, n), k in zip((1, 2, 3), counts.items(), shards)}
+    return sets, {split: os.path.join(os.fspath(root), split, "*.tfrec") for split in sets}
+
+
 def randomize_batchnorm(model, seed: int = 0):
     """Give every BatchNorm non-trivial statistics and affine parameters, in place.
 

@@ -15,23 +15,15 @@ import subprocess
 
 import pytest
 
-from tests.helpers import console_script, write_flower_tfrecords
+from tests.helpers import console_script, write_flower_splits
 
 NUM_CLASSES = 4
 
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flowers")
-    sets = {
-        "train": write_flower_tfrecords(root / "train", num_records=512, num_shards=4, num_classes=NUM_CLASSES,
-                                        size=64, seed=1, id_prefix="tr"),
-        "val": write_flower_tfrecords(root / "val", num_records=64, num_shards=1, num_classes=NUM_CLASSES,
-                                      size=64, seed=2, id_prefix="va"),
-        "test": write_flower_tfrecords(root / "test", num_records=40, num_shards=1, labels=False,
-                                       num_classes=NUM_CLASSES, size=64, seed=3, id_prefix="te"),
-    }
-    return sets, {k: str(root / k / "*.tfrec") for k in sets}
+    return write_flower_splits(tmp_path_factory.mktemp("flowers"), train=512, val=64, test=40,
+                               num_classes=NUM_CLASSES, size=64, shards=(4, 1, 1))
 
 
 def _shell(*args):

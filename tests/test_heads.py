@@ -9,7 +9,7 @@ import flax.linen as nn  # conftest has set XLA_FLAGS already: importing jax her
 import numpy as np
 import pytest
 
-from tests.helpers import write_flower_tfrecords
+from tests.helpers import write_flower_splits
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -253,16 +253,8 @@ def test_init_model_converts_the_backbone_without_its_classifier():
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flowers")
-    sets = {
-        "train": write_flower_tfrecords(root / "train", num_records=256, num_shards=2,
-                                        num_classes=NUM_CLASSES, size=SIZE, seed=1, id_prefix="tr"),
-        "val": write_flower_tfrecords(root / "val", num_records=70, num_shards=1,
-                                      num_classes=NUM_CLASSES, size=SIZE, seed=2, id_prefix="va"),
-        "test": write_flower_tfrecords(root / "test", num_records=21, num_shards=1, labels=False,
-                                       num_classes=NUM_CLASSES, size=SIZE, seed=3, id_prefix="te"),
-    }
-    return sets, {k: str(root / k / "*.tfrec") for k in sets}
+    return write_flower_splits(tmp_path_factory.mktemp("flowers"), train=256, val=70, test=21,
+                               num_classes=NUM_CLASSES, size=SIZE, shards=(2, 1, 1))
 
 
 def test_mlp_head_trains_saves_loads_and_predicts(small, flowers, tmp_path):
@@ -328,3 +320,15 @@ def test_gem_head_on_an_exported_backbone_runs_saves_and_loads(tmp_path):
     loaded, loaded_vars = torch2flax.load(tmp_path / "cx.msgpack")
     assert loaded == model and hash(loaded) == hash(model)
     assert np.array_equal(np.asarray(run(loaded, loaded_vars, x)), logits)
+    # Intermediate features and Grad-CAM reach into the exported backbone under the head.
+    from torch2flax.features import feature_info, forward_intermediates
+    from torch2flax.train.explain import gradcam
+
+    last = feature_info(module)[-1].name
+    _, ref = forward_intermediates(module, variables, x, last)
+    out, feats = forward_intermediates(model, both, x, f"backbone.{last}")
+    assert [f.name for f in feature_info(model)] == [f"backbone.{f.name}" for f in feature_info(module)]
+    np.testing.assert_array_equal(np.asarray(feats[f"backbone.{last}"]), np.asarray(ref[last]))
+    np.testing.assert_allclose(np.asarray(out), logits, rtol=1e-6, atol=1e-6)
+    heat = np.asarray(gradcam(model, both, x, layer=f"backbone.{last}", target=1))
+    assert heat.shape == (2, SIZE, SIZE) and 0.0 <= heat.min() and heat.max() <= 1.0 + 1e-6

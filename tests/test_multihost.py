@@ -23,7 +23,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import write_flower_tfrecords
+from tests.helpers import write_flower_splits, write_flower_tfrecords
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -43,16 +43,8 @@ for argv in json.loads(sys.argv[1]):
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flowers")
-    sets = {
-        "train": write_flower_tfrecords(root / "train", num_records=64, num_shards=2, num_classes=NUM_CLASSES,
-                                        size=SIZE, seed=1, id_prefix="tr"),
-        "val": write_flower_tfrecords(root / "val", num_records=56, num_shards=2, num_classes=NUM_CLASSES,
-                                      size=SIZE, seed=2, id_prefix="va"),
-        "test": write_flower_tfrecords(root / "test", num_records=37, num_shards=2, labels=False,
-                                       num_classes=NUM_CLASSES, size=SIZE, seed=3, id_prefix="te"),
-    }
-    return sets, {k: str(root / k / "*.tfrec") for k in sets}
+    return write_flower_splits(tmp_path_factory.mktemp("flowers"), train=64, val=56, test=37,
+                               num_classes=NUM_CLASSES, size=SIZE, shards=(2, 2, 2))
 
 
 def _train_args(globs, out, **overrides):
@@ -77,7 +69,9 @@ def _launch(tmp_path, commands, *, num_processes=2, peer_timeout=30):
     """Start `num_processes` processes x 4 CPU devices running the CLI `commands`; yields the
     Popen objects and their log paths. Every process is killed on the way out."""
     port = _free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
+    # 4 devices each; any other XLA flags as the in-process reference has them.
+    flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
            "TORCH2FLAX_COORDINATOR": f"127.0.0.1:{port}", "TORCH2FLAX_NUM_PROCESSES": str(num_processes),
            "TORCH2FLAX_PEER_TIMEOUT": str(peer_timeout)}
     procs, logs = [], []
