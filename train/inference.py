@@ -50,8 +50,7 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     dataset = TFRecordDataset(test, features=TEST_FEATURES,
                               transform=RecordTransform(eval_transform(size, crop_pct=crop)))
     loader = make_loader(dataset, batch_size, train=False, num_devices=len(par.devices),
-                         num_workers=num_workers, process_index=jax.process_index(),
-                         process_count=jax.process_count())
+                         num_workers=num_workers)  # this process's slices (make_loader asks jax)
     cfg = module.pretrained_cfg
     step = par.compile(functools.partial(
         predict_step, module=module.clone(dtype=COMPUTE_DTYPES[dtype]), mean=tuple(cfg["mean"]),

@@ -188,8 +188,7 @@ def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int,
         check_labels_everywhere(ds, config.num_classes)
     if num_workers is None:
         num_workers, _ = loader_workers(config)
-    common = dict(num_devices=num_devices, seed=config.seed, process_index=jax.process_index(),
-                  process_count=jax.process_count())
+    common = dict(num_devices=num_devices, seed=config.seed)  # make_loader slices per process itself
     val_batches = -(-len(val_ds) // config.batch_size)  # more validation workers would never get a batch
     val_workers = min(num_workers, val_batches) if config.num_workers == "auto" else num_workers
     # make_loader refuses a training set smaller than one batch, naming both sizes.
