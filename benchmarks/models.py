@@ -152,17 +152,21 @@ def _time(fn, iters: int, warmup: int = 1) -> float:
     return (time.perf_counter() - t) / iters
 
 
-def flax_steps(module, variables, batch: int, size: int):
+def flax_steps(module, variables, batch: int, size: int, dtype=None):
     """Compiled (and warmed-up) inference and train-step callables.
 
     The train step passes a fresh `"dropout"` key each step (exported models with
     dropout / drop-path draw from it) and threads `batch_stats` only where the
-    model has them (a ViT has none).
+    model has them (a ViT has none). `dtype` (e.g. `jnp.bfloat16`): compute dtype set
+    as the trainer sets it (`module.clone(dtype=...)`, input cast to it, loss on
+    float32 logits); parameters stay float32.
     """
     import jax
     import optax
 
     x = jax.numpy.asarray(images(batch, size))
+    if dtype is not None:
+        module, x = module.clone(dtype=dtype), x.astype(dtype)
     y = jax.numpy.asarray(np.arange(batch) % 1000)
     infer = jax.jit(lambda v, x: module.apply(v, x, train=False))
     tx = optax.sgd(0.01, momentum=0.9)
@@ -175,6 +179,7 @@ def flax_steps(module, variables, batch: int, size: int):
         def loss_fn(p):
             v = {"params": p, "batch_stats": stats} if has_stats else {"params": p}
             logits, upd = module.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": drop})
+            logits = logits.astype(jax.numpy.float32)
             return (optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(),
                     upd["batch_stats"] if has_stats else stats)
 
@@ -198,34 +203,48 @@ def flax_steps(module, variables, batch: int, size: int):
     return run_infer, train
 
 
-def timm_steps(model, batch: int, size: int, channels_last: bool):
-    """Eager inference and train-step callables for a timm name (random init) or a copy of an instance."""
+def timm_steps(model, batch: int, size: int, channels_last: bool, device: str = "cpu", autocast=None):
+    """Eager inference and train-step callables for a timm name (random init) or a copy of an instance.
+
+    `device`: where the model and batch live (on CUDA each call ends with a synchronize, so
+    wall time is device time); `autocast`: a torch dtype (e.g. `torch.bfloat16`) to run
+    forward passes under `torch.autocast` (AMP), None for none.
+    """
+    import contextlib
+
     import timm
     import torch
 
     model = timm.create_model(model, pretrained=False) if isinstance(model, str) else copy.deepcopy(model)
     x = torch.from_numpy(images(batch, size).transpose(0, 3, 1, 2).copy())
     y = torch.arange(batch) % 1000
+    model, x, y = model.to(device), x.to(device), y.to(device)
     if channels_last:
         model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    amp = (lambda: torch.autocast(x.device.type, dtype=autocast)) if autocast is not None else contextlib.nullcontext
+    sync = torch.cuda.synchronize if x.device.type == "cuda" else (lambda: None)
 
     def infer():
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             model(x)
 
     def train():
         opt.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(x), y).backward()
+        with amp():
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
         opt.step()
 
     def run_infer():
         model.eval()
         infer()
+        sync()
 
     def run_train():
         model.train()
         train()
+        sync()
 
     return run_infer, run_train
 
@@ -263,15 +282,15 @@ print(json.dumps([dt, status_mb('VmHWM') - base]))
     return tuple(json.loads(out.stdout.strip().splitlines()[-1]))
 
 
-def print_table(rows: list, cols: list[str], ratios: list[tuple[str, str, str]]) -> None:
-    """Markdown: images/s per column, then each (label, numerator, denominator) ratio."""
+def print_table(rows: list, cols: list[str], ratios: list[tuple[str, str, str]], missing: str = "-") -> None:
+    """Markdown: images/s per column, then each (label, numerator, denominator) ratio; `missing` fills gaps."""
     print()
     print("| model | batch | size | mode | " + " | ".join(f"{c} img/s" for c in cols)
           + "".join(f" | {label}" for label, _, _ in ratios) + " |")
     print("|" + "---|" * (4 + len(cols) + len(ratios)))
     for name, batch, size, mode, r in rows:
-        cells = [f"{r[c]:.1f}" if c in r else "-" for c in cols]
-        cells += [f"{r[a] / r[b]:.2f}" if a in r and b in r else "-" for _, a, b in ratios]
+        cells = [f"{r[c]:.1f}" if c in r else missing for c in cols]
+        cells += [f"{r[a] / r[b]:.2f}" if a in r and b in r else missing for _, a, b in ratios]
         print(f"| {name} | {batch} | {size} | {mode} | " + " | ".join(cells) + " |")
 
 

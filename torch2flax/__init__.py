@@ -34,6 +34,7 @@ _LAZY = {
     "TrainConfig": ("torch2flax.train", "TrainConfig"),
     "fit": ("torch2flax.train", "fit"),
     "predict": ("torch2flax.train", "predict"),
+    "doctor": ("torch2flax.train.doctor", "doctor"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`torch2flax train`, `predict`, `gradcam` and `demo`."""
+"""`torch2flax train`, `predict`, `gradcam`, `demo` and `doctor`."""
 from __future__ import annotations
 
 import argparse
@@ -138,6 +138,16 @@ def register(subparsers) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
+    e = subparsers.add_parser("doctor", help="report versions, devices and host limits, and what will hurt a run",
+                              description="Report package versions, JAX's devices, CPUs, memory and /dev/shm, "
+                              "and warn about what breaks or slows a run here (a jax/libtpu mismatch, JAX on "
+                              "CPU beside a GPU, /dev/shm too small for the loader workers, ...), each with a fix.")
+    e.add_argument("--batch-size", type=int, default=128, help="global batch to check for (default %(default)s)")
+    e.add_argument("--image-size", type=int, default=224, help="image size to check for (default %(default)s)")
+    e.add_argument("--num-workers", type=num_workers_arg, default="auto", help=_HELP["num_workers"])
+    e.add_argument("--json", action="store_true", help="print the report as JSON")
+    e.set_defaults(func=run_doctor)
+
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
@@ -165,6 +175,11 @@ def run_train(args: argparse.Namespace) -> int:
 
         check_model_name(config.model)  # before the seconds of importing jax, torch and timm
     main_process = _start_distributed(args)
+    if main_process:  # the environment first: a jax/libtpu mismatch explains everything after it
+        from torch2flax.train.doctor import collect, summary_line
+
+        print(summary_line(collect(batch_size=config.batch_size, image_size=config.image_size,
+                                   num_workers=config.num_workers)), flush=True)
     from torch2flax.train.trainer import fit
 
     result = fit(config, resume=bool(args.resume), stop_after_epochs=args.stop_after_epochs,
@@ -208,3 +223,16 @@ def run_demo(args: argparse.Namespace) -> int:
          image_size=args.image_size, num_workers=args.num_workers, pretrained=not args.no_pretrained,
          progress=not args.quiet)
     return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    from torch2flax.train.doctor import collect, format_report
+
+    report = collect(batch_size=args.batch_size, image_size=args.image_size, num_workers=args.num_workers)
+    if args.json:
+        import json
+
+        print(json.dumps(dataclasses.asdict(report), indent=2))
+    else:
+        print(format_report(report))
+    return 0  # warnings are advice, not failure: a notebook cell or a script goes on

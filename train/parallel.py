@@ -47,6 +47,14 @@ def global_devices(local: list[jax.Device]) -> list[jax.Device]:
     return [by_process[p][i] for p in sorted(by_process) for i in positions]
 
 
+def _first_replica(x: jax.Array) -> np.ndarray:
+    """Replica 0 of a `[devices, ...]` array, as a host array of shape `x.shape[1:]`."""
+    shard = x.addressable_shards[0].data
+    # jax < 0.8 (pmap not yet built on shard_map): a jnp op on pmap outputs, such as the sum
+    # evaluate() accumulates, returns one array on one device whose shard is the whole thing.
+    return np.asarray(shard[0] if shard.shape == x.shape else shard).reshape(x.shape[1:])
+
+
 class Parallel:
     def __init__(self, layout: str, devices: list[jax.Device]):
         if layout not in ("pmap", "jit"):
@@ -83,8 +91,7 @@ class Parallel:
             # Not flax.jax_utils.unreplicate: for pmap outputs on a subset of the local
             # devices (e.g. 1 of 8) it returns the shard with its leading axis kept.
             # The reshape happens on the host: on device it would compile one program per leaf shape.
-            return jax.tree_util.tree_map(
-                lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
+            return jax.tree_util.tree_map(_first_replica, tree)
         return jax.device_get(tree)
 
     def feed(self, batches: Iterable[dict], size: int = 2) -> Iterator[dict]:

@@ -7,6 +7,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import optax
+from flax.core import unfreeze
 from flax.training import train_state
 
 from torch2flax.train.config import TrainConfig
@@ -77,12 +78,14 @@ def _optimizer(*values: Any, steps_per_epoch: int, no_weight_decay: frozenset[st
 def create_train_state(variables: Any, tx: optax.GradientTransformation, *, seed: int, ema: bool) -> TrainState:
     """The steps take the module as a static argument, so `apply_fn` stays None: a bound
     method would make every new module instance a new static value and force a recompile."""
-    params = variables["params"]
+    # Plain dicts, not the converter's FrozenDicts: the step returns batch_stats as a dict, and a
+    # state whose tree structure changes after step 1 is traced and compiled a second time.
+    params = unfreeze(variables["params"])
     return TrainState.create(
         apply_fn=None,
         params=params,
         tx=tx,
-        batch_stats=variables.get("batch_stats", {}),
+        batch_stats=unfreeze(variables.get("batch_stats", {})),
         ema_params=jax.tree_util.tree_map(jnp.copy, params) if ema else None,
         dropout_rng=jax.random.PRNGKey(seed),
     )

@@ -70,7 +70,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, module: nn.Mod
     if state.ema_params is not None:
         state = state.replace(
             ema_params=optax.incremental_update(state.params, state.ema_params, 1.0 - ema_decay))
-    metrics["grad_norm"] = optax.tree_utils.tree_norm(grads)
+    metrics["grad_norm"] = optax.global_norm(grads)  # in every optax of the range (tree_norm is 0.2.5+)
     return state, metrics
 
 

@@ -74,11 +74,16 @@ def jax_train_step(module: ExportedModel, variables: Any, x: np.ndarray, labels:
     return float(loss), as_np(grads), as_np(new_stats)
 
 
+# A tensor whose reference norm is below this fraction of the largest is zero at float32 precision.
+ZERO = 1e-6
+
+
 def relative_errors(got: Mapping[str, np.ndarray], ref: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Per tensor ||got - ref|| / ||ref||; tensors whose reference is ~0 are measured against the largest norm."""
+    """Per tensor ||got - ref|| / ||ref||; tensors whose reference is ~0 are measured against
+    ZERO x the largest norm."""
     if set(got) != set(ref):
         raise KeyError(f"tensor names differ: {sorted(set(got) ^ set(ref))[:5]}")
-    floor = 1e-6 * max((float(np.linalg.norm(v)) for v in ref.values()), default=1.0)
+    floor = ZERO * max((float(np.linalg.norm(v)) for v in ref.values()), default=1.0)
     return {k: float(np.linalg.norm(got[k] - ref[k])) / max(float(np.linalg.norm(ref[k])), floor, 1e-30)
             for k in ref}
 
@@ -87,10 +92,17 @@ def _within_bounds(got: Mapping[str, np.ndarray], ref32: Mapping[str, np.ndarray
                    tol: float) -> dict[str, Any]:
     """Every tensor of `got` within `tol` of timm's float32 result, or, where timm's own float32
     results are further than that from float64 (`floor`: the largest such difference over the
-    model's tensors, one figure per model), within twice the floor of timm float32 or of float64."""
+    model's tensors, one figure per model), within twice the floor of timm float32 or of float64.
+
+    A tensor that is zero in float64 (below ZERO x the largest norm: the gradient of a bias that a
+    normalisation follows) is float32 rounding noise in any float32 step, and its size depends on
+    the summation order, which XLA releases change: it passes while that noise stays below
+    ZERO x the largest norm. A real error there is of the order of the neighbouring gradients."""
     e32, e64, floor = relative_errors(got, ref32), relative_errors(got, ref64), relative_errors(ref32, ref64)
     bound = max(tol, 2 * max(floor.values(), default=0.0))
-    excess = {k: min(e32[k], e64[k]) / bound for k in e32}
+    largest = max((float(np.linalg.norm(v)) for v in ref64.values()), default=0.0)
+    zero = {k for k, v in ref64.items() if float(np.linalg.norm(v)) <= ZERO * largest}
+    excess = {k: e64[k] if k in zero else min(e32[k], e64[k]) / bound for k in e32}
     worst = max(excess, key=excess.get) if excess else ""
     return {"rel": max(e32.values(), default=0.0), "vs_f64": max(e64.values(), default=0.0),
             "floor": max(floor.values(), default=0.0), "bound": bound, "ok": all(v <= 1 for v in excess.values()),

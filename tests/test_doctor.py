@@ -1,0 +1,223 @@
+"""`torch2flax doctor`: facts and warnings, each probe of the environment patched.
+
+JAX itself is real here (conftest: 8 CPU devices); what the tests fake is what surrounds it:
+installed distributions, device files, /dev/shm, cgroup files and the start method.
+"""
+import json
+import sys
+from importlib import metadata
+from types import SimpleNamespace
+
+import pytest
+
+from torch2flax.train import doctor as d
+
+PACKAGE_NAMES = ("Python", "jax", "jaxlib", "libtpu", "flax", "optax", "torch", "torchvision", "timm",
+                 "albumentations", "numpy", "opencv")
+JAX_VERSION = metadata.version("jax")
+BIG_SHM = SimpleNamespace(f_frsize=4096, f_blocks=(1 << 40) // 4096, f_bavail=(1 << 40) // 4096)  # 1 TiB
+
+
+def _fake_dists(overrides):
+    real = d._dist_version
+
+    def version(name):
+        return overrides[name] if name in overrides else real(name)
+    return version
+
+
+def _row(text, name):
+    """The value of the report row `name`."""
+    [value] = [line[len(name) + 2:].strip() for line in text.splitlines() if line.startswith(f"  {name}  ")]
+    return value
+
+
+def _fake_glob(nodes):
+    return lambda pattern: [n for n in nodes if n.startswith(pattern.split("[")[0])]
+
+
+@pytest.fixture
+def healthy(monkeypatch):
+    """No libtpu, no accelerator device files, a big /dev/shm, forkserver: nothing to warn about."""
+    monkeypatch.setattr(d, "_dist_version", _fake_dists({"libtpu": None, "libtpu-nightly": None}))
+    monkeypatch.setattr(d, "_glob", _fake_glob([]))
+    monkeypatch.setattr(d, "_exists", lambda path: False)
+    monkeypatch.setattr(d, "_statvfs", lambda path: BIG_SHM)
+    monkeypatch.setattr(d, "_start_method", lambda: ("forkserver", True))
+    return monkeypatch
+
+
+def test_healthy_environment_has_no_warnings(healthy):
+    report = d.collect(env={})
+    assert report.warnings == []
+    assert report.backend == "cpu" and report.devices == [("cpu", 8)] and report.local_device_count == 8
+    assert (report.process_count, report.process_index) == (1, 0)
+    assert report.versions["jax"] == JAX_VERSION and report.versions["libtpu"] is None
+    assert report.shm_free == 1 << 40 and report.gpu_present is False
+    text = d.format_report(report)
+    for name in PACKAGE_NAMES:
+        assert _row(text, name) == (report.versions[name] or "not installed"), name
+    assert _row(text, "backend") == "cpu" and _row(text, "devices") == "8 x cpu"
+    assert "warnings: none" in text and "fix:" not in text
+
+
+def test_libtpu_without_tpu_names_both_versions(healthy):
+    healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": "0.0.17", "libtpu-nightly": None}))
+    report = d.collect(env={})
+    assert [w.key for w in report.warnings] == ["libtpu without TPU"]
+    what = report.warnings[0].what
+    assert f"jax {JAX_VERSION}" in what and "libtpu 0.0.17" in what
+    assert "no TPU device" in what  # no /dev/accel*: this machine has no TPU at all
+
+
+def test_libtpu_mismatch_on_a_tpu_machine(healthy):
+    # A TPU is attached but JAX sees none, and this jax pins another libtpu: one warning (not also
+    # "JAX on CPU with a TPU present"), naming the pin and the matching install command.
+    healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": "0.0.17", "libtpu-nightly": None}))
+    healthy.setattr(d, "_glob", _fake_glob(["/dev/accel0", "/dev/accel1"]))
+    healthy.setattr(d, "_dist_requires", lambda name: ['libtpu==0.0.42.*; extra == "tpu"'] if name == "jax" else [])
+    healthy.setattr(d, "_exists", lambda path: path == "/tmp/libtpu_lockfile")
+    report = d.collect(env={})
+    assert report.gpu_present and report.accelerator_nodes == ["/dev/accel0", "/dev/accel1"]
+    [w] = report.warnings
+    assert w.key == "libtpu without TPU"
+    assert f"jax {JAX_VERSION} expects libtpu 0.0.42.*" in w.what and "/tmp/libtpu_lockfile exists" in w.what
+    assert f'pip install "jax[tpu]=={JAX_VERSION}"' in w.fix and "pip install -U" not in w.fix
+
+
+def test_small_shm(healthy):
+    from torch2flax.loaders.loader import slots_per_worker
+
+    healthy.setattr(d, "_statvfs", lambda path: SimpleNamespace(f_frsize=1000, f_blocks=64_000, f_bavail=64_000))
+    report = d.collect(batch_size=128, image_size=224, num_workers=2, env={})
+    # a slot: 64-byte header, 128 images, int64 labels, bool mask; train + validation loader.
+    slot = 64 + 128 * 224 * 224 * 3 + 128 * 8 + 128
+    assert report.num_workers == 2 and report.shm_needed == 2 * 2 * slots_per_worker(2, 2) * slot == 385_376_000
+    [w] = report.warnings
+    assert w.key == "/dev/shm small"
+    assert "64 MB free" in w.what and "385 MB" in w.what
+    assert "--num-workers 0" in w.fix and "--shm-size=" in w.fix  # even 1 worker needs 270 MB
+
+
+def test_no_workers_need_no_shm(healthy):
+    healthy.setattr(d, "_statvfs", lambda path: SimpleNamespace(f_frsize=1000, f_blocks=64_000, f_bavail=64_000))
+    report = d.collect(num_workers=0, env={})
+    assert report.shm_needed == 0 and report.warnings == []
+
+
+def test_auto_workers_follow_the_cpus_found(healthy):
+    healthy.setattr(d, "_affinity", lambda: 1)
+    report = d.collect(env={})
+    assert (report.cpus_affinity, report.num_workers, report.shm_needed) == (1, 0, 0)
+    assert report.num_workers_reason.startswith("auto: 1 usable CPU")
+
+
+def test_gpu_present_but_jax_on_cpu(healthy):
+    healthy.setattr(d, "_glob", _fake_glob(["/dev/nvidia0"]))
+    healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": None, "libtpu-nightly": None,
+                                                     "jax-cuda12-plugin": None, "jax-cuda13-plugin": None}))
+    report = d.collect(env={})
+    assert report.gpu_present and report.backend == "cpu"
+    [w] = report.warnings
+    assert w.key == "JAX on CPU with a GPU present" and "/dev/nvidia0" in w.what
+    assert f'pip install "jax[cuda12]=={JAX_VERSION}"' in w.fix
+
+
+def test_torch_cuda_and_jax_on_one_gpu(healthy):
+    healthy.setattr(d, "_jax_runtime", lambda: dict(
+        backend="gpu", device_kinds=["NVIDIA H100 80GB HBM3"], local_device_count=1, process_count=1,
+        process_index=0, matmul_precision=None))
+    healthy.setattr(d, "_glob", _fake_glob(["/dev/nvidia0"]))
+    healthy.setattr(d, "_torch_cuda", lambda: "12.6")
+    [w] = d.collect(env={}).warnings
+    assert w.key == "torch and JAX share the GPU" and "CUDA 12.6" in w.what
+    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=.5" in w.fix and "whl/cpu" in w.fix
+    assert d.collect(env={"XLA_PYTHON_CLIENT_PREALLOCATE": "false"}).warnings == []  # already split
+
+
+def test_fork_start_method(healthy):
+    healthy.setattr(d, "_start_method", lambda: ("fork", False))
+    report = d.collect(env={})
+    [w] = report.warnings
+    assert w.key == "fork start method" and "platform's default" in w.what
+    assert 'multiprocessing_context="forkserver"' in w.fix and 'set_start_method("forkserver")' in w.fix
+
+
+def test_jax_that_fails_to_start_is_reported(healthy):
+    def broken():
+        raise RuntimeError("Unable to initialize backend 'tpu': TPU initialization failed\nmore detail")
+    healthy.setattr(d, "_jax_runtime", broken)
+    report = d.collect(env={})
+    assert report.backend == "unavailable" and report.devices == []
+    [w] = report.warnings
+    assert w.key == "JAX failed to start" and w.what.endswith("TPU initialization failed")
+    assert _row(d.format_report(report), "backend") == "unavailable"
+
+
+@pytest.mark.parametrize("text, cpus", [("max 100000", None), ("150000 100000\n", 1.5), ("200000 100000", 2.0),
+                                         ("", None)])
+def test_parse_cpu_max(text, cpus):
+    assert d.parse_cpu_max(text) == cpus
+
+
+def test_cpu_quota_from_cgroup_files(healthy):
+    files = {"/sys/fs/cgroup/cpu.max": "150000 100000\n"}
+    healthy.setattr(d, "_read", lambda path: files.get(path))
+    assert d.collect(env={}).cpu_quota == 1.5
+    files.clear()  # cgroup v1
+    files.update({"/sys/fs/cgroup/cpu/cpu.cfs_quota_us": "50000\n", "/sys/fs/cgroup/cpu/cpu.cfs_period_us": "100000\n"})
+    report = d.collect(env={})
+    assert report.cpu_quota == 0.5
+    assert report.memory_total is None  # /proc/meminfo unreadable too: unknown, not a crash
+    files["/sys/fs/cgroup/cpu/cpu.cfs_quota_us"] = "-1\n"
+    assert d.collect(env={}).cpu_quota is None
+
+
+@pytest.mark.parametrize("version, requires, installed, cuda", [
+    ("2.8.0+cu126", [], set(), "12.6"),
+    ("2.8.0+cpu", [], set(), None),
+    ("2.14.1", ['cuda-toolkit[cublas,cudart]==13.0.3; platform_system == "Linux"'], {"cuda-toolkit"}, "13.0"),
+    ("2.4.0", ['nvidia-cuda-runtime-cu12==12.1.105; platform_system == "Linux"'], {"nvidia-cuda-runtime-cu12"}, "12.1"),
+    ("2.14.1", ['cuda-toolkit[cublas]==13.0.3; platform_system == "Linux"'], set(), None),  # macOS: not installed
+])
+def test_torch_cuda_without_importing_torch(monkeypatch, version, requires, installed, cuda):
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(d, "_dist_version", lambda name: version if name == "torch" else
+                        ("1" if name in installed else None))
+    monkeypatch.setattr(d, "_dist_requires", lambda name: requires if name == "torch" else [])
+    assert d._torch_cuda() == cuda
+
+
+def test_summary_line(healthy):
+    line = d.summary_line(d.collect(env={}))
+    assert "\n" not in line and line.startswith(f"doctor: jax {JAX_VERSION} cpu x8 (1 process) | torch ")
+    assert line.endswith("| 0 warnings")
+    healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": "0.0.17", "libtpu-nightly": None}))
+    healthy.setattr(d, "_statvfs", lambda path: SimpleNamespace(f_frsize=1000, f_blocks=64_000, f_bavail=64_000))
+    report = d.collect(num_workers=2, env={})
+    line = d.summary_line(report)
+    assert "\n" not in line
+    assert line.endswith("| 2 warnings: libtpu without TPU; /dev/shm small — run torch2flax doctor")
+    assert repr(report) == f"<Report {line}>"  # a notebook echoes one line, not the whole dataclass
+
+
+def test_cli_json_and_text(healthy, capsys):
+    from torch2flax.cli import main
+
+    assert main(["doctor", "--json", "--batch-size", "64", "--num-workers", "1"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["backend"] == "cpu" and data["devices"] == [["cpu", 8]]
+    assert data["versions"]["jax"] == JAX_VERSION and (data["batch_size"], data["num_workers"]) == (64, 1)
+    healthy.setattr(d, "_start_method", lambda: ("fork", False))
+    assert main(["doctor"]) == 0  # warnings are advice: still exit 0
+    out = capsys.readouterr().out
+    assert out.startswith("versions\n") and "warnings (1)" in out and "     fix: Use torch2flax.make_loader" in out
+
+
+def test_notebook_entry_point(healthy, capsys):
+    import torch2flax
+
+    assert torch2flax.doctor is d.doctor
+    report = torch2flax.doctor(batch_size=64, image_size=96)
+    assert isinstance(report, d.Report) and (report.batch_size, report.image_size) == (64, 96)
+    assert capsys.readouterr().out == d.format_report(report) + "\n"
