@@ -289,6 +289,22 @@ def test_convert_chooses_the_backend_and_save_load_rebuilds_the_graph(tmp_path):
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded_vars, variables)))
     np.testing.assert_array_equal(np.asarray(loaded.apply(loaded_vars, x)), logits)
 
+    # A graph that another torch/timm exported differently: the error names both sides' versions.
+    import timm
+    import torch
+
+    from torch2flax import io
+
+    here = {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+    assert side["exported_with"] == here
+    payload = io.read_payload(path)
+    config = {**json.loads(payload["config"]), "exported_with": {"torch": "2.99.0", "timm": "9.9.9"}}
+    variables = {**payload["variables"], "params": {**payload["variables"]["params"], "extra": np.zeros(3)}}
+    io.write_payload(tmp_path / "other.msgpack", {"config": json.dumps(config), "variables": variables})
+    with pytest.raises(ValueError, match=r"unexpected \['params/extra'\].*exported with torch 2\.99\.0, timm "
+                       rf"9\.9\.9; this process re-exported it with torch {here['torch']}, timm {here['timm']}"):
+        torch2flax.load(tmp_path / "other.msgpack")
+
 
 def test_another_image_size_re_exports_with_timm_position_embedding_resampling():
     """A converted model called at another size runs that size's graph, same variables: a ViT

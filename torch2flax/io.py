@@ -70,7 +70,7 @@ def module_config(module: Any) -> dict[str, Any]:
     if hasattr(module, "variable_shapes"):  # an ExportedModel
         config = module.config()
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": "export",
-                "model": config["model_name"], "kwargs": config}
+                "model": config["model_name"], "kwargs": config, "exported_with": export_versions()}
 
     kwargs = {}
     for f in dataclasses.fields(module):
@@ -85,6 +85,15 @@ def module_config(module: Any) -> dict[str, Any]:
             v = list(v)
         kwargs[f.name] = v
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name(module), "kwargs": kwargs}
+
+
+def export_versions() -> dict[str, str]:
+    """The torch and timm an exported model's graph comes from: `load` re-exports it with the
+    loading side's, so a file records them to name both sides when the graphs disagree."""
+    import timm
+    import torch
+
+    return {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}
 
 
 # Head fields that follow the HeadModel (its dtype and BatchNorm sync axis), not saved with the head.
@@ -260,10 +269,23 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
     tree = payload.get("variables")
     if not isinstance(tree, dict) or "params" not in tree:
         raise ValueError(f"{source}: no 'params' in the stored variables")
-    module = module_from_config(json.loads(payload["config"]), source=source, head=head)
+    config = json.loads(payload["config"])
+    module = module_from_config(config, source=source, head=head)
     shapes = variable_shapes(module)
     tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
-    tree, _ = unreplicate_like(tree, dict(shapes), source=source)
+    try:
+        tree, _ = unreplicate_like(tree, dict(shapes), source=source)
+    except ValueError as e:
+        if config.get("backend") != "export":
+            raise
+        # The graph was exported again here, from this side's torch and timm; the file's variables
+        # fit the graph the writing side's versions gave.
+        versions = lambda v: ", ".join(f"{k} {x}" for k, x in v.items())
+        written = config.get("exported_with")
+        raise ValueError(f"{e}. The file's {config['model']} graph was exported with "
+                         f"{versions(written) if written else 'unrecorded versions (an older file)'}; this "
+                         f"process re-exported it with {versions(export_versions())}, whose graph differs: load "
+                         "it with the writing side's torch and timm, or convert the model again here") from None
     return module, freeze(jax.tree.map(jnp.asarray, tree))
 
 

@@ -456,9 +456,12 @@ def summary_line(report: Report) -> str:
 
 
 def doctor(*, batch_size: int = 128, image_size: int = 224, num_workers: int | str = "auto",
-           print_report: bool = True) -> Report:
-    """Check this environment for a run at `batch_size` x `image_size`; print the report and return it."""
+           print_report: bool = True, summary: bool = False) -> Report:
+    """Check this environment for a run at `batch_size` x `image_size`; print the report and return it.
+    `summary=True` prints `summary_line` and only the warnings (with their fixes): a notebook's first output."""
     report = collect(batch_size=batch_size, image_size=image_size, num_workers=num_workers)
-    if print_report:
+    if summary:
+        print("\n".join([summary_line(report)] + [f"  {w.what}\n  fix: {w.fix}" for w in report.warnings]))
+    elif print_report:
         print(format_report(report))
     return report
