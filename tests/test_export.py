@@ -87,6 +87,23 @@ def test_train_step_parity(case):
         assert err["batch_stats"]["floor"] > 0  # the step really updated the running stats
 
 
+def test_a_float64_zero_gradient_is_judged_by_float32_noise():
+    """A bias gradient that a normalisation makes exactly zero is rounding noise in float32: it passes
+    below 1e-6 x the largest gradient norm, and an error of a real gradient's size still fails."""
+    from torch2flax.export.parity import _within_bounds
+
+    big = np.linspace(1.0, 2.0, 100)
+    ref64 = {"w": big, "zero_bias": np.full(8, 1e-16)}
+    ref32 = {"w": big * (1 + 1e-7), "zero_bias": np.full(8, 1e-9)}  # timm float32: noise 1.8e-4 of the floor
+    floor = 1e-6 * np.linalg.norm(big)
+    # 0.5 x the floor, 2,700x timm's own noise: fails the relative rule, passes as float32 noise
+    noisy = {"w": big, "zero_bias": np.full(8, 0.5 * floor / np.sqrt(8))}
+    assert _within_bounds(noisy, ref32, ref64, tol=1e-4)["ok"]
+    wrong = {"w": big, "zero_bias": np.full(8, 1e-3)}  # a gradient where there is none
+    assert not _within_bounds(wrong, ref32, ref64, tol=1e-4)["ok"]
+    assert not _within_bounds({"w": big * 1.01, "zero_bias": ref32["zero_bias"]}, ref32, ref64, tol=1e-4)["ok"]
+
+
 # ---------------------------------------------------------------------- a reduced ResNet: native vs exported
 
 
