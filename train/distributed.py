@@ -11,6 +11,7 @@ are never saved in a run's `config.json`.
 """
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -77,10 +78,14 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
         raise ValueError(f"distributed: process id {process_id} is outside [0, {num_processes})")
     # Cross-process collectives of the CPU backend; other backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    timeouts = {"heartbeat_timeout_seconds": peer_timeout}
+    # jax < 0.8 (Kaggle's 0.7.2) has no shutdown timeout: a finishing process waits for the others
+    # for its fixed default instead.
+    if "shutdown_timeout_seconds" in inspect.signature(jax.distributed.initialize).parameters:
+        timeouts["shutdown_timeout_seconds"] = peer_timeout
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                                   process_id=process_id, heartbeat_timeout_seconds=peer_timeout,
-                                   shutdown_timeout_seconds=peer_timeout)
+                                   process_id=process_id, **timeouts)
     except ValueError as e:
         if coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
             raise
