@@ -49,10 +49,10 @@ def global_devices(local: list[jax.Device]) -> list[jax.Device]:
 
 def _first_replica(x: jax.Array) -> np.ndarray:
     """Replica 0 of a `[devices, ...]` array, as a host array of shape `x.shape[1:]`."""
-    shard = x.addressable_shards[0].data
+    shard = np.asarray(x.addressable_shards[0].data)  # on the host: no program per leaf shape
     # jax < 0.8 (pmap not yet built on shard_map): a jnp op on pmap outputs, such as the sum
     # evaluate() accumulates, returns one array on one device whose shard is the whole thing.
-    return np.asarray(shard[0] if shard.shape == x.shape else shard).reshape(x.shape[1:])
+    return (shard[0] if shard.shape == x.shape else shard).reshape(x.shape[1:])
 
 
 class Parallel:
