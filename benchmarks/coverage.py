@@ -27,7 +27,6 @@ and `--resume` continues a stopped run.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -46,7 +45,12 @@ def _param_count(name: str) -> int:
     import timm
     import torch
 
-    with torch.device("meta"):
+    try:
+        with torch.device("meta"):  # no memory, no init FLOPs
+            model = timm.create_model(name, pretrained=False)
+    except (RuntimeError, NotImplementedError):
+        # Older timm (the lower end's 1.0.12) reads drop-path rates with .item()/.tolist() while
+        # building, which meta tensors refuse: build it for real.
         model = timm.create_model(name, pretrained=False)
     return sum(p.numel() for p in model.parameters())
 
@@ -67,12 +71,17 @@ def representatives(families: list[str] | None, all_tags: bool) -> list[tuple[st
             continue
         # timm's own tiny `test_*` models are not representatives of a family.
         archs = sorted({t.split(".")[0] for t in tags if not t.startswith("test_")})
-        sizes = {}
+        sizes, errors = {}, {}
         for arch in archs:
-            with contextlib.suppress(Exception):  # an architecture that fails to build is not a candidate
+            try:  # an architecture that fails to build is not a candidate
                 sizes[arch] = _param_count(arch)
+            except Exception as e:
+                errors[arch] = f"{type(e).__name__}: {e}"
         if sizes:
             out.append((family, min(sizes, key=sizes.get)))
+        elif archs:  # reported as the family's row (check() fails on it), not dropped
+            print(f"{family}: no pretrained architecture builds ({next(iter(errors.values()))})", flush=True)
+            out.append((family, archs[0]))
     return out
 
 
