@@ -14,7 +14,7 @@ PLATFORM   ?= constraints-oldest.txt
 WHEELHOUSE ?= wheelhouse
 PYTEST = -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=15
 
-.PHONY: demo test test-oldest install install-oldest wheelhouse clean
+.PHONY: demo test test-fast test-oldest install install-oldest wheelhouse clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) $(PYTEST) -m "not cross_stack"
+
+# The edit-test loop: every module's unit tests, without subprocess runs, fits or full-size models
+# (the `slow` tier, listed in tests/conftest.py). Tests are spread one by one, not file by file.
+test-fast: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist load -m "not slow and not cross_stack" -q
 
 # Also the cross-stack tests: model files written here load on the upper stack and back.
 test-oldest: $(OLD_STAMP) $(STAMP)

@@ -56,6 +56,36 @@ _LONGEST_FIRST = ("test_finetune.py", "test_train.py", "test_multihost.py", "tes
                   "test_heads.py", "test_demo.py", "test_notebook.py")
 
 
+# The slow tier (`-m slow`): subprocess and shell runs, fits, full-size models, and every exported
+# architecture but one. `make test-fast` runs the rest, each module's unit tests, in about a minute;
+# `make test` runs both. Node-id prefixes, so a new test is fast until it is listed here.
+_SLOW = (
+    "tests/test_finetune.py", "tests/test_multihost.py", "tests/test_demo.py", "tests/test_notebook.py",
+    "tests/test_cross_stack.py", "tests/test_packaging.py",
+    "tests/test_train.py::test_cli_train", "tests/test_train.py::test_fit_", "tests/test_train.py::test_one_device",
+    "tests/test_train.py::test_jit_layout", "tests/test_train.py::test_resume", "tests/test_train.py::test_non_finite",
+    "tests/test_train.py::test_predict", "tests/test_train.py::test_interrupted", "tests/test_train.py::test_slow_input",
+    "tests/test_export.py::test_eval_parity[", "tests/test_export.py::test_train_step_parity[",
+    "tests/test_export.py::test_another_image_size", "tests/test_export.py::test_bfloat16",
+    "tests/test_export.py::test_convert_chooses", "tests/test_export.py::test_dropout",
+    "tests/test_export.py::test_features_head", "tests/test_export.py::test_resnet_exported",
+    "tests/test_export.py::test_sync_batchnorm",
+    "tests/test_explain.py::test_every_stage", "tests/test_explain.py::test_gradcam_equals",
+    "tests/test_explain.py::test_features_and_gradcam", "tests/test_explain.py::test_inner_module_names",
+    "tests/test_heads.py::test_with_head_keeps",
+    "tests/test_heads.py::test_custom_head", "tests/test_heads.py::test_gem_head_on", "tests/test_heads.py::test_mlp_head",
+    "tests/test_models_resnet.py::test_eval_logits_and_features_match_timm[resnet50-full",
+    "tests/test_models_resnet.py::test_train_step_loss_grads_and_batch_stats_match_timm[resnet50-full",
+    "tests/test_convert.py::test_module_contract_fields_and_bfloat16",
+    "tests/test_layers.py::test_conv_paths_agree_in_value_and_gradient[5x5x8x16x7x2x3x1x1]",
+)
+# ...but one exported architecture stays in the fast tier.
+_FAST = ("tests/test_export.py::test_eval_parity[efficientnet_b0]",)
+
+
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.nodeid.startswith(_SLOW) and not item.nodeid.startswith(_FAST):
+            item.add_marker(pytest.mark.slow)
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept
