@@ -221,3 +221,13 @@ def test_notebook_entry_point(healthy, capsys):
     report = torch2flax.doctor(batch_size=64, image_size=96)
     assert isinstance(report, d.Report) and (report.batch_size, report.image_size) == (64, 96)
     assert capsys.readouterr().out == d.format_report(report) + "\n"
+
+
+def test_notebook_summary_is_one_line_then_each_warning_with_its_fix(healthy, capsys):
+    report = d.doctor(summary=True)
+    assert capsys.readouterr().out.splitlines() == [d.summary_line(report)]
+    healthy.setattr(d, "_start_method", lambda: ("fork", False))
+    report = d.doctor(summary=True)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(report.warnings) == 1 and lines[0] == d.summary_line(report) and "1 warning: fork" in lines[0]
+    assert lines[1:] == [f"  {report.warnings[0].what}", f"  fix: {report.warnings[0].fix}"]
