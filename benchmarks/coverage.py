@@ -137,8 +137,7 @@ def check(name: str, *, image_size: int | None, max_params: float) -> dict[str, 
         row["error"] = f"{type(e).__name__}: {' / '.join(msg[:3])}"[:300]
         row["trace"] = traceback.format_exc(limit=3)
     finally:
-        model._PROGRAMS.clear()
-        model._TIMM_MODELS.clear()
+        model.CACHE.clear()
         gc.collect()
         import jax
 

@@ -110,10 +110,10 @@ def timm_instance(name: str, size: int, seed: int = 0):
     import timm
     import torch
 
-    from torch2flax.converter import _fixed_size_kwargs
+    from torch2flax.export.backend import fixed_size_kwargs
 
     torch.manual_seed(seed)
-    return timm.create_model(name, pretrained=False, **_fixed_size_kwargs(name, size)).eval()
+    return timm.create_model(name, pretrained=False, **fixed_size_kwargs(name, size)).eval()
 
 
 def images(batch: int, size: int) -> np.ndarray:

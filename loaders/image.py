@@ -1,8 +1,8 @@
 """Image decoding for dataset transforms: JPEG/PNG bytes -> (H, W, 3) uint8 RGB.
 
-OpenCV is the decoder: on 512x512 ~85 KB JPEGs it measured ~1.1 ms per image
-against ~1.5 ms for Pillow (both libjpeg-turbo; `benchmarks/tfrecord_read.py`
-prints the comparison). `IMREAD_COLOR_RGB` (OpenCV >= 4.10) makes libjpeg emit
+OpenCV is the decoder: faster than Pillow on the competitions' 512x512 JPEGs (both
+libjpeg-turbo; `benchmarks/tfrecord_read.py` prints the comparison, docs/benchmarks.md
+the figures). `IMREAD_COLOR_RGB` (OpenCV >= 4.10) makes libjpeg emit
 RGB directly, so there is no `cvtColor` pass: that saves a copy and keeps
 OpenCV's thread pool out of the decode, which matters inside forked DataLoader
 workers (no `cv2.setNumThreads` juggling needed).

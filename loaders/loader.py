@@ -62,15 +62,11 @@ __all__ = ["AUTO", "Loader", "make_loader", "resolve_num_workers", "slots_per_wo
 
 AUTO = "auto"
 
-# Per-worker memory, measured on the README pipeline (512 px quality-95 JPEG -> RandomResizedCrop
-# 224 + flip, 8 devices, 2 workers, prefetch_factor 2, the consumer holding its last 3 batches):
-# peak USS (private pages) + shared-memory slots, with psutil's memory_full_info on each worker,
-# 2-core x86_64 dev machine, 2026-12: 108 + 66 = 174 MB at batch 128 (19.3 MB of pixels per
-# batch), 45 + 42 = 87 MB at batch 32 (4.8 MB). The rest of a worker's RSS (~350 MB: torch,
-# OpenCV, albumentations) is shared copy-on-write with the forkserver, paid once. The model below
-# (64 MiB: decode buffers, the malloc retention `_tune_malloc` allows, touched interpreter pages;
-# plus prefetch_factor + 4 batches: its slots and the collate copies its heap keeps) gives 180 MB
-# and 93 MB, just above both measurements.
+# Per-worker memory: private pages + shared-memory slots, measured per worker on the README
+# pipeline (docs/benchmarks.md); the rest of a worker's RSS (torch, OpenCV, albumentations) is
+# shared copy-on-write with the forkserver, paid once. The model below (64 MiB: decode buffers,
+# the malloc retention `_tune_malloc` allows, touched interpreter pages; plus prefetch_factor + 4
+# batches: its slots and the collate copies its heap keeps) sits just above the measurements.
 WORKER_BASE_BYTES = 64 << 20
 # Fraction of the host's available memory (MemAvailable) the workers of one `auto` choice may take:
 # the rest is the model, the main process's batches and whatever else the host runs.
@@ -348,9 +344,9 @@ def _tune_malloc() -> bool:
     """Keep freed image buffers in the worker's heap instead of returning them to the OS.
 
     glibc serves each ~0.8 MB decode buffer with a fresh mmap (or trims the heap
-    after freeing it) and the next image page-faults it in again: measured ~45
-    minor faults and ~0.1 ms of kernel time per image in a DataLoader worker,
-    8% of its throughput. A 64 MB trim and 32 MB mmap threshold stop that at the
+    after freeing it) and the next image page-faults it in again: dozens of minor
+    faults per image in a DataLoader worker, a measurable share of its throughput
+    (docs/benchmarks.md). A 64 MB trim and 32 MB mmap threshold stop that at the
     cost of up to 64 MB of retained heap per worker. Other C libraries (musl,
     macOS) lack mallopt and are left alone. Returns whether both settings took.
     """

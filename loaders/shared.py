@@ -3,9 +3,9 @@
 Written by hand because torch lacks it: a tensor a DataLoader worker returns is
 moved into a *new* shared-memory segment on every batch (torch.multiprocessing's
 storage reduction), so each 64-image 224px batch costs ~10 MB of freshly
-allocated, zeroed and page-faulted shared memory. On the 2-core benchmark
-machine that is ~7 ms per batch, about 8% of a worker's time
-(`benchmarks/loader.py`), and torch offers no way to reuse the buffers.
+allocated, zeroed and page-faulted shared memory: a measurable share of a worker's
+time (`benchmarks/loader.py`, docs/benchmarks.md), and torch offers no way to reuse
+the buffers.
 
 Here each worker keeps a small pool of shared storages ("slots"). A batch's
 numeric arrays are copied into a free slot and the slot is sent; torch then

@@ -35,6 +35,8 @@ from google.protobuf.message import DecodeError
 from tfrecord import example_pb2
 from tqdm import tqdm
 
+from torch2flax.utils import atomic_write
+
 __all__ = [
     "CorruptRecordError",
     "RecordError",
@@ -80,22 +82,10 @@ def masked_crc32c(data: bytes | memoryview) -> int:
 # --------------------------------------------------------------------------- index
 
 
-def _atomic_write(path: str, fill: Callable[[Any], None]) -> None:
-    """Write `path` through `fill(binary_file)` via a temp file + rename.
-
-    Several processes (hosts of a multi-host job, DataLoader workers) may build
-    the same sidecar at once; the rename makes each reader see a whole file.
-    Raises OSError when the directory is not writable.
-    """
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            fill(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+# Several processes (hosts of a multi-host job, DataLoader workers) may build the same sidecar at
+# once; the atomic rename makes each reader see a whole file. Raises OSError when the directory
+# is not writable. (A module attribute, so tests can refuse writes to one directory.)
+_atomic_write = atomic_write
 
 
 def _scan_file(

@@ -299,8 +299,7 @@ def test_convert_chooses_the_backend_and_save_load_rebuilds_the_graph(tmp_path):
     torch2flax.save(path, module, variables)
     side = json.loads((tmp_path / "vit.msgpack.json").read_text())
     assert side["backend"] == "export" and side["model"] == "vit_tiny_patch16_224"
-    model._PROGRAMS.clear()
-    model._TIMM_MODELS.clear()  # load must rebuild the graph from timm
+    model.CACHE.clear()  # load must rebuild the graph from timm
     loaded, loaded_vars = torch2flax.load(path)
     assert loaded == module
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded_vars, variables)))

@@ -85,11 +85,9 @@ def _report(errors: dict[str, float], tol: float) -> bool:
 
 
 def _hw(module, size: int | None) -> tuple[int, int]:
-    if hasattr(module, "image_size"):  # an exported graph runs at the size it was exported at
-        return tuple(module.image_size)  # type: ignore[return-value]
-    if size:
-        return (size, size)
-    return tuple(module.pretrained_cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
+    from torch2flax.converter import input_hw
+
+    return input_hw(module, size)  # an exported graph runs at the size it was exported at
 
 
 def _fail(e: Exception) -> int:

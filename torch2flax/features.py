@@ -23,6 +23,8 @@ from typing import Any
 import flax.linen as nn
 import jax
 
+from torch2flax.backend import find_backend
+
 Array = jax.Array
 # Methods of an exported model whose graph can be hooked, and the graph each runs.
 GRAPH_METHODS = {"__call__": "forward", "forward_features": "forward_features"}
@@ -39,7 +41,10 @@ class FeatureInfo:
 
 def feature_info(module: nn.Module) -> list[FeatureInfo]:
     """The model's feature stages in order, from timm's `feature_info` (last = deepest)."""
-    info = module.feature_info() if hasattr(module, "feature_info") else []
+    try:
+        info = module.feature_info()
+    except AttributeError:  # a Flax module torch2flax did not build
+        info = []
     if not info:
         raise ValueError(f"{type(module).__name__} has no feature_info: name the layers explicitly")
     return [FeatureInfo(str(f["module"]), int(f["num_chs"]), int(f["reduction"])) for f in info]
@@ -69,7 +74,8 @@ def forward_intermediates(
     def intercept(next_fun: Any, args: Any, fn_kwargs: Any, context: Any) -> Any:
         method, sub = context.method_name, context.module
         prefix = ".".join(sub.path)
-        if hasattr(sub, "intermediates") and method in GRAPH_METHODS:
+        backend = find_backend(sub, load=False)  # a module that exists has its backend imported
+        if backend is not None and backend.runs_own_graph and method in GRAPH_METHODS:
             # An exported graph (the model, or a backbone inside it): hook the nodes it owns.
             inner = {n[len(prefix) + 1:] if prefix else n: n for n in wanted
                      if not prefix or n.startswith(prefix + ".")}
@@ -91,7 +97,10 @@ def forward_intermediates(
         result = module.apply(variables, x, train=train, rngs=rngs, mutable=mutable)
     missing = sorted(wanted - set(captured))
     if missing:
-        stages = [f.name for f in feature_info(module)] if hasattr(module, "feature_info") else []
+        try:
+            stages = [f.name for f in feature_info(module)]
+        except ValueError:
+            stages = []
         raise ValueError(f"{type(module).__name__}: no module named {missing} was called (names follow "
                          f"timm's module tree, e.g. {stages or ['layer4']})")
     feats = {n: captured[n] for n in names}

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 from flax.core import freeze, unfreeze
 
+from torch2flax.backend import fixed_input_size
+from torch2flax.backend import variable_shapes as variable_shapes_of
 from torch2flax.layers import BatchNorm, Dense
 
 Array = jax.Array
@@ -152,12 +154,12 @@ class HeadModel(nn.Module):
 
     def no_weight_decay(self) -> frozenset[str]:
         """The backbone's exemptions (`pos_embed`, ...) under this model's `backbone.` prefix."""
-        names = self.backbone.no_weight_decay() if hasattr(self.backbone, "no_weight_decay") else ()
+        names = self.backbone.no_weight_decay()
         return frozenset(f"backbone.{n}" for n in names)
 
     def feature_info(self) -> list[dict[str, Any]]:
         """The backbone's feature stages, named from this model (`backbone.layer4`)."""
-        info = self.backbone.feature_info() if hasattr(self.backbone, "feature_info") else []
+        info = self.backbone.feature_info()
         return [{**f, "module": f"backbone.{f['module']}"} for f in info]
 
     def head_features(self, x: Array, train: bool = False) -> Array:
@@ -191,16 +193,15 @@ def input_hw(module: Any, image_size: int | tuple[int, int] | None = None) -> tu
     else the pretrained_cfg's."""
     if image_size is not None:
         return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # type: ignore[return-value]
-    if hasattr(module, "image_size"):
-        return tuple(module.image_size)  # type: ignore[return-value]
+    fixed = fixed_input_size(module)
+    if fixed is not None:
+        return fixed
     size = (module.pretrained_cfg or {}).get("input_size", (3, 224, 224))
     return (int(size[1]), int(size[2]))
 
 
 def backbone_shapes(module: Any) -> Any:
-    from torch2flax.converter import variable_shapes
-
-    return variable_shapes(module)
+    return variable_shapes_of(module)
 
 
 def head_input_shape(backbone: Any, head: nn.Module, image_size: int | tuple[int, int] | None = None,

@@ -20,11 +20,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from torch2flax.backend import backend_of, get_backend
+from torch2flax.utils import atomic_write, freeze_value
 
 FORMAT = "torch2flax"
 FORMAT_VERSION = 1
@@ -36,64 +38,25 @@ def sidecar_path(path: str | os.PathLike) -> str:
     return os.fspath(path) + ".json"
 
 
-def atomic_write(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to a temporary file beside `path`, then rename it into place: a reader
-    (or a run killed mid-write) sees the old file or the new one, never a torn one."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def module_config(module: Any) -> dict[str, Any]:
-    """Registry name and constructor arguments of a Flax model, JSON-ready.
+    """Registry name, backend and constructor arguments of a Flax model, JSON-ready.
 
-    An exported-graph model (`torch2flax.export`) records `"backend": "export"` and what
-    rebuilding it needs (timm name and kwargs, image size): `load` re-exports it from timm.
-    A model with an add-on head (`torch2flax.heads.HeadModel`) is its backbone's config plus
-    `"head"`: the head's class (module and qualname) and its fields.
+    A backend other than "native" records its name (`"backend": "export"`) and what rebuilding
+    the module needs (an exported graph: timm name and kwargs, image size, and the torch/timm
+    that exported it): `load` asks that backend to rebuild it. A model with an add-on head
+    (`torch2flax.heads.HeadModel`) is its backbone's config plus `"head"`: the head's class
+    (module and qualname) and its fields.
     """
     from torch2flax.heads import HeadModel
-    from torch2flax.models import model_name
 
     if isinstance(module, HeadModel):
         return {**module_config(module.backbone), "head": head_config(module.head)}
-    if hasattr(module, "variable_shapes"):  # an ExportedModel
-        config = module.config()
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "backend": "export",
-                "model": config["model_name"], "kwargs": config, "exported_with": export_versions()}
-
-    kwargs = {}
-    for f in dataclasses.fields(module):
-        if f.name in ("parent", "name"):
-            continue
-        v = getattr(module, f.name)
-        if f.name == "dtype":
-            v = np.dtype(v).name
-        elif f.name == "pretrained_cfg":
-            v = dict(v.to_dict() if hasattr(v, "to_dict") else (v or {}))
-        elif isinstance(v, tuple):
-            v = list(v)
-        kwargs[f.name] = v
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "model": model_name(module), "kwargs": kwargs}
-
-
-def export_versions() -> dict[str, str]:
-    """The torch and timm an exported model's graph comes from: `load` re-exports it with the
-    loading side's, so a file records them to name both sides when the graphs disagree."""
-    import timm
-    import torch
-
-    return {"torch": torch.__version__.split("+")[0], "timm": timm.__version__}
+    backend = backend_of(module)
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION}
+    if backend.name != "native":  # files from before the backends had no "backend": native
+        config["backend"] = backend.name
+    return {**config, "model": backend.model_name(module), "kwargs": backend.config(module),
+            **backend.file_fields(module)}
 
 
 # Head fields that follow the HeadModel (its dtype and BatchNorm sync axis), not saved with the head.
@@ -119,10 +82,6 @@ def head_config(head: Any) -> dict[str, Any]:
     return {"module": cls.__module__, "qualname": cls.__qualname__, "kwargs": kwargs}
 
 
-def _tuples(v: Any) -> Any:
-    return tuple(_tuples(x) for x in v) if isinstance(v, list) else v
-
-
 def head_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
     """The head `head_config` describes; a class this process cannot import raises, saying how to pass it."""
     import importlib
@@ -140,17 +99,13 @@ def head_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
         raise ValueError(f"{source}: its head class {qualname} was defined in {where} and cannot be imported "
                          f"here; pass the head module: torch2flax.load(path, head={qualname}(...)), or define "
                          "the class in an importable module") from None
-    kwargs = {k: getattr(jnp, v) if k.endswith("dtype") else _tuples(v) for k, v in config.get("kwargs", {}).items()}
+    kwargs = {k: getattr(jnp, v) if k.endswith("dtype") else freeze_value(v) for k, v in config.get("kwargs", {}).items()}
     return obj(**kwargs)
 
 
 def module_from_config(config: Mapping[str, Any], source: str = "config", head: Any = None) -> Any:
     """The Flax module a `module_config` describes. `head`: the add-on head module to use instead
     of rebuilding the saved one (a head class defined in a notebook cannot be imported elsewhere)."""
-    import jax.numpy as jnp
-
-    from torch2flax.models import create_model
-
     if config.get("format") != FORMAT or "model" not in config:
         raise ValueError(f"{source}: not a torch2flax model config (format={config.get('format')!r})")
     if "head" in config or head is not None:
@@ -163,16 +118,7 @@ def module_from_config(config: Mapping[str, Any], source: str = "config", head: 
         if head is None:
             head = head_from_config(config["head"], source)
         return HeadModel(backbone, head, dtype=backbone.dtype, axis_name=backbone.axis_name)
-    kwargs = dict(config.get("kwargs", {}))
-    if config.get("backend", "native") == "export":
-        from torch2flax.export.model import ExportedModel
-
-        return ExportedModel.from_config(kwargs)
-    if "dtype" in kwargs:
-        # The scalar type (jnp.float32), not np.dtype: equal either way, but only
-        # this keeps the module's hash equal to the saved one's (jit caches on it).
-        kwargs["dtype"] = getattr(jnp, str(kwargs["dtype"]))
-    return create_model(config["model"], **kwargs)
+    return get_backend(config.get("backend", "native")).from_config(config["model"], config.get("kwargs", {}))
 
 
 def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variables") -> tuple[dict, int]:
@@ -276,16 +222,10 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
     try:
         tree, _ = unreplicate_like(tree, dict(shapes), source=source)
     except ValueError as e:
-        if config.get("backend") != "export":
+        hint = get_backend(config.get("backend", "native")).mismatch_hint(config)
+        if not hint:
             raise
-        # The graph was exported again here, from this side's torch and timm; the file's variables
-        # fit the graph the writing side's versions gave.
-        versions = lambda v: ", ".join(f"{k} {x}" for k, x in v.items())
-        written = config.get("exported_with")
-        raise ValueError(f"{e}. The file's {config['model']} graph was exported with "
-                         f"{versions(written) if written else 'unrecorded versions (an older file)'}; this "
-                         f"process re-exported it with {versions(export_versions())}, whose graph differs: load "
-                         "it with the writing side's torch and timm, or convert the model again here") from None
+        raise ValueError(f"{e}. {hint}") from None
     return module, freeze(jax.tree.map(jnp.asarray, tree))
 
 

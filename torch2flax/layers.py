@@ -24,19 +24,12 @@ Dtype = Any
 IntPair = int | Sequence[int]
 
 # Output maps with at most this many pixels are convolved as a sum of shifted
-# matmuls (one per kernel tap) instead of `lax.conv_general_dilated`. XLA:CPU
-# has a cliff on tiny maps (layer4 of a ResNet fed 64x64 images); measured on
-# a 2-core CPU, batch 64, 3x3 kernels, jit, forward / gradient ms:
-#   out 1x1, 512ch:        conv  21.5 /   47.9   shifted  2.8 /  10.0
-#   out 2x2, 512ch:        conv 541.6 / 1114.7   shifted  6.6 /  25.2
-#   out 2x2, 512ch, s=2:   conv  12.9 /  627.0   shifted 13.5 /  26.7
-#   out 3x3, 512ch:        conv  21.3 /   77.0   shifted 18.4 /  66.5
-#   out 4x4, 512ch:        conv  31.1 /   97.5   shifted 26.0 / 149.8
-#   out 5x5, 512ch:        conv  75.3 /  237.9   shifted 87.2 / 174.1
-#   out 7x7, 512ch:        conv  86.6 /  325.2   shifted 105.8 / 325.5
-# so the matmul path wins up to 3x3 and is mixed beyond. The rule is about
-# shapes, not platforms: on GPU/TPU a handful of tiny matmuls is as cheap as a
-# convolution of the same FLOPs, and these layers are a sliver of the work.
+# matmuls (one per kernel tap) instead of `lax.conv_general_dilated`: XLA:CPU
+# has a cliff on tiny maps (layer4 of a ResNet fed 64x64 images), the matmul path
+# wins up to 3x3 output maps and is mixed beyond (docs/benchmarks.md, "Measurements
+# behind design choices"). The rule is about shapes, not platforms: on GPU/TPU a
+# handful of tiny matmuls is as cheap as a convolution of the same FLOPs, and these
+# layers are a sliver of the work.
 SMALL_MAP_MAX_PIXELS = 9
 
 
@@ -130,8 +123,7 @@ def depthwise_conv(
     Same result as `lax.conv_general_dilated(..., feature_group_count=C)`. XLA fuses the taps
     into one elementwise loop (and the gradients into pads and per-tap reductions) instead of
     its grouped-convolution emitter, whose backward pass is as slow as a dense convolution's
-    (jax-ml/jax#13800, GPU; #23713, CPU). Measured on XLA:CPU (2 cores, batch 32, the
-    efficientnet_b0 layer shapes, forward + backward): 7x faster in total, 3.5x-60x per layer.
+    (jax-ml/jax#13800, GPU; #23713, CPU). Measurements: docs/benchmarks.md.
     """
     xp, out_hw = _padded(x, kernel.shape[:2], strides, padding, dilation)
     acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 inputs: sum the taps in float32, as convolutions do

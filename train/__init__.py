@@ -7,18 +7,10 @@ Notebook API::
     predict("runs/r18/best.msgpack", "test/*.tfrec", "submission.csv", tta="hflip")
 """
 from torch2flax.train.config import TrainConfig
+from torch2flax.utils import lazy_exports
 
-_LAZY = {"fit": "torch2flax.train.trainer", "FitResult": "torch2flax.train.trainer",
-         "NonFiniteLossError": "torch2flax.train.trainer",
-         "predict": "torch2flax.train.inference", "PredictResult": "torch2flax.train.inference"}
-
+# Imported on first use so that `torch2flax --help` does not load jax and torch.
+_LAZY = {"fit": ".trainer", "FitResult": ".trainer", "NonFiniteLossError": ".trainer",
+         "predict": ".inference", "PredictResult": ".inference"}
 __all__ = ["TrainConfig", *_LAZY]
-
-
-def __getattr__(name: str):
-    # Imported on first use so that `torch2flax --help` does not load jax and torch.
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'torch2flax.train' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

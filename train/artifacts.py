@@ -9,12 +9,7 @@ import csv
 import io
 from collections.abc import Sequence
 
-from torch2flax.io import atomic_write as atomic_write_bytes
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
+from torch2flax.utils import atomic_write
 
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss",
                   "val_accuracy", "val_macro_f1", "images_per_sec", "data_wait", "epoch_seconds")
@@ -25,7 +20,7 @@ def write_metrics_csv(path: str, rows: Sequence[dict]) -> None:
     writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())
 
 
 def read_metrics_csv(path: str) -> list[dict]:
@@ -55,4 +50,4 @@ def plot_curves(path: str, rows: Sequence[dict]) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, buf.getvalue())

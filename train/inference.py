@@ -77,10 +77,10 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     files = [out] + ([probs] if probs else [])
     if distributed.is_main():
         lines = ["id,label"] + [f"{i},{int(label)}" for i, label in zip(ids, labels)]
-        artifacts.atomic_write_text(out, "\n".join(lines) + "\n")
+        artifacts.atomic_write(out, "\n".join(lines) + "\n")
         if probs:
             buf = io.BytesIO()
             np.save(buf, prob)
-            artifacts.atomic_write_bytes(probs, buf.getvalue())
+            artifacts.atomic_write(probs, buf.getvalue())
     distributed.barrier("torch2flax: predictions written")
     return PredictResult(ids=ids, labels=labels, probs=prob, files=[os.path.abspath(f) for f in files])

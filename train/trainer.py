@@ -45,89 +45,13 @@ class FitResult:
 
 
 def init_model(config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
-    """The starting model: a torch2flax file (`init`) or a timm conversion; with `config.head`,
-    the backbone without its classifier under a freshly initialised add-on head."""
-    from torch2flax.heads import HeadModel
-
-    if config.init:
-        module, variables = torch2flax.load(config.init)
-        if config.head and not isinstance(module, HeadModel):
-            module, variables = _headless(module, variables)
-            return _add_head(_with_run_settings(module, config), variables, config)
-        if config.head and not _same_head(module.head, config):
-            raise ValueError(f"{config.init} already has an add-on head ({type(module.head).__name__}) that "
-                             f"--head {config.head} does not describe: drop --head to fine-tune the saved one")
-        if module.num_classes != config.num_classes:
-            raise ValueError(f"{config.init} has a {module.num_classes}-class head, but the run "
-                             f"asks for num_classes={config.num_classes}; convert with --num-classes "
-                             f"{config.num_classes} or start from a timm checkpoint")
-        return _with_run_settings(module, config), variables, ()
-    import torch
-
-    torch.manual_seed(config.seed)  # a randomly initialised model is reproducible by seed
-    # Under an add-on head the backbone's classifier would be dead weight: convert without it.
-    result = torch2flax.convert(config.model, pretrained=config.pretrained, checkpoint=config.checkpoint,
-                                num_classes=0 if config.head else config.num_classes, drop_rate=config.drop_rate,
-                                drop_path_rate=config.drop_path_rate, backend=config.backend,
-                                image_size=config.image_size)
-    module, variables = result
-    if config.head:
-        return _add_head(module, variables, config)
-    return module, variables, tuple(result.reinitialized)
-
-
-def _add_head(module: Any, variables: Any, config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
-    """`config.head` on `module`, initialised from the run's seed; the head's parameter names
-    are what was re-initialised."""
-    from flax.traverse_util import flatten_dict
-
-    from torch2flax.heads import parse_head, with_head
-
-    module, variables = with_head(module, variables, parse_head(config.head, config.num_classes),
-                                  seed=config.seed, image_size=config.image_size)
-    names = tuple(".".join(("head", *k)) for k in flatten_dict(dict(variables["params"]["head"])))
-    return module, variables, names
-
-
-def _same_head(head: Any, config: TrainConfig) -> bool:
-    from torch2flax.heads import parse_head
-    from torch2flax.io import head_config
-
-    return head_config(head) == head_config(parse_head(config.head, config.num_classes))
-
-
-def _headless(module: Any, variables: Any) -> tuple[Any, Any]:
-    """A model file's backbone without its classifier (`num_classes=0`), the other variables kept."""
-    from flax.core import freeze
-    from flax.traverse_util import flatten_dict, unflatten_dict
-
-    from torch2flax.converter import variable_shapes
-
-    if module.num_classes == 0:
-        return module, variables
-    module = module.clone(num_classes=0)
-    keep = flatten_dict(dict(variable_shapes(module)))
-    return module, freeze(unflatten_dict({k: v for k, v in flatten_dict(dict(variables)).items() if k in keep}))
-
-
-def _with_run_settings(module: Any, config: TrainConfig) -> Any:
-    """The model file's module with this run's dropout rates (and, exported, the check on its size)."""
-    from torch2flax.heads import HeadModel
-
-    if isinstance(module, HeadModel):  # the rates are the backbone's; the head's are in its spec
-        return module.clone(backbone=_with_run_settings(module.backbone, config))
-    if not hasattr(module, "variable_shapes"):
-        return module.clone(drop_rate=config.drop_rate, drop_path_rate=config.drop_path_rate)
-    # An exported graph is fixed at its image size and has its drop rates baked in: a change
-    # re-exports from timm (the cache key is the module's fields).
-    if tuple(module.image_size) != (config.image_size, config.image_size):
-        raise ValueError(f"{config.init} was exported at {module.image_size[0]}x{module.image_size[1]}, but the "
-                         f"run trains at image_size={config.image_size}: convert again with --size "
-                         f"{config.image_size} (the exported graph has a fixed input size)")
-    from torch2flax.export.model import freeze_kwargs
-
-    kwargs = {**dict(module.timm_kwargs), "drop_rate": config.drop_rate, "drop_path_rate": config.drop_path_rate}
-    return module.clone(timm_kwargs=freeze_kwargs(kwargs))
+    """The starting model of a run (`torch2flax.prepare_model` with the config's fields)."""
+    result = torch2flax.prepare_model(
+        config.model, num_classes=config.num_classes, init=config.init, pretrained=config.pretrained,
+        checkpoint=config.checkpoint, head=config.head, drop_rate=config.drop_rate,
+        drop_path_rate=config.drop_path_rate, backend=config.backend, image_size=config.image_size,
+        seed=config.seed)
+    return result.module, result.variables, result.reinitialized
 
 
 def eval_crop_pct(config: TrainConfig, module: Any) -> float:
@@ -265,7 +189,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
         variables = distributed.broadcast_from_main(variables)
     data = DataSpec(config.image_size, eval_crop_pct(config, module))
     train_loader, val_loader = build_loaders(config, data.crop_pct, len(par.devices), num_workers)
-    no_decay = module.no_weight_decay() if hasattr(module, "no_weight_decay") else frozenset()
+    no_decay = module.no_weight_decay()
     state = create_train_state(variables, make_optimizer(config, len(train_loader), no_decay),
                                seed=config.seed, ema=config.ema_decay > 0)
     run = Run(config, par, module, state, train_loader, val_loader, *_steps(config, par, module),
@@ -278,7 +202,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
                            if r["epoch"] < run.start_epoch]
     run.state = par.replicate(run.state)
     if distributed.is_main():
-        artifacts.atomic_write_text(paths["config.json"], dumps(config))
+        artifacts.atomic_write(paths["config.json"], dumps(config))
     return run
 
 

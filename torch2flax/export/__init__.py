@@ -6,6 +6,7 @@ graphs (dynamic batch, fixed image size), checks them against the op table
 Flax linen module with the native models' contract (NHWC input,
 `__call__(x, train)`, `forward_features`, `forward_head`, `batch_stats`).
 """
+from torch2flax.export.backend import ExportBackend  # registers the "export" backend
 from torch2flax.export.capture import export_timm
 from torch2flax.export.interpreter import GraphError, Program, UnsupportedOpError, lower, run
 from torch2flax.export.model import (
@@ -19,6 +20,6 @@ from torch2flax.export.model import (
 from torch2flax.export.ops import OPS
 
 __all__ = [
-    "OPS", "ExportSpec", "ExportedModel", "GraphError", "Program", "UnsupportedOpError", "convert_exported",
+    "OPS", "ExportBackend", "ExportSpec", "ExportedModel", "GraphError", "Program", "UnsupportedOpError", "convert_exported",
     "export_timm", "exported_state_dict", "lower", "program", "run", "timm_from_exported",
 ]

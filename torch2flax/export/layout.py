@@ -4,8 +4,8 @@ The exported graph is NCHW; XLA's convolutions (and the native models' `layers.c
 are NHWC. Transposing around every convolution costs little in inference, where XLA
 folds the transposes into neighbouring fusions, but not in training: each transpose
 has its transpose in the backward pass, and each splits an elementwise chain (BN,
-activation, residual add) into more fusions. Measured on resnet50, batch 16 at 224 px
-on the 2-core dev machine: the exported train step ran at 0.69x the native model's.
+activation, residual add) into more fusions: without this module the exported resnet50
+train step ran well below the native model's (docs/benchmarks.md).
 
 So a convolution returns a `ChannelsLast`: the logical NCHW tensor held as NHWC data.
 Ops in `OPS` below accept it and keep it (elementwise ops, BatchNorm, max-pooling,
@@ -25,6 +25,7 @@ import numpy as np
 from jax import lax
 
 from torch2flax.export import ops
+from torch2flax.registry import Registry
 
 aten = ops.aten
 Array = jax.Array
@@ -83,15 +84,8 @@ def _tagged(args: Any) -> bool:
     return any(isinstance(a, ChannelsLast) for a in args)
 
 
-OPS: dict[Any, Callable[..., Any]] = {}
-
-
-def aware(*targets: Any) -> Callable[[Callable], Callable]:
-    def deco(fn: Callable) -> Callable:
-        for t in targets:
-            OPS[t] = fn
-        return fn
-    return deco
+OPS: Registry[Callable[..., Any]] = Registry("channels-last op")
+aware = OPS.register  # @aware(aten.op.overload, ...): an op that accepts and keeps ChannelsLast
 
 
 def _fallback(target: Any, *args: Any) -> Any:

@@ -1,15 +1,18 @@
 """`ExportedModel`: any timm model as a Flax linen module, by running its exported ATen graph.
 
 The module's fields are plain, hashable and JSON-able (timm name, timm kwargs,
-image size, ...). The exported programs live in a process-wide cache keyed by
-an `ExportSpec` built from those fields; on a cache miss the timm model is
-re-created with random init and re-exported (weights always come from the
-Flax variables), so a module rebuilt from its JSON config runs the same graphs.
+image size, ...). The timm models and exported programs live in one bounded,
+process-wide cache (`CACHE`, least recently used out first, `CACHE.clear()`) keyed by
+an `ExportSpec` built from those fields; on a miss the timm model is re-created
+with random init and re-exported (weights always come from the Flax variables),
+so a module rebuilt from its JSON config runs the same graphs.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import os
+import threading
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +28,7 @@ from flax.core import FrozenDict, freeze
 from torch2flax.export import interpreter, layout
 from torch2flax.export.capture import example_input, export_timm
 from torch2flax.models import PretrainedCfg, pretrained_cfg_from_timm
+from torch2flax.utils import freeze_value, thaw_value
 
 Array = jax.Array
 
@@ -53,27 +57,52 @@ class ExportSpec:
         return self.model_name
 
 
-_TIMM_MODELS: dict[ExportSpec, torch.nn.Module] = {}
-_PROGRAMS: dict[tuple[ExportSpec, str, bool], interpreter.Program] = {}
+class ExportCache:
+    """The timm models behind `ExportSpec`s and their lowered programs, least recently used out first.
 
+    A timm model is the size of its weights, and its programs hold their graphs, so the cache
+    keeps at most `max_models` models (and their programs); an evicted spec is rebuilt from
+    timm on its next use. A spec converted from a timm instance whose construction could not be
+    recovered (`instance_key`) cannot be rebuilt: it stays until `clear()`.
+    """
 
-def _freeze_value(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze_value(x) for x in v)
-    if isinstance(v, Mapping):
-        return tuple(sorted((k, _freeze_value(x)) for k, x in v.items()))
-    return v
+    def __init__(self, max_models: int = 8):
+        self.max_models = max_models
+        self._models: collections.OrderedDict[ExportSpec, torch.nn.Module] = collections.OrderedDict()
+        self._programs: dict[tuple[ExportSpec, str, bool], interpreter.Program] = {}
+        self._lock = threading.RLock()  # loader threads and the training loop may both trace
 
+    def __len__(self) -> int:
+        return len(self._models)
 
-def freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
-    """timm kwargs as a sorted tuple of pairs (hashable; lists become tuples)."""
-    return tuple(sorted((k, _freeze_value(v)) for k, v in kwargs.items()))
+    def __contains__(self, spec: ExportSpec) -> bool:
+        return spec in self._models
 
+    def clear(self) -> None:
+        """Drop every model and program (memory back; graphs are re-exported on next use)."""
+        with self._lock:
+            self._models.clear()
+            self._programs.clear()
 
-def timm_model(spec: ExportSpec) -> torch.nn.Module:
-    """The timm model behind a spec: cached, else created with random init (weights do not matter here)."""
-    model = _TIMM_MODELS.get(spec)
-    if model is None:
+    def put(self, spec: ExportSpec, model: torch.nn.Module) -> None:
+        with self._lock:
+            self._models[spec] = model
+            self._models.move_to_end(spec)
+            self._evict()
+
+    def drop(self, spec: ExportSpec) -> None:
+        with self._lock:
+            self._models.pop(spec, None)
+            for key in [k for k in self._programs if k[0] == spec]:
+                del self._programs[key]
+
+    def model(self, spec: ExportSpec) -> torch.nn.Module:
+        """The timm model behind a spec: cached, else created with random init (weights do not matter here)."""
+        with self._lock:
+            model = self._models.get(spec)
+            if model is not None:
+                self._models.move_to_end(spec)
+                return model
         if spec.instance_key is not None:
             raise RuntimeError(
                 f"{spec.model_name} was converted from a timm model instance in another process (or the cache "
@@ -81,9 +110,38 @@ def timm_model(spec: ExportSpec) -> torch.nn.Module:
         import timm
 
         model = timm.create_model(spec.model_name, pretrained=False, num_classes=spec.num_classes,
-                                  in_chans=spec.in_chans, **dict(spec.timm_kwargs))
-        _TIMM_MODELS[spec] = model.eval()
-    return model
+                                  in_chans=spec.in_chans, **dict(spec.timm_kwargs)).eval()
+        self.put(spec, model)
+        return model
+
+    def program(self, spec: ExportSpec, method: str, train: bool) -> interpreter.Program:
+        key = (spec, method, train)
+        with self._lock:
+            prog = self._programs.get(key)
+        if prog is None:
+            prog = _lower(self.model(spec), spec, method, train)
+            with self._lock:
+                if spec in self._models:  # not evicted meanwhile
+                    self._programs[key] = prog
+        return prog
+
+    def _evict(self) -> None:
+        rebuildable = [s for s in self._models if s.instance_key is None]
+        for spec in rebuildable[:max(0, len(rebuildable) - self.max_models)]:
+            self.drop(spec)
+
+
+CACHE = ExportCache()
+
+
+def freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """timm kwargs as a sorted tuple of pairs (hashable; lists become tuples)."""
+    return freeze_value(dict(kwargs))
+
+
+def timm_model(spec: ExportSpec) -> torch.nn.Module:
+    """The timm model behind a spec (`CACHE.model`)."""
+    return CACHE.model(spec)
 
 
 def feature_names(spec: ExportSpec) -> list[str]:
@@ -107,25 +165,25 @@ def resized(spec: ExportSpec, size: tuple[int, int]) -> ExportSpec:
     if "img_size" in kwargs:
         kwargs["dynamic_img_size"] = True
     new = dataclasses.replace(spec, image_size=size, timm_kwargs=freeze_kwargs(kwargs))
-    if spec.instance_key is not None:
-        _TIMM_MODELS.setdefault(new, timm_model(spec))
+    if spec.instance_key is not None and new not in CACHE:
+        CACHE.put(new, timm_model(spec))
     return new
 
 
 def program(spec: ExportSpec, method: str = "forward", train: bool = False) -> interpreter.Program:
     """The lowered program of `method` in train or eval mode (exported on first use, then cached)."""
-    key = (spec, method, train)
-    if key not in _PROGRAMS:
-        model = timm_model(spec)
-        ep = export_timm(model, train=train, input_size=spec.input_size, method=method)
-        name = f"{spec.model_name} ({method}, {'train' if train else 'eval'})"
-        prog = interpreter.lower(ep, name=name, prefix="" if method == "forward" else "model.",
-                                 aliases=tied_names(model))
-        params, buffers = flat_state(model)
-        x = example_input(model, spec.input_size, method).numpy()
-        interpreter.abstract_check(prog, params, buffers, [x])  # op-argument errors surface here, not at run time
-        _PROGRAMS[key] = prog
-    return _PROGRAMS[key]
+    return CACHE.program(spec, method, train)
+
+
+def _lower(model: torch.nn.Module, spec: ExportSpec, method: str, train: bool) -> interpreter.Program:
+    ep = export_timm(model, train=train, input_size=spec.input_size, method=method)
+    name = f"{spec.model_name} ({method}, {'train' if train else 'eval'})"
+    prog = interpreter.lower(ep, name=name, prefix="" if method == "forward" else "model.",
+                             aliases=tied_names(model))
+    params, buffers = flat_state(model)
+    x = example_input(model, spec.input_size, method).numpy()
+    interpreter.abstract_check(prog, params, buffers, [x])  # op-argument errors surface here, not at run time
+    return prog
 
 
 def flat_state(model: torch.nn.Module) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
@@ -335,7 +393,7 @@ class ExportedModel(nn.Module):
             raise ValueError(f"{self.model_name} was converted from a timm instance: its graph cannot be rebuilt "
                              "from a config; convert from a timm name and kwargs")
         return {
-            "model_name": self.model_name, "timm_kwargs": {k: _thaw(v) for k, v in self.timm_kwargs},
+            "model_name": self.model_name, "timm_kwargs": {k: thaw_value(v) for k, v in self.timm_kwargs},
             "num_classes": self.num_classes, "in_chans": self.in_chans, "image_size": list(self.image_size),
             "pretrained_cfg": self.pretrained_cfg.to_dict() if self.pretrained_cfg is not None else None,
             "dtype": jnp.dtype(self.dtype).name, "axis_name": self.axis_name,
@@ -351,10 +409,6 @@ class ExportedModel(nn.Module):
             pretrained_cfg=PretrainedCfg(cfg["pretrained_cfg"]) if cfg.get("pretrained_cfg") else None,
             dtype=getattr(jnp, cfg.get("dtype", "float32")), axis_name=cfg.get("axis_name"),
         )
-
-
-def _thaw(v: Any) -> Any:
-    return [_thaw(x) for x in v] if isinstance(v, tuple) else v
 
 
 def _const(tree: Any) -> Callable[..., Any]:
@@ -375,17 +429,6 @@ def _image_size(image_size: int | tuple[int, int] | None, model: torch.nn.Module
     return (int(image_size[0]), int(image_size[1]))
 
 
-def _in_chans(model: torch.nn.Module) -> int:
-    if isinstance(getattr(model, "in_chans", None), int):  # timm models record it (CSATv2's first conv takes 64)
-        return model.in_chans
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            return m.in_channels
-        if isinstance(m, torch.nn.Linear):
-            break
-    return 3
-
-
 def convert_exported(
     model_or_name: str | torch.nn.Module,
     *,
@@ -393,7 +436,6 @@ def convert_exported(
     checkpoint: str | os.PathLike | None = None,
     num_classes: int | None = None,
     image_size: int | tuple[int, int] | None = None,
-    rebuild: tuple[str, Mapping[str, Any]] | None = None,
     **timm_kwargs: Any,
 ) -> tuple[ExportedModel, FrozenDict]:
     """Any timm model (name or instance) as `(ExportedModel, variables)` via torch.export.
@@ -401,58 +443,39 @@ def convert_exported(
     Exports the eval and train graphs of `forward` at `image_size` (default: the
     model's pretrained input size) and checks every op against the op table: an
     unsupported op raises `UnsupportedOpError` here, naming the op, the model, the
-    node and its source line. `checkpoint` is a torch state dict file for the
-    named model; `num_classes` different from the weights' re-initialises the
-    head with timm's `reset_classifier`. `variables` is a FrozenDict of float32
-    `params` and `batch_stats` (see `ExportedModel`).
-
-    `rebuild=(name, timm_kwargs)` says that an instance was made by
-    `timm.create_model(name, **timm_kwargs)` (then given its weights and head), so the
-    module can be rebuilt from its config in another process (`save`/`load`).
+    node and its source line. The timm model comes from `torch2flax.timm_source.timm_model`
+    (`checkpoint`, `pretrained`, `num_classes` as in `torch2flax.convert`). `variables` is a
+    FrozenDict of float32 `params` and `batch_stats` (see `ExportedModel`).
     """
-    import timm
+    from torch2flax.timm_source import TimmSource
+    from torch2flax.timm_source import timm_model as source_model
 
-    instance_key = None
-    if isinstance(model_or_name, str):
-        if pretrained and checkpoint is not None:
-            raise ValueError("pass either pretrained=True or checkpoint=..., not both")
-        name = model_or_name
-        if checkpoint is not None:
-            from torch2flax.converter import load_checkpoint, load_into_timm
-
-            state = load_checkpoint(checkpoint)
-            model = timm.create_model(name, pretrained=False, **timm_kwargs)
-            clf = model.pretrained_cfg.get("classifier") or "fc"
-            if f"{clf}.weight" in state and state[f"{clf}.weight"].shape[0] != model.num_classes:
-                model.reset_classifier(int(state[f"{clf}.weight"].shape[0]))
-            load_into_timm(model, state, source=f"checkpoint {os.fspath(checkpoint)}")
-        else:
-            model = timm.create_model(name, pretrained=pretrained, **timm_kwargs)
-    else:
-        if pretrained or checkpoint is not None or (timm_kwargs and rebuild is None):
+    if isinstance(model_or_name, str) or getattr(model_or_name, "pretrained_cfg", None):
+        source = source_model(model_or_name, pretrained=pretrained, checkpoint=checkpoint,
+                              num_classes=num_classes, **timm_kwargs)
+    else:  # a torch model timm did not build: exportable, but only in this process
+        if pretrained or checkpoint is not None or timm_kwargs:
             raise TypeError("pretrained/checkpoint/timm kwargs apply to a model name, not to a model instance")
-        model = model_or_name
-        if rebuild is not None:
-            name, timm_kwargs = rebuild[0], dict(rebuild[1])
-        else:
-            name = (getattr(model, "pretrained_cfg", None) or {}).get("architecture") or type(model).__name__
-            instance_key = f"{name}@{uuid.uuid4().hex[:12]}"
-    if num_classes is not None and num_classes != model.num_classes:
-        if instance_key is not None:
-            import copy
+        if num_classes is not None and num_classes != model_or_name.num_classes:
+            raise ValueError(f"{type(model_or_name).__name__} is not a timm model: cannot reset its head")
+        source = TimmSource(model_or_name.eval(), type(model_or_name).__name__, None)
+    return from_source(source, image_size)
 
-            model = copy.deepcopy(model)  # the caller's model keeps its head
-        model.reset_classifier(num_classes)
-    timm_kwargs.pop("num_classes", None)
-    timm_kwargs.pop("in_chans", None)
-    spec = ExportSpec(name, freeze_kwargs(timm_kwargs), int(model.num_classes), _in_chans(model),
-                      _image_size(image_size, model), instance_key)
-    _TIMM_MODELS[spec] = model
+
+def from_source(source: Any, image_size: int | tuple[int, int] | None = None) -> tuple[ExportedModel, FrozenDict]:
+    """`(ExportedModel, variables)` for a `TimmSource` (the export backend's conversion)."""
+    from torch2flax.timm_source import in_chans
+
+    model = source.model
+    instance_key = None if source.timm_kwargs is not None else f"{source.architecture}@{uuid.uuid4().hex[:12]}"
+    spec = ExportSpec(source.architecture, freeze_kwargs(source.timm_kwargs or {}), int(model.num_classes),
+                      in_chans(model), _image_size(image_size, model), instance_key)
+    CACHE.put(spec, model)
     try:
         program(spec, "forward", False)
         program(spec, "forward", True)
     except Exception:
-        _TIMM_MODELS.pop(spec, None)
+        CACHE.drop(spec)
         raise
     params, buffers = flat_state(model)
     cfg = getattr(model, "pretrained_cfg", None)

@@ -27,19 +27,18 @@ import torch
 from jax import lax
 
 from torch2flax import layers
+from torch2flax.registry import Registry
 
 Array = jax.Array
 aten = torch.ops.aten
 
-OPS: dict[Any, Callable[..., Any]] = {}
+# The op table: ATen overload -> its JAX implementation.
+OPS: Registry[Callable[..., Any]] = Registry("ATen op")
 
 # Whether `aten.convolution` runs in NHWC (transposes around each conv, `layers.conv2d`) or
-# directly in NCHW (`lax.conv_general_dilated` on the graph's layout). Measured on the 2-core dev
-# machine, XLA:CPU, jit, batch 8, best of 5, ms forward / gradient of a train-mode sum:
-#   regnetx_002 at 64 px (grouped 3x3):  NHWC 11.6 / 293   NCHW 11.3 / 705
-#   resnet18 at 96 px (dense 3x3):       NHWC 96.6 / 310   NCHW 97.8 / 298
-# XLA folds the transposes into neighbouring ops, so dense convs tie and grouped-conv gradients
-# are 2.4x faster in NHWC; NHWC also shares the small-map path with the native models.
+# directly in NCHW (`lax.conv_general_dilated` on the graph's layout). XLA folds the transposes
+# into neighbouring ops, so dense convs tie and grouped-conv gradients are faster in NHWC
+# (docs/benchmarks.md); NHWC also shares the small-map path with the native models.
 CONV_LAYOUT = "NHWC"
 
 
@@ -74,12 +73,7 @@ def running(ctx: RunContext) -> Iterator[RunContext]:
         _CONTEXT.reset(token)
 
 
-def register(*targets: Any) -> Callable[[Callable], Callable]:
-    def deco(fn: Callable) -> Callable:
-        for t in targets:
-            OPS[t] = fn
-        return fn
-    return deco
+register = OPS.register  # @register(aten.op.overload, ...): file an implementation under each target
 
 
 # ------------------------------------------------------------------ dtypes
@@ -614,7 +608,7 @@ def conv2d_nhwc(x, w, stride, padding, dilation, groups):
     stride, dilation, padding = (tuple(v) * (2 // len(v)) for v in (stride, dilation, padding))
     # The small-map path (one einsum per kernel tap) is kept for what it was measured on: dense
     # convs of at most 3x3 taps (a ViT's 16x16 patch embedding on a 2x2 map would become 256
-    # einsums: 14.6 s to compile a 2-block ViT vs 1 s). Depthwise convs take `layers.depthwise_conv`
+    # einsums, and compile many times slower). Depthwise convs take `layers.depthwise_conv`
     # (elementwise taps: no einsums) at every map size.
     shifted_ok = w.shape[2] * w.shape[3] <= 9
     return layers.conv2d(x, w.transpose(2, 3, 1, 0), stride, tuple((p, p) for p in padding), dilation, groups,

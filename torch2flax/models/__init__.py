@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch2flax.models import resnet
+from torch2flax.registry import Registry
+from torch2flax.utils import freeze_value
 
 
 class PretrainedCfg(Mapping):
@@ -23,7 +25,7 @@ class PretrainedCfg(Mapping):
 
     def __init__(self, data: Mapping[str, Any] | None = None, **kwargs: Any):
         merged = dict(data or {}, **kwargs)
-        self._items = tuple(sorted((str(k), _freeze(v)) for k, v in merged.items()))
+        self._items = tuple(sorted((str(k), freeze_value(v)) for k, v in merged.items()))
 
     def __getitem__(self, key: str) -> Any:
         for k, v in self._items:
@@ -50,12 +52,6 @@ class PretrainedCfg(Mapping):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in self._items}
 
 
-def _freeze(v: Any) -> Any:
-    if isinstance(v, (list, tuple)):
-        return tuple(_freeze(x) for x in v)
-    return v
-
-
 # Only plain values are kept: the facts a trainer needs, plus provenance.
 _CFG_KEYS = ("architecture", "tag", "hf_hub_id", "input_size", "test_input_size", "interpolation",
              "crop_pct", "test_crop_pct", "crop_mode", "mean", "std", "num_classes", "first_conv", "classifier")
@@ -71,16 +67,21 @@ class ModelEntry:
     timm_kwargs: Callable[[Any], dict[str, Any]]  # Flax module -> timm arguments rebuilding it
 
 
-_REGISTRY: dict[str, ModelEntry] = {}
+_REGISTRY: Registry[ModelEntry] = Registry("native model")
 
 
 def _register_family(module: Any) -> None:
     for name, kwargs in module.MODELS.items():
-        _REGISTRY[name] = ModelEntry(name, module.MODEL_CLASS, dict(kwargs), module.TORCH_MODULE_TYPES,
-                                     module.flax_kwargs, module.timm_kwargs)
+        _REGISTRY.register(name)(ModelEntry(name, module.MODEL_CLASS, dict(kwargs), module.TORCH_MODULE_TYPES,
+                                            module.flax_kwargs, module.timm_kwargs))
 
 
 _register_family(resnet)
+
+
+def model_classes() -> tuple[type, ...]:
+    """The Flax module classes of the registered families."""
+    return tuple(dict.fromkeys(e.constructor for e in _REGISTRY.values()))
 
 
 def list_models(pattern: str = "*") -> list[str]:
@@ -132,10 +133,8 @@ def create_model(name: str, **kwargs: Any):
     return entry.constructor(**{**entry.kwargs, **kwargs, "pretrained_cfg": cfg})
 
 
-def model_name(module: Any) -> str:
-    """The registry name a Flax module was built for (from its pretrained_cfg, else by arguments)."""
-    if hasattr(module, "variable_shapes"):  # an exported-graph model carries its timm name
-        return module.model_name
+def registry_name(module: Any) -> str:
+    """The registry name a native Flax module was built for (from its pretrained_cfg, else by arguments)."""
     cfg = getattr(module, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if arch in _REGISTRY:
@@ -146,4 +145,11 @@ def model_name(module: Any) -> str:
     raise ValueError(f"{type(module).__name__} matches no registered model")
 
 
-__all__ = ["PretrainedCfg", "ModelEntry", "list_models", "create_model", "get_entry", "model_name"]
+def model_name(module: Any) -> str:
+    """The timm name any converted module was built for (native or exported)."""
+    from torch2flax.backend import backend_of
+
+    return backend_of(module).model_name(module)
+
+
+__all__ = ["PretrainedCfg", "ModelEntry", "list_models", "create_model", "get_entry", "model_name", "model_classes"]

@@ -275,6 +275,10 @@ class ResNet(nn.Module):
             {"module": f"layer{i + 1}", "num_chs": planes * expansion, "reduction": 4 * 2 ** i}
             for i, planes in enumerate((64, 128, 256, 512))]
 
+    def no_weight_decay(self) -> frozenset[str]:
+        """Top-level parameter names exempt from weight decay: none (timm's ResNet has no such set)."""
+        return frozenset()
+
     def forward_head(self, x: Array, train: bool = False, pre_logits: bool = False) -> Array:
         x = global_pool(x, self.global_pool)
         if self.drop_rate > 0:

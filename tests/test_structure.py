@@ -1,0 +1,121 @@
+"""The package's shape: no import cycles, no backend dispatch by attribute probing, no model
+surgery in `train/`."""
+import ast
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# The repository's folders and the package names they install as (setup.cfg's package_dir).
+PACKAGES = {"torch2flax": "torch2flax", "loaders": "torch2flax.loaders", "train": "torch2flax.train"}
+
+
+def _modules() -> dict[str, pathlib.Path]:
+    out = {}
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            rel = path.relative_to(ROOT / folder).with_suffix("")
+            parts = [p for p in rel.parts if p != "__init__"]
+            out[".".join([package, *parts])] = path
+    return out
+
+
+def _imports(name: str, path: pathlib.Path, known: set[str]) -> set[str]:
+    """Every torch2flax module `name` imports, at module level or inside functions."""
+    is_package = path.name == "__init__.py"
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        targets = []
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name.split(".") if is_package else name.split(".")[:-1]
+                anchor = anchor[: len(anchor) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from pkg import mod` imports pkg.mod when that is a module, else pkg.
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        for t in targets:
+            while t and t not in known:  # `import torch2flax.export.model` -> that module
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                found.add(t)
+    return found
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(graph[n]):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state:
+                found = visit(m)
+                if found:
+                    return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(graph):
+        if n not in state:
+            found = visit(n)
+            if found:
+                return found
+    return None
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    known = set(modules)
+    # A package's __init__ runs before any of its modules: importing `a.b` imports `a` too.
+    graph = {n: _imports(n, p, known) for n, p in modules.items()}
+    return graph
+
+
+def test_the_import_graph_has_no_cycle():
+    graph = _graph()
+    assert len(graph) > 40 and "torch2flax.export.model" in graph["torch2flax.export.backend"]
+    # Package __init__ files only re-export (lazily, by name): edges from a package to its own
+    # modules are how Python loads it, not a dependency of the package on them.
+    graph = {n: {m for m in deps if not m.startswith(n + ".")} for n, deps in graph.items()}
+    assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_export_never_imports_the_converter():
+    graph = _graph()
+    for name, deps in graph.items():
+        if name.startswith("torch2flax.export"):
+            assert "torch2flax.converter" not in deps, name
+
+
+def test_no_backend_dispatch_by_hasattr():
+    # What tells the backends' modules apart (the contract's methods and fields); timm's own
+    # optional methods on torch models (`no_weight_decay`) are not backend dispatch.
+    probes = re.compile(r"hasattr\([^,]+,\s*\"(variable_shapes|image_size|intermediates|feature_info|"
+                        r"model_name|timm_kwargs|instance_key|spec)\"\)")
+    offenders = [f"{p.relative_to(ROOT)}:{i}" for n, p in _modules().items()
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if probes.search(line)]
+    assert offenders == []
+
+
+def test_train_holds_no_model_surgery():
+    """`train/` composes: it builds models through torch2flax.prepare_model, never by cloning or
+    re-heading them itself."""
+    # Setting the compute dtype and the BatchNorm sync axis (`clone(dtype=..., axis_name=...)`) is
+    # how Flax runs any module, not surgery.
+    surgery = re.compile(r"\.clone\((?!dtype=)|with_head\(|reset_classifier|num_classes=0|freeze_kwargs|"
+                         r"headless\(|\.backbone\b")
+    offenders = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}" for n, p in _modules().items()
+                 if n.startswith("torch2flax.train")
+                 for i, line in enumerate(p.read_text().splitlines(), 1) if surgery.search(line)]
+    assert offenders == []
