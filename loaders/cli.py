@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 
 def register(subparsers) -> None:
@@ -57,9 +56,8 @@ def _make_tfrecords(args: argparse.Namespace) -> int:
                             [source.ids[i] for i in order], args.quality)
         files = write_tfrecords(source, args.out, num_shards=args.shards, prefix=args.prefix,
                                 image_size=args.size, quality=args.quality)
-    except (OSError, ValueError) as e:
-        print(f"make-tfrecords: error: {e}", file=sys.stderr)
-        return 1
+    except OSError as e:  # an unreadable or unwritable path: a user's error, like ValueError
+        raise ValueError(str(e)) from e
     if skipped:
         print(f"skipped {len(skipped)} non-image file(s), e.g. {skipped[0]}")
     if source.reencoded:

@@ -132,7 +132,8 @@ def test_make_tfrecords_reports_bad_image_by_path(tmp_path, capsys):
     (tmp_path / "src" / "rose" / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
     (tmp_path / "src" / "rose" / "broken2.png").write_bytes(b"nope")
     assert main(["make-tfrecords", str(tmp_path / "src"), "--out", str(tmp_path / "out"),
-                 "--shards", "1"]) == 1
+                 "--shards", "1"]) == 2  # every command: a user's error is one line, exit status 2
     err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "error" in line][0].startswith("torch2flax: error: ")
     assert f"{tmp_path / 'src' / 'rose' / 'broken.jpg'}: cannot read image" in err
     assert not [n for n in os.listdir(tmp_path / "out") if n.endswith(".tfrec")]

@@ -54,12 +54,17 @@ class TrainConfig:
     out: str = "runs/train"
 
     def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # YAML, JSON and the CLI give strings and ints for floats
+            setattr(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
         choices = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"),
                    "parallel": ("pmap", "jit"), "backend": ("auto", "native", "export")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.{name}={getattr(self, name)!r}: expected one of {allowed}")
         self.num_workers = _num_workers(self.num_workers)
+        if self.num_classes == 1 or self.num_classes < 0:
+            raise ValueError(f"config.num_classes={self.num_classes}: a classifier needs at least 2 classes "
+                             "(softmax over one class gives a loss of 0 and learns nothing)")
         if self.accum_steps < 1:
             raise ValueError(f"config.accum_steps={self.accum_steps}: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -87,6 +92,42 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _coerce(name: str, value: Any, annotation: str) -> Any:
+    """`value` as the field's type (`int`, `float`, `bool`, `str`, optionally `| None`), or a
+    ValueError naming the key, the value and the type. YAML 1.1 reads `5e-05` (no dot) as a
+    string, and JSON, YAML and the command line differ on ints and floats: all are accepted."""
+    kinds = [k.strip() for k in annotation.split("|")]
+    if value is None and "None" in kinds:
+        return None
+    if "str" in kinds and "int" in kinds:  # num_workers: "auto" or an int, checked by its own rule
+        return value
+    kind = next((k for k in kinds if k != "None"), "str")
+    try:
+        if kind == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE + _FALSE:
+                return value.strip().lower() in _TRUE
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+        elif kind == "int" and not isinstance(value, bool):
+            if isinstance(value, int):
+                return value
+            number = float(value)
+            if number.is_integer():
+                return int(number)
+        elif kind == "float" and not isinstance(value, bool):
+            return float(value)
+        elif kind == "str" and isinstance(value, str):
+            return value
+    except (TypeError, ValueError):
+        pass
+    raise ValueError(f"config.{name}={value!r}: expected {annotation.replace(' | ', ' or ')}")
 
 
 def _num_workers(value: Any) -> int | str:

@@ -1,6 +1,7 @@
 """`predict`: class predictions for a test split, written as a Kaggle `submission.csv`."""
 from __future__ import annotations
 
+import csv
 import functools
 import io
 import os
@@ -27,6 +28,15 @@ class PredictResult:
     files: list[str]
 
 
+def submission_csv(ids: np.ndarray, labels: np.ndarray) -> str:
+    """`id,label` rows by the csv module: an id with a comma, a quote or a newline is quoted."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(("id", "label"))
+    writer.writerows((str(i), int(label)) for i, label in zip(ids, labels))
+    return buf.getvalue()
+
+
 def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str | None = None,
             probs: str | None = None, batch_size: int = 64, image_size: int | None = None,
             crop_pct: float | None = None, num_workers: int | str = "auto", parallel: str = "pmap",
@@ -49,6 +59,8 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     par = Parallel(parallel, select_devices(num_devices))
     dataset = TFRecordDataset(test, features=TEST_FEATURES,
                               transform=RecordTransform(eval_transform(size, crop_pct=crop)))
+    if len(dataset) == 0:
+        raise ValueError(f"{test}: the test set holds no records; nothing to predict")
     loader = make_loader(dataset, batch_size, train=False, num_devices=len(par.devices),
                          num_workers=num_workers)  # this process's slices (make_loader asks jax)
     cfg = module.pretrained_cfg
@@ -76,8 +88,7 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
                            f"holds {len(dataset)}")
     files = [out] + ([probs] if probs else [])
     if distributed.is_main():
-        lines = ["id,label"] + [f"{i},{int(label)}" for i, label in zip(ids, labels)]
-        artifacts.atomic_write(out, "\n".join(lines) + "\n")
+        artifacts.atomic_write(out, submission_csv(ids, labels))
         if probs:
             buf = io.BytesIO()
             np.save(buf, prob)

@@ -1,0 +1,54 @@
+"""What users type (config files, flags) and what they get back (submission.csv): typed, checked, quoted."""
+import json
+
+import pytest
+
+from torch2flax.train import TrainConfig
+from torch2flax.train.config import dumps
+
+
+def test_yaml_and_json_numbers_come_back_as_their_types(tmp_path):
+    # YAML 1.1 reads 5e-05 (no dot) as the string '5e-05': the saved config of a --lr 5e-5 run.
+    saved = tmp_path / "config.json"
+    saved.write_text(dumps(TrainConfig(train="a", val="b", num_classes=3, lr=5e-05)))
+    assert json.loads(saved.read_text())["lr"] == 5e-05
+    config = TrainConfig.from_file(saved)
+    assert config.lr == 5e-05 and isinstance(config.lr, float)
+    assert config.lr * config.min_lr_ratio == pytest.approx(5e-07)  # the resume's first use of it
+
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("lr: 1e-3\nepochs: 3.0\nhflip: 'no'\ngrad_clip: null\nnum_classes: 5\nnum_workers: '2'\n")
+    config = TrainConfig.from_file(yaml_file)
+    assert (config.lr, config.epochs, config.hflip, config.grad_clip, config.num_workers) == (1e-3, 3, False, None, 2)
+    assert type(config.epochs) is int
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("lr", "fast", "expected float"), ("epochs", 2.5, "expected int"), ("hflip", "maybe", "expected bool"),
+    ("model", 3, "expected str"), ("crop_pct", "wide", "expected float or None"), ("epochs", True, "expected int"),
+])
+def test_a_wrong_type_names_the_key_the_value_and_the_type(key, value, expected):
+    with pytest.raises(ValueError, match=f"config.{key}={value!r}: {expected}".replace(".", r"\.")):
+        TrainConfig(**{key: value})
+
+
+def test_one_class_is_refused():
+    with pytest.raises(ValueError, match="num_classes=1: a classifier needs at least 2 classes"):
+        TrainConfig(num_classes=1)
+    with pytest.raises(ValueError, match="num_classes=-3"):
+        TrainConfig(num_classes=-3)
+
+
+def test_submission_ids_with_commas_and_quotes_survive_the_csv():
+    import csv
+    import io
+
+    import numpy as np
+
+    from torch2flax.train.inference import submission_csv
+
+    ids = np.array(["plain", "a,b", 'say "hi"', "line\nbreak"])
+    text = submission_csv(ids, np.array([0, 1, 2, 3]))
+    assert text.splitlines()[:2] == ["id,label", "plain,0"]
+    assert list(csv.reader(io.StringIO(text))) == [["id", "label"], ["plain", "0"], ["a,b", "1"],
+                                                    ['say "hi"', "2"], ["line\nbreak", "3"]]
