@@ -72,7 +72,7 @@ _SLOW = (
     "tests/test_export.py::test_sync_batchnorm",
     "tests/test_explain.py::test_every_stage", "tests/test_explain.py::test_gradcam_equals",
     "tests/test_explain.py::test_features_and_gradcam", "tests/test_explain.py::test_inner_module_names",
-    "tests/test_heads.py::test_with_head_keeps",
+    "tests/test_heads.py::test_with_head_keeps", "tests/test_backend.py::test_a_two_headed",
     "tests/test_heads.py::test_custom_head", "tests/test_heads.py::test_gem_head_on", "tests/test_heads.py::test_mlp_head",
     "tests/test_models_resnet.py::test_eval_logits_and_features_match_timm[resnet50-full",
     "tests/test_models_resnet.py::test_train_step_loss_grads_and_batch_stats_match_timm[resnet50-full",

@@ -112,3 +112,27 @@ def test_the_export_cache_is_bounded_rebuilds_what_it_dropped_and_clears():
     assert len(cache) == 0
     with pytest.raises(RuntimeError, match="converted from a timm model instance"):
         cache.model(pinned)
+
+
+def test_a_two_headed_timm_checkpoint_converts_with_eval_parity(tmp_path):
+    """LeViT (and the distilled DeiTs) name two classifiers in their pretrained_cfg: the class
+    count comes from the first, and the checkpoint converts (once refused with "unexpected
+    key(s) [... 'head_dist.linear.weight']")."""
+    import numpy as np
+    import timm
+    import torch
+
+    import torch2flax
+    from tests.helpers import randomize_batchnorm
+    from torch2flax.export.parity import eval_parity
+
+    torch.manual_seed(0)
+    kwargs = dict(depth=(1, 1, 1), img_size=96)  # levit_128s's code paths, shallower and smaller
+    model = randomize_batchnorm(timm.create_model("levit_128s", num_classes=10, **kwargs), seed=1).eval()
+    assert isinstance(model.pretrained_cfg["classifier"], tuple)
+    torch.save(model.state_dict(), tmp_path / "levit.pth")
+    result = torch2flax.convert("levit_128s", checkpoint=tmp_path / "levit.pth", num_classes=10, image_size=96,
+                                **kwargs)
+    assert result.reinitialized == () and result.module.num_classes == 10
+    x = np.random.default_rng(0).standard_normal((2, 3, 96, 96)).astype(np.float32)
+    assert eval_parity(model, result.module, result.variables, x)["rel"] < 1e-4
