@@ -52,3 +52,17 @@ def test_submission_ids_with_commas_and_quotes_survive_the_csv():
     assert text.splitlines()[:2] == ["id,label", "plain,0"]
     assert list(csv.reader(io.StringIO(text))) == [["id", "label"], ["plain", "0"], ["a,b", "1"],
                                                     ['say "hi"', "2"], ["line\nbreak", "3"]]
+
+
+def test_an_empty_split_is_refused_before_any_work(tmp_path, monkeypatch):
+    from tests.helpers import write_flower_splits
+    from torch2flax.train import fit, trainer
+
+    _, globs = write_flower_splits(tmp_path, train=8, val=4, test=2, num_classes=3, size=16)
+    empty = tmp_path / "empty" / "val-0.tfrec"
+    empty.parent.mkdir()
+    empty.write_bytes(b"")
+    monkeypatch.setattr(trainer, "init_model", lambda config: pytest.fail("converted a model"))
+    config = TrainConfig(train=globs["train"], val=str(empty), num_classes=3, image_size=16, out=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"the val split '.*val-0\.tfrec' holds no records"):
+        fit(config, progress=False)

@@ -102,6 +102,14 @@ def loader_workers(config: TrainConfig) -> tuple[int, str]:
     return n, why + (" (a worker here: one training and one validation worker)" if "per worker" in why else "")
 
 
+def check_splits(config: TrainConfig) -> None:
+    """Refuse an empty split before any work starts (converting a model, a training epoch)."""
+    for split in ("train", "val"):
+        pattern = getattr(config, split)
+        if len(TFRecordDataset(pattern, features=TRAIN_FEATURES)) == 0:
+            raise ValueError(f"the {split} split {pattern!r} holds no records (its files are empty)")
+
+
 def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int,
                   num_workers: int | None = None):
     train_ds = _dataset(config.train, RecordTransform(train_transform(
@@ -163,6 +171,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     Multi-host: only process 0 writes files; every process reads the checkpoint it resumes
     from, so `config.out` must be on a filesystem they share.
     """
+    check_splits(config)
     num_workers, why = loader_workers(config)
     if distributed.is_main():
         # The run's first line: the worker count decides the input throughput on a big host.
