@@ -66,3 +66,16 @@ def test_an_empty_split_is_refused_before_any_work(tmp_path, monkeypatch):
     config = TrainConfig(train=globs["train"], val=str(empty), num_classes=3, image_size=16, out=str(tmp_path / "run"))
     with pytest.raises(ValueError, match=r"the val split '.*val-0\.tfrec' holds no records"):
         fit(config, progress=False)
+
+
+def test_init_decides_the_model_and_a_conflicting_model_is_refused(tmp_path):
+    import torch2flax
+    from torch2flax.prepare import prepare_model
+
+    assert TrainConfig().model == "resnet18" and TrainConfig(init="x.msgpack").model is None
+    path = tmp_path / "r18.msgpack"
+    torch2flax.save(path, *torch2flax.convert("resnet18", num_classes=3, layers=[1, 1, 1, 1]))
+    assert prepare_model(init=path, num_classes=3).module.num_classes == 3
+    assert prepare_model("resnet18", init=path, num_classes=3).module.num_classes == 3
+    with pytest.raises(ValueError, match=r"r18\.msgpack holds a resnet18 model, but the run names model 'resnet50'"):
+        prepare_model("resnet50", init=path, num_classes=3)

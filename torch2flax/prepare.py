@@ -41,6 +41,10 @@ def prepare_model(
         import torch2flax.io as io
 
         module, variables = io.load(init)
+        saved = model_name(module)
+        if model is not None and model != saved:
+            raise ValueError(f"{init} holds a {saved} model, but the run names model {model!r}: drop --model "
+                             "(the file decides), or convert the model you want")
         if head and not isinstance(module, HeadModel):
             module, variables = headless(module, variables)
             module = with_run_settings(module, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
@@ -68,6 +72,14 @@ def prepare_model(
     if head:
         return add_head(result.module, result.variables, head, num_classes, seed=seed, image_size=image_size)
     return result
+
+
+def model_name(module: Any) -> str:
+    """The timm name of a converted model, an add-on head's backbone included."""
+    from torch2flax.heads import HeadModel
+
+    return backend_of(module.backbone if isinstance(module, HeadModel) else module).model_name(
+        module.backbone if isinstance(module, HeadModel) else module)
 
 
 def add_head(module: Any, variables: Any, head: str, num_classes: int, *, seed: int = 0,

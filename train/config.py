@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+DEFAULT_MODEL = "resnet18"
+
 
 @dataclass
 class TrainConfig:
@@ -24,7 +26,7 @@ class TrainConfig:
     color_jitter: float = 0.0
     num_workers: int | str = "auto"  # "auto": from the host's usable CPUs and memory (make_loader)
     # model
-    model: str = "resnet18"
+    model: str | None = None  # timm name; default resnet18, or with `init` the file's model
     backend: str = "auto"  # auto | native | export (see torch2flax.convert)
     pretrained: bool = False
     checkpoint: str | None = None  # timm state dict (.pth/.safetensors) to start from
@@ -56,6 +58,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):  # YAML, JSON and the CLI give strings and ints for floats
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
+        if self.model is None and not self.init:
+            self.model = DEFAULT_MODEL
         choices = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"),
                    "parallel": ("pmap", "jit"), "backend": ("auto", "native", "export")}
         for name, allowed in choices.items():

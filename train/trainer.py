@@ -6,7 +6,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import jax
@@ -194,6 +194,10 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
         reinitialized: tuple[str, ...] = ()
     else:
         module, variables, reinitialized = init_model(config)
+        if config.model is None:  # started from a file: record the model it holds
+            from torch2flax.prepare import model_name
+
+            config = replace(config, model=model_name(module))
         # Replicas must start equal: process 0's initialisation (a random head, say) wins.
         variables = distributed.broadcast_from_main(variables)
     data = DataSpec(config.image_size, eval_crop_pct(config, module))
