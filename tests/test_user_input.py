@@ -79,3 +79,22 @@ def test_init_decides_the_model_and_a_conflicting_model_is_refused(tmp_path):
     assert prepare_model("resnet18", init=path, num_classes=3).module.num_classes == 3
     with pytest.raises(ValueError, match=r"r18\.msgpack holds a resnet18 model, but the run names model 'resnet50'"):
         prepare_model("resnet50", init=path, num_classes=3)
+
+
+def test_resume_refuses_changed_model_and_data_flags(tmp_path):
+    import argparse
+
+    from torch2flax.train.cli import _add_config_flags, config_from_args
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config")
+    parser.add_argument("--resume")
+    _add_config_flags(parser)
+    (tmp_path / "config.json").write_text(dumps(TrainConfig(train="a", val="b", num_classes=3, lr=5e-05)))
+    resume = ["--resume", str(tmp_path)]
+    config = config_from_args(parser.parse_args(resume + ["--epochs", "20", "--num-classes", "3"]))
+    assert (config.epochs, config.lr, config.model) == (20, 5e-05, "resnet18")  # same values are fine
+    with pytest.raises(ValueError, match=r"other model or data settings \(--model 'resnet18' -> 'resnet50'; "
+                                         r"--num-classes 3 -> 5; --image-size 224 -> 96\)"):
+        config_from_args(parser.parse_args(resume + ["--num-classes", "5", "--image-size", "96", "--model",
+                                                     "resnet50"]))

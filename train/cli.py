@@ -9,7 +9,7 @@ from torch2flax.train.config import TrainConfig
 
 # argparse types for fields whose default is None (the default's type says nothing).
 _OPTIONAL_TYPES = {"crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
-                   "num_devices": int, "head": str}
+                   "num_devices": int, "head": str, "model": str}
 _HELP = {
     "train": "glob of training TFRecord files", "val": "glob of validation TFRecord files",
     "model": "timm model name (see `torch2flax list`)", "pretrained": "start from timm's pretrained weights",
@@ -149,6 +149,11 @@ def register(subparsers) -> None:
     e.set_defaults(func=run_doctor)
 
 
+# What a resumed run cannot change: the model it trains and the data order it sees.
+RESUME_FIXED = ("model", "backend", "pretrained", "checkpoint", "init", "head", "num_classes", "image_size",
+                "train", "val", "batch_size", "seed")
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
              if getattr(args, f.name) is not None}
@@ -158,7 +163,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = os.path.join(args.resume, "config.json")
         if not os.path.exists(saved):
             raise FileNotFoundError(f"--resume {args.resume}: {saved} not found")
-        return TrainConfig.from_file(saved, **{**given, "out": args.resume})
+        config = TrainConfig.from_file(saved, **{**given, "out": args.resume})
+        before = TrainConfig.from_file(saved)
+        changed = [f"--{k.replace('_', '-')} {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in RESUME_FIXED
+                   if k in given and getattr(config, k) != getattr(before, k)]
+        if changed:
+            raise ValueError(f"--resume {args.resume}: the run was started with other model or data settings "
+                             f"({'; '.join(changed)}): resume without them, or start a new run")
+        return config
     if args.config:
         return TrainConfig.from_file(args.config, **given)
     missing = [flag for flag, key in (("--train", "train"), ("--val", "val"), ("--num-classes", "num_classes"))
