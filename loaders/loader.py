@@ -122,6 +122,28 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def training_workers(
+    requested: int | str,
+    *,
+    batch_size: int,
+    image_size: int,
+    process_count: int = 1,
+    cpus: int | None = None,
+    memory_budget: int | None = None,
+) -> tuple[int, str]:
+    """Worker count for each of a training run's two loaders, and why (`resolve_num_workers`).
+
+    Both loaders keep their workers between epochs, so "auto" budgets memory for two sets of
+    workers, each loading `batch_size / process_count` images of `image_size` px; the validation
+    set's workers sit idle while training runs, so the CPUs are counted once. The trainer and
+    `torch2flax doctor` both ask this, so the report says what a run will do.
+    """
+    local_batch = max(batch_size // max(process_count, 1), 1)
+    n, why = resolve_num_workers(requested, cpus=cpus, memory_budget=memory_budget,
+                                 per_worker_bytes=2 * worker_memory_bytes(local_batch * (image_size ** 2 * 3 + 8)))
+    return n, why + (" (a worker here: one training and one validation worker)" if "per worker" in why else "")
+
+
 def resolve_num_workers(
     requested: int | str,
     *,

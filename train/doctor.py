@@ -271,17 +271,13 @@ def collect(*, batch_size: int = 128, image_size: int = 224, num_workers: int | 
     shm_total, shm_free = _shm()
     start_method, explicit = _start_method()
 
-    # The worker count `torch2flax train` picks (train.trainer.loader_workers): memory for two
-    # loaders' workers, each batch `batch_size / process_count` images of image_size px.
-    from torch2flax.loaders.loader import MEMORY_FRACTION, resolve_num_workers, worker_memory_bytes
+    # The worker count `torch2flax train` picks, from the facts above so the report agrees with itself.
+    from torch2flax.loaders.loader import MEMORY_FRACTION, training_workers
 
     local_batch = max(batch_size // max(jax_rt["process_count"], 1), 1)
     budget = None if memory_available is None else int(memory_available * MEMORY_FRACTION)
-    workers, reason = resolve_num_workers(  # from the facts above, so the report agrees with itself
-        num_workers, cpus=cpus, memory_budget=budget,
-        per_worker_bytes=LOADERS * worker_memory_bytes(local_batch * (image_size ** 2 * 3 + 8)))
-    if "per worker" in reason:
-        reason += " (a worker here: one training and one validation worker)"
+    workers, reason = training_workers(num_workers, batch_size=batch_size, image_size=image_size,
+                                       process_count=jax_rt["process_count"], cpus=cpus, memory_budget=budget)
     slot_bytes = _slot_bytes(local_batch, image_size)
     shm_needed = _shm_needed(workers, slot_bytes)
 

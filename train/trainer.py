@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
-from torch2flax.loaders.loader import resolve_num_workers, usable_cpus, worker_memory_bytes, workers_for_cpus
+from torch2flax.loaders.loader import training_workers, usable_cpus, workers_for_cpus
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, load_checkpoint, save_checkpoint
 from torch2flax.train.config import TrainConfig, dumps
@@ -91,15 +91,9 @@ def check_labels_everywhere(dataset: TFRecordDataset, num_classes: int) -> None:
 
 
 def loader_workers(config: TrainConfig) -> tuple[int, str]:
-    """Worker count for each of the two loaders, and why (`resolve_num_workers`).
-
-    Both loaders keep their workers between epochs, so "auto" budgets memory for two sets; the
-    validation set's workers sit idle while training runs, so the CPUs are counted once.
-    """
-    local_batch = config.batch_size // jax.process_count()
-    batch_nbytes = local_batch * (config.image_size ** 2 * 3 + 8)
-    n, why = resolve_num_workers(config.num_workers, per_worker_bytes=2 * worker_memory_bytes(batch_nbytes))
-    return n, why + (" (a worker here: one training and one validation worker)" if "per worker" in why else "")
+    """Worker count for each of the two loaders, and why (`loaders.loader.training_workers`)."""
+    return training_workers(config.num_workers, batch_size=config.batch_size, image_size=config.image_size,
+                            process_count=jax.process_count())
 
 
 def check_splits(config: TrainConfig) -> None:
