@@ -9,6 +9,8 @@ import os
 import sys
 import time
 
+from torch2flax.backend import backend_names
+
 DEFAULT_TOL = 1e-4
 
 
@@ -18,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="timm model names matching PATTERN, each marked with the backend `convert` uses: "
         "native (a hand-written Flax twin) or export (its torch.export graph run in JAX).")
     p.add_argument("pattern", nargs="?", default="*", help="fnmatch filter, e.g. 'resnet*'")
-    p.add_argument("--backend", choices=("native", "export"), default=None, help="only names using this backend")
+    p.add_argument("--backend", choices=backend_names(), default=None, help="only names using this backend")
     p.set_defaults(func=cmd_list)
 
     p = subparsers.add_parser(
@@ -30,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights from the hub")
     src.add_argument("--checkpoint", metavar="PATH", help=".pth/.pt/.bin/.safetensors state dict")
     p.add_argument("--num-classes", type=int, default=None, help="new head size (freshly initialised)")
-    p.add_argument("--backend", choices=("auto", "native", "export"), default="auto",
+    p.add_argument("--backend", choices=("auto", *backend_names()), default="auto",
                    help="native Flax twin, exported graph, or auto (native where one exists)")
     p.add_argument("--out", required=True, metavar="FILE.msgpack", help="output file (+ FILE.msgpack.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")

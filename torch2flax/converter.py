@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from torch2flax.backend import backend_of, fixed_input_size, get_backend
+from torch2flax.backend import backend_names, backend_of, fixed_input_size, get_backend
 from torch2flax.native import (  # noqa: F401 - the mapping rules' public home before the backends split
     Rule,
     build_rules,
@@ -51,7 +51,12 @@ class Converted(tuple):
         return f"Converted(module={type(self[0]).__name__}, reinitialized={self.reinitialized})"
 
 
-BACKENDS = ("auto", "native", "export")
+def backend_choices() -> tuple[str, ...]:
+    """What `backend=` accepts: "auto" and every backend's name."""
+    return ("auto", *backend_names())
+
+
+BACKENDS = backend_choices()
 
 
 def is_native(name: str) -> bool:
@@ -61,8 +66,8 @@ def is_native(name: str) -> bool:
 
 def resolve_backend(architecture: str, backend: str = "auto") -> str:
     """"native" or "export" for `architecture`; "auto" prefers the native Flax twin."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend not in backend_choices():
+        raise ValueError(f"backend must be one of {backend_choices()}, got {backend!r}")
     native = is_native(architecture)
     if not native:
         from torch2flax.timm_names import check_model_name

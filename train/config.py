@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from torch2flax.backend import backend_names
+
 DEFAULT_MODEL = "resnet18"
 
 
@@ -61,7 +63,7 @@ class TrainConfig:
         if self.model is None and not self.init:
             self.model = DEFAULT_MODEL
         choices = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"),
-                   "parallel": ("pmap", "jit"), "backend": ("auto", "native", "export")}
+                   "parallel": ("pmap", "jit"), "backend": ("auto", *backend_names())}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"config.{name}={getattr(self, name)!r}: expected one of {allowed}")
