@@ -47,6 +47,10 @@ def decode_image(data: bytes, *, reduce: int = 1) -> np.ndarray:
         raise TypeError(f"decode_image: expected bytes, got {type(data).__name__}")
     if len(data) == 0:
         raise ImageDecodeError("cannot decode image: 0 bytes")
+    if jpeg_truncated(data):
+        # Depending on the OpenCV build and where the file stops, libjpeg fills the missing rows
+        # with grey and only warns on stderr: a silently wrong image. Refuse it by name.
+        raise ImageDecodeError(f"truncated JPEG ({len(data)} bytes): its scan data has no end-of-image marker")
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as e:  # some malformed headers raise instead of returning None
@@ -59,10 +63,45 @@ def decode_image(data: bytes, *, reduce: int = 1) -> np.ndarray:
     return image
 
 
+def jpeg_truncated(data: bytes | bytearray | memoryview) -> bool:
+    """Whether a JPEG's data stops before its end-of-image marker (a file cut short).
+
+    Entropy-coded data cannot hold the EOI marker (0xFF is byte-stuffed), so a complete file
+    has an EOI after its first scan; bytes after it (camera trailers) are allowed. Non-JPEG
+    data, or a header this walk cannot follow, is not judged here (False).
+    """
+    scan = _first_scan(data)
+    return scan is not None and bytes(data).rfind(b"\xff\xd9") < scan
+
+
 # Start-of-frame markers (baseline, extended, progressive, lossless; Huffman or
 # arithmetic coded). 0xC4 (DHT), 0xC8 (JPG) and 0xCC (DAC) are not frames.
 _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
+
+
+def _first_scan(data: bytes | bytearray | memoryview) -> int | None:
+    """The offset of a JPEG's first top-level start-of-scan marker, or None."""
+    view = memoryview(data)
+    n = len(view)
+    if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
+        return None
+    i = 2
+    while i + 4 <= n:
+        if view[i] != 0xFF:
+            return None
+        marker = view[i + 1]
+        if marker == 0xFF:
+            i += 1
+        elif marker in _STANDALONE:
+            i += 2
+        elif marker == 0xDA:
+            return i
+        elif marker == 0xD9:
+            return None
+        else:
+            i += 2 + struct.unpack_from(">H", view, i + 2)[0]
+    return None
 
 
 def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:

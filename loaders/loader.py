@@ -236,6 +236,25 @@ class _SeededDataset(torch.utils.data.Dataset):
             raise
 
 
+def from_worker(e: BaseException) -> BaseException:
+    """An exception a DataLoader worker raised, as its own message: torch re-raises it in the
+    main process as `Caught X in DataLoader worker process N.` plus the worker's traceback."""
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return e
+    lines = text.splitlines()
+    heads = (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__name__}: ")
+    starts = [i for i, line in enumerate(lines) if line.startswith(heads)]
+    if not starts:
+        return e
+    first = lines[starts[-1]]
+    message = " ".join([first.split(": ", 1)[1], *(line.strip() for line in lines[starts[-1] + 1:] if line.strip())])
+    try:
+        return type(e)(message)
+    except Exception:  # an exception type that takes other arguments
+        return e
+
+
 class _Filler:
     """A sample loaded only for its field shapes: the whole (padded) batch of a process whose
     slice of the last evaluation batch is empty."""
@@ -448,8 +467,11 @@ class Loader:
                 dl.worker_init_fn = _ByValue(dl.worker_init_fn)
         with _no_main_reimport():  # the first iteration starts the (persistent) workers
             batches = iter(dl)
-        for batch in batches:
-            yield unpack(batch) if isinstance(batch, SharedBatch) else batch
+        try:
+            for batch in batches:
+                yield unpack(batch) if isinstance(batch, SharedBatch) else batch
+        except ValueError as e:  # a bad record or image: its one-line message, not a worker traceback
+            raise from_worker(e) from None
 
     def __repr__(self) -> str:
         local = "" if self.local_batch_size == self.batch_size else f", local_batch_size={self.local_batch_size}"

@@ -555,7 +555,10 @@ class TFRecordDataset(torch.utils.data.Dataset):
             try:
                 item = self.transform(item)
             except Exception as e:
-                raise RecordError(f"{self._where(j)}: transform failed: {type(e).__name__}: {e}") from e
+                rid = item.get("id") if isinstance(item, dict) else None
+                rid = rid.decode(errors="replace") if isinstance(rid, bytes) else rid
+                named = f" (id {rid!r})" if isinstance(rid, str) else ""
+                raise RecordError(f"{self._where(j)}{named}: transform failed: {type(e).__name__}: {e}") from e
         return item
 
     # -- pickling and handles

@@ -98,3 +98,37 @@ def test_resume_refuses_changed_model_and_data_flags(tmp_path):
                                          r"--num-classes 3 -> 5; --image-size 224 -> 96\)"):
         config_from_args(parser.parse_args(resume + ["--num-classes", "5", "--image-size", "96", "--model",
                                                      "resnet50"]))
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "truncated"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_bad_image_in_a_good_record_is_one_line_naming_file_record_and_id(tmp_path, damage, workers):
+    """CRC-valid records whose JPEG bytes are garbage, or cut short (which some libjpeg builds
+    decode silently into a partly grey image)."""
+    from tfrecord.writer import TFRecordWriter
+
+    from tests.helpers import encode_jpeg, synthetic_images
+    from torch2flax.loaders import RecordError, RecordTransform, TFRecordDataset, eval_transform, make_loader
+    from torch2flax.loaders.image import ImageDecodeError, decode_image
+
+    images, _ = synthetic_images(6, 3, 32)
+    jpegs = [encode_jpeg(img) for img in images]
+    bad = b"\xff\xd8\xff\xe0 not a jpeg at all" if damage == "corrupt" else jpegs[4][: len(jpegs[4]) * 2 // 3]
+    path = tmp_path / "train-00.tfrec"
+    writer = TFRecordWriter(str(path))
+    for i, data in enumerate([*jpegs[:4], bad, jpegs[5]]):
+        writer.write({"image": (data, "byte"), "class": (i % 3, "int"), "id": (f"img{i}".encode(), "byte")})
+    writer.close()
+    if damage == "truncated":
+        with pytest.raises(ImageDecodeError, match="truncated JPEG"):
+            decode_image(bad)
+        decode_image(jpegs[4] + b"camera trailer")  # bytes after the end-of-image marker are fine
+
+    ds = TFRecordDataset(str(path), transform=RecordTransform(eval_transform(32)))
+    loader = make_loader(ds, 3, train=False, num_devices=1, num_workers=workers)
+    with pytest.raises(RecordError) as info:
+        for _ in loader:
+            pass
+    message = str(info.value)
+    assert "\n" not in message and "Traceback" not in message, message
+    assert f"{path}: record 4" in message and "(id 'img4')" in message and "ImageDecodeError" in message
