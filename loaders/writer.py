@@ -213,7 +213,9 @@ class Source(Sequence):
                 data = _encode_jpeg(decode_image(data), self.quality)
                 self.reencoded += 1
             else:
-                _image_hw(data)  # fail here, naming the file, rather than later by id
+                # A full decode (a one-off cost when writing): a corrupt or truncated file fails
+                # here, naming it, rather than mid-epoch in a training run.
+                decode_image(data)
         except (OSError, ValueError) as e:
             raise ValueError(f"{path}: cannot read image: {e}") from e
         example: dict[str, Any] = {"image": data, "id": self.ids[i]}

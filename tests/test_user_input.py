@@ -132,3 +132,18 @@ def test_a_bad_image_in_a_good_record_is_one_line_naming_file_record_and_id(tmp_
     message = str(info.value)
     assert "\n" not in message and "Traceback" not in message, message
     assert f"{path}: record 4" in message and "(id 'img4')" in message and "ImageDecodeError" in message
+
+
+def test_make_tfrecords_refuses_a_truncated_jpeg_by_path(tmp_path, capsys):
+    from tests.helpers import encode_jpeg, synthetic_images
+    from torch2flax.cli import main
+
+    images, _ = synthetic_images(4, 2, 32)
+    for i, img in enumerate(images):
+        folder = tmp_path / "src" / f"class{i % 2}"
+        folder.mkdir(parents=True, exist_ok=True)
+        data = encode_jpeg(img)
+        (folder / f"{i}.jpg").write_bytes(data[: len(data) // 2] if i == 3 else data)
+    assert main(["make-tfrecords", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--shards", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'src' / 'class1' / '3.jpg'}: cannot read image: truncated JPEG" in err
