@@ -225,3 +225,13 @@ def save_reduced_resnet18(path, num_classes: int, seed: int = 0):
     torch.manual_seed(seed)
     torch2flax.save(path, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1], num_classes=num_classes))
     return path
+
+
+def remove_unless_failed(request, path, failed_before: int) -> None:
+    """At a module-scoped fixture's teardown: delete its directory unless a test failed since the
+    fixture started (`failed_before`: `request.session.testsfailed` then). pytest's
+    `tmp_path_retention_policy = failed` does this for `tmp_path` only."""
+    import shutil
+
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)

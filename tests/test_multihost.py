@@ -28,7 +28,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.helpers import save_reduced_resnet18, write_flower_splits, write_flower_tfrecords
+from tests.helpers import remove_unless_failed, save_reduced_resnet18, write_flower_splits, write_flower_tfrecords
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -155,12 +155,12 @@ def _rel_diff(a_leaves, b_leaves):
 
 
 @pytest.fixture(scope="module")
-def runs(flowers, tmp_path_factory):
+def runs(flowers, tmp_path_factory, request):
     """The 2 x 4 launch and the 1 x 8 reference (computed here while the launch runs)."""
     from torch2flax.train import TrainConfig, fit, predict
 
     _, globs = flowers
-    tmp = tmp_path_factory.mktemp("multihost")
+    failed, tmp = request.session.testsfailed, tmp_path_factory.mktemp("multihost")
     out, ref_out, dead = tmp / "run", tmp / "ref", tmp / "dead"
     test = {"test": globs["test"], "batch_size": 16, "num_workers": 0}
     predicted = tmp / "predicted"  # process 0's marker: its predict is over, process 1 may die
@@ -188,8 +188,9 @@ def runs(flowers, tmp_path_factory):
     for w in watchers:
         w.join()
     print(f"2 x 4 launch and 1 x 8 reference: {time.monotonic() - started:.0f} s")
-    return dict(tmp=tmp, out=out, ref_out=ref_out, dead=dead, ref=ref, ref_pred=ref_pred, logs=logs,
-                codes=[p.returncode for p in procs], exits=exits, hung=hung)
+    yield dict(tmp=tmp, out=out, ref_out=ref_out, dead=dead, ref=ref, ref_pred=ref_pred, logs=logs,
+               codes=[p.returncode for p in procs], exits=exits, hung=hung)
+    remove_unless_failed(request, tmp, failed)  # three runs' checkpoints
 
 
 def _metrics(path):

@@ -10,7 +10,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from tests.helpers import TornWrite, console_script, save_reduced_resnet18, torn_writes, write_flower_splits
+from tests.helpers import (
+    TornWrite,
+    console_script,
+    remove_unless_failed,
+    save_reduced_resnet18,
+    torn_writes,
+    write_flower_splits,
+)
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -73,14 +80,15 @@ def _assert_same_training(result, ref_result, params, ref_params):
 
 
 @pytest.fixture(scope="module")
-def reference(flowers, tmp_path_factory):
+def reference(flowers, tmp_path_factory, request):
     """Two epochs, 8 devices, pmap, sync BN: the run the others must reproduce."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    out = tmp_path_factory.mktemp("ref")
+    failed, out = request.session.testsfailed, tmp_path_factory.mktemp("ref")
     result = fit(_config(globs, out, num_devices=8), progress=False)
-    return result, _params(out)
+    yield result, _params(out)
+    remove_unless_failed(request, out, failed)  # ~80 MB of checkpoints
 
 
 def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, tmp_path):
@@ -113,13 +121,14 @@ def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, 
 
 
 @pytest.fixture(scope="module")
-def one_device(flowers, tmp_path_factory):
+def one_device(flowers, tmp_path_factory, request):
     """The reference run's configuration on 1 device."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    out = tmp_path_factory.mktemp("one")
-    return fit(_config(globs, out, num_devices=1), progress=False), out
+    failed, out = request.session.testsfailed, tmp_path_factory.mktemp("one")
+    yield fit(_config(globs, out, num_devices=1), progress=False), out
+    remove_unless_failed(request, out, failed)
 
 
 def test_fit_on_one_device_learns(flowers, tmp_path):
@@ -166,14 +175,15 @@ def test_resume_equals_straight_run(flowers, one_of_two_epochs, one_device, tmp_
 
 
 @pytest.fixture(scope="module")
-def one_of_two_epochs(flowers, tmp_path_factory):
+def one_of_two_epochs(flowers, tmp_path_factory, request):
     """A 1-device run of a 2-epoch schedule stopped after its first epoch."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    out = tmp_path_factory.mktemp("half")
+    failed, out = request.session.testsfailed, tmp_path_factory.mktemp("half")
     fit(_config(globs, out, num_devices=1), stop_after_epochs=1, progress=False)
-    return out
+    yield out
+    remove_unless_failed(request, out, failed)
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, tmp_path):
