@@ -4,6 +4,7 @@ The runs start from a reduced resnet18 (one block per stage, `init=` / `--init`)
 native ResNet training loop as the full model at about half its compile time and a third of
 its checkpoint bytes (the full-size resnet18 trains in the demo and notebook tests)."""
 import csv
+import functools
 import os
 import subprocess
 
@@ -25,17 +26,24 @@ SIZE = 32
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):
-    sets, globs = write_flower_splits(tmp_path_factory.mktemp("flowers"), train=256, val=70, test=45,
-                                      num_classes=NUM_CLASSES, size=SIZE, shards=(4, 2, 2))
-    # The model every run starts from (see the module docstring), beside the data.
-    globs["init"] = str(save_reduced_resnet18(tmp_path_factory.mktemp("init") / "r18_l1111.msgpack", NUM_CLASSES))
-    return sets, globs
+    return write_flower_splits(tmp_path_factory.mktemp("flowers"), train=256, val=70, test=45,
+                               num_classes=NUM_CLASSES, size=SIZE, shards=(4, 2, 2))
+
+
+@functools.cache
+def _init(globs_train: str) -> str:
+    """The model file every run starts from (see the module docstring), written beside the data
+    on first use (the fast tier's tests that need no training never write it)."""
+    root = os.path.dirname(os.path.dirname(globs_train))
+    return str(save_reduced_resnet18(os.path.join(root, "r18_l1111.msgpack"), NUM_CLASSES))
 
 
 def _config(globs, out, **overrides):
     from torch2flax.train import TrainConfig
 
-    base = dict(train=globs["train"], val=globs["val"], init=globs["init"], num_classes=NUM_CLASSES,
+    if "init" not in overrides:
+        overrides["init"] = _init(globs["train"])
+    base = dict(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES,
                 model="resnet18", image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
                 warmup_epochs=0.5, num_workers=0, seed=0, out=str(out))
     return TrainConfig(**{**base, **overrides})
@@ -100,7 +108,7 @@ def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, 
     ref_params = _params(ref_out)
     out = tmp_path / "run"
     cmd = [console_script(), "train", "--train", globs["train"], "--val", globs["val"],
-           "--model", "resnet18", "--init", globs["init"], "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
+           "--model", "resnet18", "--init", _init(globs["train"]), "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
            "--crop-pct", "1.0", "--scale-min", "0.5", "--batch-size", "32", "--epochs", "2", "--lr", "2e-3",
            "--warmup-epochs", "0.5", "--num-workers", "2", "--num-devices", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # conftest's XLA_FLAGS
