@@ -52,8 +52,8 @@ def pytest_configure(config):
 # The longest test files, longest first: with `--dist loadfile --no-loadscope-reorder` (Makefile)
 # pytest-xdist hands out files in collection order (by default it orders them by test count, which
 # sent the 2-test, 3-minute shell fine-tune file last: one worker ran it alone for 3 minutes).
-_LONGEST_FIRST = ("test_finetune.py", "test_train.py", "test_multihost.py", "test_export.py", "test_explain.py",
-                  "test_heads.py", "test_demo.py", "test_notebook.py")
+_LONGEST_FIRST = ("test_export.py", "test_finetune.py", "test_export_api.py", "test_heads.py", "test_models_resnet.py",
+                  "test_demo.py", "test_explain.py", "test_train.py", "test_multihost.py", "test_notebook.py")
 
 
 # The slow tier (`-m slow`): subprocess and shell runs, fits, full-size models, and every exported
@@ -66,10 +66,10 @@ _SLOW = (
     "tests/test_train.py::test_jit_layout", "tests/test_train.py::test_resume", "tests/test_train.py::test_non_finite",
     "tests/test_train.py::test_predict", "tests/test_train.py::test_interrupted", "tests/test_train.py::test_slow_input",
     "tests/test_export.py::test_eval_parity[", "tests/test_export.py::test_train_step_parity[",
-    "tests/test_export.py::test_another_image_size", "tests/test_export.py::test_bfloat16",
-    "tests/test_export.py::test_convert_chooses", "tests/test_export.py::test_dropout",
-    "tests/test_export.py::test_features_head", "tests/test_export.py::test_resnet_exported",
-    "tests/test_export.py::test_sync_batchnorm",
+    "tests/test_export_api.py::test_another_image_size", "tests/test_export_api.py::test_bfloat16",
+    "tests/test_export_api.py::test_convert_chooses", "tests/test_export_api.py::test_dropout",
+    "tests/test_export_api.py::test_features_head", "tests/test_export_api.py::test_resnet_exported",
+    "tests/test_export_api.py::test_sync_batchnorm",
     "tests/test_explain.py::test_every_stage", "tests/test_explain.py::test_gradcam_equals",
     "tests/test_explain.py::test_features_and_gradcam", "tests/test_explain.py::test_inner_module_names",
     "tests/test_heads.py::test_with_head_keeps", "tests/test_backend.py::test_a_two_headed",

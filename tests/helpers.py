@@ -211,3 +211,27 @@ def torn_writes(monkeypatch, torn_at: int) -> list:
     monkeypatch.setattr(builtins, "open", torn_open)
     monkeypatch.setattr(os, "fdopen", torn_fdopen)
     return opened
+
+
+def save_reduced_resnet18(path, num_classes: int, seed: int = 0):
+    """A randomly initialised (seeded, timm's own init) resnet18 with one block per stage, saved as a
+    torch2flax model file: the training tests start from it with `init=` / `--init`, the same
+    training loop as a full resnet18 at a fraction of the compile time and checkpoint size (the
+    full-size model trains in the demo and notebook tests). Returns `path`."""
+    import torch
+
+    import torch2flax
+
+    torch.manual_seed(seed)
+    torch2flax.save(path, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1], num_classes=num_classes))
+    return path
+
+
+def remove_unless_failed(request, path, failed_before: int) -> None:
+    """At a module-scoped fixture's teardown: delete its directory unless a test failed since the
+    fixture started (`failed_before`: `request.session.testsfailed` then). pytest's
+    `tmp_path_retention_policy = failed` does this for `tmp_path` only."""
+    import shutil
+
+    if request.session.testsfailed == failed_before:
+        shutil.rmtree(path, ignore_errors=True)

@@ -2,13 +2,17 @@
 1 process x 8 devices with the same global batch and seed.
 
 One launch per process covers train (pmap, stopped after epoch 1), `--resume` (epoch 2,
-the compiled steps reused) and predict (jit layout: global `NamedSharding` arrays), through
-`torch2flax.cli.main`; the 1 x 8 reference (pmap) runs in this process meanwhile. Training
-under `--parallel jit` on 2 processes is left out to keep the file within its time budget
-(its compile doubles the launch's cost on 2 cores); it shares the jit feed, replication
-and read-back that predict checks here. Records: 64 training (2 global batches of 32),
-56 validation (the last global batch is padded on process 1 only) and 37 test (predicted in
-global batches of 16: process 1's slice of the last one is empty).
+the compiled steps reused), predict (jit layout: global `NamedSharding` arrays), through
+`torch2flax.cli.main`, and then a dead peer: process 1 kills itself while process 0 resumes a
+copy of the epoch-1 run, so process 0 waits for it in a collective and must exit with an
+error within the peer timeout (a second launch for that scenario cost ~50 s). The 1 x 8
+reference (pmap) runs in this process meanwhile. Every run starts from a reduced resnet18
+file (`--init`, one block per stage: test_train.py's model). Training under `--parallel jit`
+on 2 processes is left out to keep the file within its time budget (its compile doubles the
+launch's cost on 2 cores); it shares the jit feed, replication and read-back that predict
+checks here. Records: 64 training (2 global batches of 32), 56 validation (the last global
+batch is padded on process 1 only) and 37 test (predicted in global batches of 16: process
+1's slice of the last one is empty).
 """
 import contextlib
 import csv
@@ -18,38 +22,59 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
 import pytest
 
-from tests.helpers import write_flower_splits, write_flower_tfrecords
+from tests.helpers import remove_unless_failed, save_reduced_resnet18, write_flower_splits, write_flower_tfrecords
 
 NUM_CLASSES = 4
 SIZE = 32
 LAUNCH_TIMEOUT = 240  # seconds for a whole launch on a loaded 2-core machine
-# The driver each process runs: the CLI commands in order, timed, stopping at the first failure.
+PEER_TIMEOUT = 20  # seconds; the dead peer must be noticed well within DEAD_PEER_BOUND
+DEAD_PEER_BOUND = 60
+# The driver each process runs: the steps in order, stopping at the first failure. A step is a CLI
+# command ({"argv": [...]}, timed) or test plumbing: "copy" a run directory, "touch" or "wait_for" a
+# marker file, "die" (SIGKILL itself, printing the wall-clock time); "process" limits it to one process.
 DRIVER = """
-import json, sys, time
+import json, os, shutil, signal, sys, time
 from torch2flax.cli import main
+me = int(os.environ["TORCH2FLAX_PROCESS_ID"])
 start = time.monotonic()
-for argv in json.loads(sys.argv[1]):
-    rc = main(argv)
-    print(f"driver: {argv[0]} done at {time.monotonic() - start:.1f} s (rc {rc})", flush=True)
-    if rc:
-        sys.exit(rc)
+for step in json.loads(sys.argv[1]):
+    if step.get("process", me) != me:
+        continue
+    if "argv" in step:
+        rc = main(step["argv"])
+        print(f"driver: {step['argv'][0]} done at {time.monotonic() - start:.1f} s (rc {rc})", flush=True)
+        if rc:
+            sys.exit(rc)
+    elif "copy" in step:
+        shutil.copytree(*step["copy"])
+    elif "touch" in step:
+        open(step["touch"], "w").close()
+    elif "wait_for" in step:
+        while not os.path.exists(step["wait_for"]):
+            time.sleep(0.1)
+    elif "die" in step:
+        print(f"driver: killing myself at {time.time():.3f}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
 @pytest.fixture(scope="module")
 def flowers(tmp_path_factory):
-    return write_flower_splits(tmp_path_factory.mktemp("flowers"), train=64, val=56, test=37,
-                               num_classes=NUM_CLASSES, size=SIZE, shards=(2, 2, 2))
+    sets, globs = write_flower_splits(tmp_path_factory.mktemp("flowers"), train=64, val=56, test=37,
+                                      num_classes=NUM_CLASSES, size=SIZE, shards=(2, 2, 2))
+    globs["init"] = str(save_reduced_resnet18(tmp_path_factory.mktemp("init") / "r18_l1111.msgpack", NUM_CLASSES))
+    return sets, globs
 
 
 def _train_args(globs, out, **overrides):
     """TrainConfig fields (test_train.py's settings on a smaller set); `batch_size` is the global batch."""
-    return dict(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES, model="resnet18",
+    return dict(train=globs["train"], val=globs["val"], init=globs["init"], num_classes=NUM_CLASSES, model="resnet18",
                 image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
                 warmup_epochs=0.5, num_workers=0, seed=0, out=str(out), **overrides)
 
@@ -65,9 +90,9 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _launch(tmp_path, commands, *, num_processes=2, peer_timeout=30):
-    """Start `num_processes` processes x 4 CPU devices running the CLI `commands`; yields the
-    Popen objects and their log paths. Every process is killed on the way out."""
+def _launch(tmp_path, commands, *, num_processes=2, peer_timeout=PEER_TIMEOUT):
+    """Start `num_processes` processes x 4 CPU devices running the driver's steps `commands`; yields
+    the Popen objects and their log paths. Every process is killed on the way out."""
     port = _free_port()
     # 4 devices each; any other XLA flags as the in-process reference has them.
     flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
@@ -90,14 +115,24 @@ def _launch(tmp_path, commands, *, num_processes=2, peer_timeout=30):
             p.wait()
 
 
-def _wait(procs, logs, timeout=LAUNCH_TIMEOUT):
-    deadline = time.monotonic() + timeout
-    for p, log in zip(procs, logs):
-        try:
-            p.wait(max(deadline - time.monotonic(), 1))
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"{log.name} still running after {timeout} s:\n{_tail(log)}")
-        assert p.returncode == 0, f"{log.name} exited {p.returncode}:\n{_tail(log)}"
+def _watch(procs):
+    """Threads recording each process's wall-clock exit time, whatever this process does meanwhile."""
+    exits = [None] * len(procs)
+
+    def watch(i):
+        procs[i].wait()
+        exits[i] = time.time()
+
+    watchers = [threading.Thread(target=watch, args=(i,), daemon=True) for i in range(len(procs))]
+    for w in watchers:
+        w.start()
+    return watchers, exits
+
+
+def _steps_done(log, command, times):
+    """`command` finished with rc 0 at least `times` times in this process's log."""
+    done = [line for line in log.read_text().splitlines() if line.startswith(f"driver: {command} done")]
+    assert len(done) >= times and all(line.endswith("(rc 0)") for line in done[:times]), _tail(log)
 
 
 def _tail(log, n=4000):
@@ -120,28 +155,42 @@ def _rel_diff(a_leaves, b_leaves):
 
 
 @pytest.fixture(scope="module")
-def runs(flowers, tmp_path_factory):
+def runs(flowers, tmp_path_factory, request):
     """The 2 x 4 launch and the 1 x 8 reference (computed here while the launch runs)."""
     from torch2flax.train import TrainConfig, fit, predict
 
     _, globs = flowers
-    tmp = tmp_path_factory.mktemp("multihost")
-    out, ref_out = tmp / "run", tmp / "ref"
+    failed, tmp = request.session.testsfailed, tmp_path_factory.mktemp("multihost")
+    out, ref_out, dead = tmp / "run", tmp / "ref", tmp / "dead"
     test = {"test": globs["test"], "batch_size": 16, "num_workers": 0}
+    predicted = tmp / "predicted"  # process 0's marker: its predict is over, process 1 may die
     commands = [
-        _argv("train", _train_args(globs, out, parallel="pmap", stop_after_epochs=1)) + ["--quiet"],
-        ["train", "--resume", str(out), "--quiet"],
-        _argv("predict", {"checkpoint": out / "best.msgpack", "out": tmp / "jit.csv", "parallel": "jit",
-                          "probs": tmp / "jit.npy", **test}) + ["--quiet"],
+        {"argv": _argv("train", _train_args(globs, out, parallel="pmap", stop_after_epochs=1)) + ["--quiet"]},
+        {"copy": [str(out), str(dead)], "process": 0},  # the epoch-1 run, for the dead peer below
+        {"argv": ["train", "--resume", str(out), "--quiet"]},
+        {"argv": _argv("predict", {"checkpoint": out / "best.msgpack", "out": tmp / "jit.csv", "parallel": "jit",
+                                   "probs": tmp / "jit.npy", **test}) + ["--quiet"]},
+        {"touch": str(predicted), "process": 0},
+        # The dead peer: process 1 dies, process 0 resumes the copy and waits for it in a collective.
+        {"wait_for": str(predicted), "process": 1},
+        {"die": True, "process": 1},
+        {"argv": ["train", "--resume", str(dead), "--quiet"], "process": 0},
     ]
     started = time.monotonic()
     with _launch(tmp, commands) as (procs, logs):
+        watchers, exits = _watch(procs)
         ref = fit(TrainConfig(**_train_args(globs, ref_out, num_devices=8)), progress=False)
         ref_pred = predict(str(ref_out / "best.msgpack"), globs["test"], str(tmp / "ref.csv"), batch_size=16,
                            num_workers=0, progress=False)
-        _wait(procs, logs)
+        for w in watchers:
+            w.join(max(started + LAUNCH_TIMEOUT - time.monotonic(), 1))
+        hung = [log.name for w, log in zip(watchers, logs) if w.is_alive()]  # killed on the way out
+    for w in watchers:
+        w.join()
     print(f"2 x 4 launch and 1 x 8 reference: {time.monotonic() - started:.0f} s")
-    return dict(tmp=tmp, out=out, ref_out=ref_out, ref=ref, ref_pred=ref_pred, logs=logs)
+    yield dict(tmp=tmp, out=out, ref_out=ref_out, dead=dead, ref=ref, ref_pred=ref_pred, logs=logs,
+               codes=[p.returncode for p in procs], exits=exits, hung=hung)
+    remove_unless_failed(request, tmp, failed)  # three runs' checkpoints
 
 
 def _metrics(path):
@@ -153,6 +202,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
     """Same samples in the same global positions with the same augmentation: epoch 0's loss to
     1e-5 (measured: equal to the last bit), the parameters after an epoch and a resumed
     epoch to the single-host device tests' bound, validation identical."""
+    for log in runs["logs"]:  # both commands succeeded in both processes
+        _steps_done(log, "train", times=2)
     rows, ref = _metrics(runs["out"] / "metrics.csv"), runs["ref"].history
     assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 0 from the first command, 1 resumed
     assert rows[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-5)
@@ -169,6 +220,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
 
 def test_predict_on_two_processes_writes_the_one_process_submission(runs, flowers):
     sets, _ = flowers
+    for log in runs["logs"]:
+        _steps_done(log, "predict", times=1)
     ref_csv = (runs["tmp"] / "ref.csv").read_text()
     assert (runs["tmp"] / "jit.csv").read_text() == ref_csv
     assert [line.split(",")[0] for line in ref_csv.splitlines()[1:]] == sets["test"].ids  # file order, once
@@ -230,34 +283,26 @@ def test_evaluation_covers_every_record_once_across_processes(flowers, tmp_path,
     assert pads == padded
 
 
-def test_a_dead_process_stops_the_other_and_the_last_checkpoint_resumes_on_one(flowers, runs, tmp_path):
-    """Process 1 is killed once epoch 1's checkpoint exists: process 0, waiting for it in a
-    collective, exits with an error within the peer timeout. last.msgpack loads, and resuming
-    it in this process (1 x 8 devices: another process count) finishes the reference run.
-    The run's settings are the `runs` launch's, so its programs come from the compilation
-    cache, and the resumed epoch reuses the reference's compiled steps."""
+def test_a_dead_process_stops_the_other_and_the_last_checkpoint_resumes_on_one(flowers, runs):
+    """Process 1 dies (SIGKILL) while process 0 resumes a copy of the epoch-1 run: process 0,
+    waiting for it in a collective, exits with an error within the peer timeout. The copy's
+    last.msgpack loads, and resuming it in this process (1 x 8 devices: another process count)
+    finishes the reference run. The copy's programs are the launch's, and the resumed epoch
+    reuses the reference's compiled steps."""
     from torch2flax.train import TrainConfig, fit
     from torch2flax.train.checkpoint import load_checkpoint
 
     _, globs = flowers
-    out = tmp_path / "run"
-    commands = [_argv("train", _train_args(globs, out)) + ["--quiet"]]
-    with _launch(tmp_path, commands, peer_timeout=10) as (procs, logs):
-        deadline = time.monotonic() + LAUNCH_TIMEOUT
-        while not (out / "last.msgpack").exists():
-            assert time.monotonic() < deadline, _tail(logs[0])
-            assert procs[0].poll() is None and procs[1].poll() is None, _tail(logs[0]) + _tail(logs[1])
-            time.sleep(0.2)
-        procs[1].send_signal(signal.SIGKILL)
-        killed = time.monotonic()
-        try:
-            rc = procs[0].wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"process 0 still running 60 s after process 1 died:\n{_tail(logs[0])}")
-        waited = time.monotonic() - killed
-    assert rc != 0, _tail(logs[0])
-    assert waited < 60
+    logs, (rc0, rc1), (exit0, _) = runs["logs"], runs["codes"], runs["exits"]
+    assert not runs["hung"], f"{runs['hung']} still running after {LAUNCH_TIMEOUT} s:\n{_tail(logs[0])}"
+    assert rc1 == -signal.SIGKILL, _tail(logs[1])
+    (died,) = [float(line.split()[-1]) for line in logs[1].read_text().splitlines()
+               if line.startswith("driver: killing myself at ")]
+    waited = exit0 - died
+    assert rc0 != 0, _tail(logs[0])
+    assert waited < DEAD_PEER_BOUND, (waited, _tail(logs[0]))
     assert "another task died" in logs[0].read_text() or "unhealthy" in logs[0].read_text(), _tail(logs[0])
+    out = runs["dead"]
     module, variables, saved = load_checkpoint(out / "last.msgpack")
     assert saved.epoch == 0 and saved.opt_state is not None and set(variables) == {"params", "batch_stats"}
     resumed = fit(TrainConfig(**_train_args(globs, out, num_devices=8)), resume=True, progress=False)

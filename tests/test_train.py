@@ -1,12 +1,24 @@
-"""Training end to end on a small learnable Flower-schema set (resnet18, CPU devices)."""
+"""Training end to end on a small learnable Flower-schema set (CPU devices).
+
+The runs start from a reduced resnet18 (one block per stage, `init=` / `--init`): the same
+native ResNet training loop as the full model at about half its compile time and a third of
+its checkpoint bytes (the full-size resnet18 trains in the demo and notebook tests)."""
 import csv
+import functools
 import os
 import subprocess
 
 import numpy as np
 import pytest
 
-from tests.helpers import TornWrite, console_script, torn_writes, write_flower_splits
+from tests.helpers import (
+    TornWrite,
+    console_script,
+    remove_unless_failed,
+    save_reduced_resnet18,
+    torn_writes,
+    write_flower_splits,
+)
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -18,11 +30,21 @@ def flowers(tmp_path_factory):
                                num_classes=NUM_CLASSES, size=SIZE, shards=(4, 2, 2))
 
 
+@functools.cache
+def _init(globs_train: str) -> str:
+    """The model file every run starts from (see the module docstring), written beside the data
+    on first use (the fast tier's tests that need no training never write it)."""
+    root = os.path.dirname(os.path.dirname(globs_train))
+    return str(save_reduced_resnet18(os.path.join(root, "r18_l1111.msgpack"), NUM_CLASSES))
+
+
 def _config(globs, out, **overrides):
     from torch2flax.train import TrainConfig
 
-    base = dict(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES, model="resnet18",
-                image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
+    if "init" not in overrides:
+        overrides["init"] = _init(globs["train"])
+    base = dict(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES,
+                model="resnet18", image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
                 warmup_epochs=0.5, num_workers=0, seed=0, out=str(out))
     return TrainConfig(**{**base, **overrides})
 
@@ -66,14 +88,15 @@ def _assert_same_training(result, ref_result, params, ref_params):
 
 
 @pytest.fixture(scope="module")
-def reference(flowers, tmp_path_factory):
+def reference(flowers, tmp_path_factory, request):
     """Two epochs, 8 devices, pmap, sync BN: the run the others must reproduce."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    out = tmp_path_factory.mktemp("ref")
+    failed, out = request.session.testsfailed, tmp_path_factory.mktemp("ref")
     result = fit(_config(globs, out, num_devices=8), progress=False)
-    return result, _params(out)
+    yield result, _params(out)
+    remove_unless_failed(request, out, failed)  # ~80 MB of checkpoints
 
 
 def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, tmp_path):
@@ -85,7 +108,7 @@ def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, 
     ref_params = _params(ref_out)
     out = tmp_path / "run"
     cmd = [console_script(), "train", "--train", globs["train"], "--val", globs["val"],
-           "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
+           "--model", "resnet18", "--init", _init(globs["train"]), "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
            "--crop-pct", "1.0", "--scale-min", "0.5", "--batch-size", "32", "--epochs", "2", "--lr", "2e-3",
            "--warmup-epochs", "0.5", "--num-workers", "2", "--num-devices", "1", "--out", str(out)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # conftest's XLA_FLAGS
@@ -106,13 +129,14 @@ def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, 
 
 
 @pytest.fixture(scope="module")
-def one_device(flowers, tmp_path_factory):
+def one_device(flowers, tmp_path_factory, request):
     """The reference run's configuration on 1 device."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    out = tmp_path_factory.mktemp("one")
-    return fit(_config(globs, out, num_devices=1), progress=False), out
+    failed, out = request.session.testsfailed, tmp_path_factory.mktemp("one")
+    yield fit(_config(globs, out, num_devices=1), progress=False), out
+    remove_unless_failed(request, out, failed)
 
 
 def test_fit_on_one_device_learns(flowers, tmp_path):
@@ -159,14 +183,15 @@ def test_resume_equals_straight_run(flowers, one_of_two_epochs, one_device, tmp_
 
 
 @pytest.fixture(scope="module")
-def one_of_two_epochs(flowers, tmp_path_factory):
+def one_of_two_epochs(flowers, tmp_path_factory, request):
     """A 1-device run of a 2-epoch schedule stopped after its first epoch."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    out = tmp_path_factory.mktemp("half")
+    failed, out = request.session.testsfailed, tmp_path_factory.mktemp("half")
     fit(_config(globs, out, num_devices=1), stop_after_epochs=1, progress=False)
-    return out
+    yield out
+    remove_unless_failed(request, out, failed)
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, tmp_path):
@@ -204,7 +229,8 @@ def test_labels_outside_num_classes_stop_before_training(flowers, tmp_path):
 
     sets, globs = flowers
     with pytest.raises(ValueError) as exc:
-        fit(_config(globs, tmp_path, num_devices=1, num_classes=3), progress=False)
+        # From timm's name (random init): the reduced model file's 4-class head would refuse 3 classes first.
+        fit(_config(globs, tmp_path, num_devices=1, num_classes=3, init=None), progress=False)
     first = sets["train"].labels.index(3)  # the first record labelled 3, in file order
     per_file = 256 // 4
     file, record = sets["train"].files[first // per_file], first % per_file
