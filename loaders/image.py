@@ -10,6 +10,7 @@ workers (no `cv2.setNumThreads` juggling needed).
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -80,28 +81,31 @@ _SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 _STANDALONE = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
 
 
-def _first_scan(data: bytes | bytearray | memoryview) -> int | None:
-    """The offset of a JPEG's first top-level start-of-scan marker, or None."""
+def _segments(data: bytes | bytearray | memoryview) -> Iterator[tuple[int, int]]:
+    """`(offset, marker)` of a JPEG's top-level marker segments, from the first after SOI, up to
+    and including the first start of scan or end of image; nothing for non-JPEG data. Stops
+    early at bytes that are not a marker (a damaged header)."""
     view = memoryview(data)
     n = len(view)
     if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
-        return None
+        return
     i = 2
     while i + 4 <= n:
         if view[i] != 0xFF:
-            return None
+            return
         marker = view[i + 1]
-        if marker == 0xFF:
+        if marker == 0xFF:  # fill byte before a marker
             i += 1
-        elif marker in _STANDALONE:
-            i += 2
-        elif marker == 0xDA:
-            return i
-        elif marker == 0xD9:
-            return None
-        else:
-            i += 2 + struct.unpack_from(">H", view, i + 2)[0]
-    return None
+            continue
+        yield i, marker
+        if marker in (0xD9, 0xDA):
+            return
+        i += 2 if marker in _STANDALONE else 2 + struct.unpack_from(">H", view, i + 2)[0]
+
+
+def _first_scan(data: bytes | bytearray | memoryview) -> int | None:
+    """The offset of a JPEG's first top-level start-of-scan marker, or None."""
+    return next((i for i, marker in _segments(data) if marker == 0xDA), None)
 
 
 def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
@@ -114,27 +118,13 @@ def jpeg_size(data: bytes | bytearray | memoryview) -> tuple[int, int] | None:
     then decode at full size and let the decoder report real damage.
     """
     view = memoryview(data)
-    n = len(view)
-    if n < 4 or view[0] != 0xFF or view[1] != 0xD8:
-        return None
-    i = 2
-    while i + 4 <= n:
-        if view[i] != 0xFF:
-            return None
-        marker = view[i + 1]
-        if marker == 0xFF:  # fill byte before a marker
-            i += 1
-            continue
-        if marker in _STANDALONE:
-            i += 2
-            continue
+    for i, marker in _segments(view):
         if marker in (0xD9, 0xDA):  # EOI / start of scan before any frame header
             return None
-        (length,) = struct.unpack_from(">H", view, i + 2)
         if marker in _SOF:
-            if i + 9 > n or length < 7:
+            (length,) = struct.unpack_from(">H", view, i + 2)
+            if i + 9 > len(view) or length < 7:
                 return None
             h, w = struct.unpack_from(">HH", view, i + 5)
             return (h, w) if h and w else None
-        i += 2 + length
     return None
