@@ -73,6 +73,10 @@ _SLOW = (
     "tests/test_explain.py::test_every_stage", "tests/test_explain.py::test_gradcam_equals",
     "tests/test_explain.py::test_features_and_gradcam", "tests/test_explain.py::test_inner_module_names",
     "tests/test_heads.py::test_with_head_keeps", "tests/test_backend.py::test_a_two_headed",
+    # full-size resnet18s, and DataLoader worker processes
+    "tests/test_io.py::test_save_load_round_trip", "tests/test_convert.py::test_new_head_only",
+    "tests/test_cli.py::test_cli_convert_then_verify", "tests/test_backend.py::test_timm_model_is_the_one_path",
+    "tests/test_user_input.py::test_a_bad_image_in_a_good_record_is_one_line_naming_file_record_and_id[1-",
     "tests/test_heads.py::test_custom_head", "tests/test_heads.py::test_gem_head_on", "tests/test_heads.py::test_mlp_head",
     "tests/test_models_resnet.py::test_eval_logits_and_features_match_timm[resnet50-full",
     "tests/test_models_resnet.py::test_train_step_loss_grads_and_batch_stats_match_timm[resnet50-full",
