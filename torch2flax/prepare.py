@@ -78,8 +78,8 @@ def model_name(module: Any) -> str:
     """The timm name of a converted model, an add-on head's backbone included."""
     from torch2flax.heads import HeadModel
 
-    return backend_of(module.backbone if isinstance(module, HeadModel) else module).model_name(
-        module.backbone if isinstance(module, HeadModel) else module)
+    backbone = module.backbone if isinstance(module, HeadModel) else module
+    return backend_of(backbone).model_name(backbone)
 
 
 def add_head(module: Any, variables: Any, head: str, num_classes: int, *, seed: int = 0,
