@@ -58,8 +58,9 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist load -m "not slow and not cross_stack" -q
 
 # Also the cross-stack tests: model files written here load on the upper stack and back.
+# XLA's default optimisation everywhere here (tests/conftest.py compiles most of `make test` without it).
 test-oldest: $(OLD_STAMP) $(STAMP)
-	TORCH2FLAX_OTHER_PYTHON=$(abspath $(PY)) $(OLD_PY) $(PYTEST)
+	TORCH2FLAX_TEST_XLA_DEFAULTS=1 TORCH2FLAX_OTHER_PYTHON=$(abspath $(PY)) $(OLD_PY) $(PYTEST)
 
 # torch2flax's wheel plus the wheels of what the platform lacks, for an offline install (a Kaggle
 # dataset): pip install --no-index --find-links DIR torch2flax. Build it with the platform's Python.

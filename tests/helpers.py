@@ -235,3 +235,10 @@ def remove_unless_failed(request, path, failed_before: int) -> None:
 
     if request.session.testsfailed == failed_before:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def single_device_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a subprocess that sees one CPU device, as on a laptop:
+    conftest's XLA_FLAGS without the forced device count (its other flags kept)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}

@@ -13,6 +13,7 @@ import subprocess
 import pytest
 
 from tests import cross_stack
+from tests.helpers import single_device_env
 
 TOL = 1e-5
 pytestmark = pytest.mark.cross_stack
@@ -28,7 +29,7 @@ def other_python() -> str:
 
 def _other(python: str, *args: str) -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {**os.environ, "XLA_FLAGS": ""}  # one CPU device is enough, and starts faster
+    env = single_device_env()  # one CPU device is enough, and starts faster
     proc = subprocess.run([python, "-m", "tests.cross_stack", *args], cwd=root, env=env, capture_output=True,
                           text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

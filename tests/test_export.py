@@ -87,6 +87,28 @@ def test_train_step_parity(case):
         assert err["batch_stats"]["floor"] > 0  # the step really updated the running stats
 
 
+# The full-size members of the families the shell fine-tune trains at timm's test sizes
+# (tests/test_finetune.py): every block at timm's depth and width, on a 32 px image. Eval only:
+# the full efficientnet_b0's training step alone takes a minute to compile here.
+FULL_SIZE = {"efficientnet_b0": {}, "vit_tiny_patch16_224": {"img_size": 32}}
+
+
+@pytest.mark.parametrize("name", list(FULL_SIZE))
+def test_full_size_eval_parity(name):
+    import timm
+    import torch
+
+    from torch2flax.export import convert_exported
+    from torch2flax.export.parity import eval_parity, random_batch
+
+    torch.manual_seed(0)
+    model = randomize_batchnorm(timm.create_model(name, num_classes=10, **FULL_SIZE[name]), seed=1).eval()
+    module, variables = convert_exported(model, image_size=32)
+    x, _ = random_batch(module, batch=2)
+    err = eval_parity(model, module, variables, x)
+    assert err["rel"] <= EVAL_TOL, err
+
+
 def test_a_float64_zero_gradient_is_judged_by_float32_noise():
     """A bias gradient that a normalisation makes exactly zero is rounding noise in float32: it passes
     below 1e-6 x the largest gradient norm, and an error of a real gradient's size still fails."""

@@ -12,7 +12,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import write_flower_tfrecords
+from tests.helpers import single_device_env, write_flower_tfrecords
 
 NUM_RECORDS = 32
 
@@ -49,7 +49,7 @@ def _ids(stdout: str) -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return single_device_env()
 
 
 def test_function_defined_in_a_jupyter_notebook_cell(flowers):
