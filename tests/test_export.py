@@ -44,7 +44,7 @@ CASES = {
     "regnetx_002": (_timm("regnetx_002", depth=7), 32),
     "vit_tiny_patch16_224": (_timm("vit_tiny_patch16_224", depth=2, img_size=32), 32),
     "deit_tiny_patch16_224": (_timm("deit_tiny_patch16_224", depth=2, img_size=32), 32),
-    "swin_tiny_patch4_window7_224": (_timm("swin_tiny_patch4_window7_224", depths=(2, 2, 1, 1), embed_dim=24,
+    "swin_tiny_patch4_window7_224": (_timm("swin_tiny_patch4_window7_224", depths=(2, 1, 1, 1), embed_dim=24,
                                            num_heads=(1, 2, 3, 6), img_size=64, window_size=4), 64),
     "eva02_tiny_patch14_224": (_timm("eva02_tiny_patch14_224", depth=2, img_size=28), 28),
     "coatnet_nano_rw_224": (_timm("coatnet_nano_rw_224", depths=(1, 1, 1, 1), img_size=64), 64),
