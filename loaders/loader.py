@@ -47,7 +47,9 @@ import torch
 import torch.utils.data
 
 from torch2flax.loaders.collate import numpy_collate, shard_batch
+from torch2flax.loaders.image import ImageDecodeError
 from torch2flax.loaders.shared import SharedBatch, SlotPool, unpack
+from torch2flax.loaders.tfrecord import RecordError
 from torch2flax.loaders.transforms import (
     find_augmenters,
     holds_user_code,
@@ -61,6 +63,8 @@ __all__ = ["AUTO", "Loader", "make_loader", "resolve_num_workers", "slots_per_wo
            "worker_memory_bytes", "workers_for_cpus"]
 
 AUTO = "auto"
+# With skip_bad_images: the field holding a substituted row's decoding error ("" for good rows).
+BAD_IMAGE = "bad_image"
 
 # Per-worker memory: private pages + shared-memory slots, measured per worker on the README
 # pipeline (docs/benchmarks.md); the rest of a worker's RSS (torch, OpenCV, albumentations) is
@@ -198,9 +202,10 @@ class _SeededDataset(torch.utils.data.Dataset):
     so transforms defined in `__main__` reach the workers.
     """
 
-    def __init__(self, dataset: Any, seed: int):
+    def __init__(self, dataset: Any, seed: int, skip_bad_images: bool = False):
         self.dataset = dataset
         self.seed = seed
+        self.skip_bad_images = skip_bad_images
         self._augmenters: list | None = None
         self._user_code = True
 
@@ -209,7 +214,7 @@ class _SeededDataset(torch.utils.data.Dataset):
 
     def __reduce__(self) -> tuple:
         # _augmenters: found again in each worker's own copy.
-        return _unpickled, (type(self), cloudpickle.dumps((self.dataset, self.seed)))
+        return _unpickled, (type(self), cloudpickle.dumps((self.dataset, self.seed, self.skip_bad_images)))
 
     def __getitem__(self, key: tuple[int, int] | tuple[int, int, bool]) -> Any:
         if torch.utils.data.get_worker_info() is None:  # the caller's process: leave its RNGs as they were
@@ -228,12 +233,33 @@ class _SeededDataset(torch.utils.data.Dataset):
             seed_global_rngs(seed)
         if self._augmenters:
             reseed_augmenters(self._augmenters, seed)
+        if self.skip_bad_images:
+            return self._load_or_substitute(epoch, index)
         try:
             return self.dataset[index]
         except Exception as e:
             if hasattr(e, "add_note"):  # Python >= 3.11
                 e.add_note(f"(make_loader: while loading sample {index} of epoch {epoch})")
             raise
+
+    def _load_or_substitute(self, epoch: int, index: int) -> Any:
+        """`dataset[index]` with a `BAD_IMAGE` field: "" for a good sample; for an image that does
+        not decode, its error (naming file, record and id), and the next sample that decodes in
+        its place (a batch keeps its shape; evaluation masks the row out)."""
+        n = len(self.dataset)
+        error = ""
+        for k in range(n):
+            try:
+                sample = self.dataset[(index + k) % n]
+            except RecordError as e:
+                if not isinstance(e.__cause__, ImageDecodeError):  # a broken record or transform: not ours to skip
+                    raise
+                error = error or str(e)
+                continue
+            if not isinstance(sample, dict):
+                raise TypeError(f"skip_bad_images needs samples that are dicts, got {type(sample).__name__}")
+            return {**sample, BAD_IMAGE: error}
+        raise RecordError(f"skip_bad_images: none of the {n} images decodes (the first error: {error})")
 
 
 def from_worker(e: BaseException) -> BaseException:
@@ -324,6 +350,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
         self.drop_last = drop_last
         self.seed = seed
         self.epoch = 0
+        self.start_batch = 0  # batches of this epoch to leave out (a run resumed mid-epoch)
         self.local_batch_size = batch_size // process_count
         self.start = process_index * self.local_batch_size
 
@@ -338,7 +365,7 @@ class _EpochBatchSampler(torch.utils.data.Sampler):
         else:
             order = np.arange(self.num_samples)
         epoch = self.epoch
-        for b in range(len(self)):
+        for b in range(self.start_batch, len(self)):  # earlier batches: never loaded or decoded
             lo = b * self.batch_size + self.start
             keys = [(epoch, int(i)) for i in order[lo : lo + self.local_batch_size]]
             yield keys or [(epoch, int(order[0]), True)]
@@ -451,9 +478,13 @@ class Loader:
     def epoch(self) -> int:
         return self.sampler.epoch
 
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle order and augmentation draws of `epoch` (deterministic)."""
-        self.sampler.epoch = int(epoch)
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Select the shuffle order and augmentation draws of `epoch` (deterministic), and
+        start at batch `start_batch` of it: a run resumed mid-epoch gets exactly the batches an
+        uninterrupted run would have seen next, without loading the ones before."""
+        if not 0 <= start_batch <= len(self.sampler):
+            raise ValueError(f"start_batch {start_batch} is outside [0, {len(self.sampler)}] batches per epoch")
+        self.sampler.epoch, self.sampler.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -497,6 +528,7 @@ def make_loader(
     timeout: float = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    skip_bad_images: bool = False,
 ) -> Loader:
     """Wrap a map-style dataset in a DataLoader yielding `[num_devices, per_device, ...]` batches.
 
@@ -526,6 +558,11 @@ def make_loader(
       process_index, process_count: this process and the number of processes of a
         multi-host run (None: `jax.process_index()`, `jax.process_count()`); every process
         passes the whole dataset and loads its slice of each global batch (module doc).
+      skip_bad_images: an image that does not decode (`ImageDecodeError`, re-raised by the
+        dataset as a `RecordError` naming file, record and id) does not stop the epoch: the
+        next sample that decodes takes its place, and every batch carries a `bad_image` field,
+        the error for such a row and "" elsewhere, for the caller to count, list and (in
+        evaluation) mask out. Broken records and failing transforms still raise.
     """
     if num_devices is None or process_index is None or process_count is None:
         import jax
@@ -585,7 +622,7 @@ def make_loader(
             timeout=timeout,
         )
     dataloader = torch.utils.data.DataLoader(
-        _SeededDataset(dataset, seed),
+        _SeededDataset(dataset, seed, skip_bad_images),
         batch_sampler=sampler,
         collate_fn=_Collate(local_batch, num_devices, pad=not train,
                             max_slots=slots_per_worker(prefetch_factor, num_workers)),

@@ -386,3 +386,143 @@ def test_num_workers_auto_survives_config_files_and_the_command_line(tmp_path):
         assert config_from_args(parser.parse_args(base + flag)).num_workers == expected
     with pytest.raises(SystemExit):
         parser.parse_args(base + ["--num-workers", "-2"])
+
+
+# ------------------------------------------------------------------ preemption (train.preemption)
+
+
+def _assert_equals_straight(history, out, straight_result, straight_out):
+    """A resumed run's metrics and weights are the uninterrupted run's: the same batches, the
+    same augmentation, the same optimiser and dropout state, the same metric sums."""
+    assert [r["epoch"] for r in history] == [r["epoch"] for r in straight_result.history]
+    for a, b in zip(history, straight_result.history, strict=True):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)
+        assert a["val_macro_f1"] == pytest.approx(b["val_macro_f1"], abs=1e-9)
+    for a, b in zip(_params(out), _params(straight_out), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+
+
+def _signal_in_epoch_2(monkeypatch, sig):
+    """Send `sig` to this process as the 5th training batch of the second epoch is loaded."""
+    from torch2flax.train import trainer
+
+    real = trainer.host_batches
+
+    def sending(loader, bad):
+        for i, batch in enumerate(real(loader, bad)):
+            if getattr(loader, "train", False) and loader.epoch == 1 and i == 4:
+                os.kill(os.getpid(), sig)
+            yield batch
+
+    monkeypatch.setattr(trainer, "host_batches", sending)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(flowers, one_device, tmp_path,
+                                                                              monkeypatch, capsys):
+    """`torch2flax train --checkpoint-every 3` gets SIGTERM in epoch 2: it finishes the step, writes
+    last.msgpack with the loader position, says so and exits 143; `--resume` then ends exactly
+    where the uninterrupted run ends."""
+    import signal
+
+    from torch2flax.cli import main
+    from torch2flax.train import trainer
+    from torch2flax.train.checkpoint import load_checkpoint
+
+    _, globs = flowers
+    straight_result, straight = one_device
+    out = tmp_path / "run"
+    saves = []
+    real_save = trainer.save_checkpoints
+
+    def save(run, state, epoch, improved, **kw):
+        saves.append((epoch, kw.get("batch", 0)))
+        return real_save(run, state, epoch, improved, **kw)
+
+    monkeypatch.setattr(trainer, "save_checkpoints", save)
+    _signal_in_epoch_2(monkeypatch, signal.SIGTERM)
+    config = _config(globs, out, num_devices=1)
+    argv = ["train", "--train", globs["train"], "--val", globs["val"], "--init", config.init, "--model", "resnet18",
+            "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0", "--scale-min", "0.5",
+            "--batch-size", "32", "--epochs", "2", "--lr", "2e-3", "--warmup-epochs", "0.5", "--num-workers", "0",
+            "--num-devices", "1", "--out", str(out), "--checkpoint-every", "3", "--quiet"]
+    assert main(argv) == 128 + signal.SIGTERM
+    _, _, saved = load_checkpoint(out / "last.msgpack")
+    assert saved.epoch == 0 and 0 < saved.batch < 8 and saved.partial["steps"] == saved.batch, saved
+    assert saves[:3] == [(-1, 3), (-1, 6), (0, 0)]  # global steps 3 and 6, then the end of epoch 1
+    assert saves[-1] == (0, saved.batch)
+    stdout = capsys.readouterr().out
+    assert (f"stopped by SIGTERM at step {8 + saved.batch} (epoch 2, batch {saved.batch} of 8): wrote "
+            f"{out / 'last.msgpack'}; continue with: torch2flax train --resume {out}") in stdout
+    assert f"wrote to {out}" in stdout
+    monkeypatch.undo()
+
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    _assert_equals_straight(artifacts_history(out), out, straight_result, straight)
+
+
+def artifacts_history(out):
+    from torch2flax.train.artifacts import read_metrics_csv
+
+    return read_metrics_csv(str(out / "metrics.csv"))
+
+
+def test_a_time_limit_stops_mid_epoch_with_status_0_and_resumes_exactly(flowers, one_device, tmp_path, monkeypatch):
+    """A fake clock that moves 0.5 s per reading: the 14 s limit ends the run in epoch 2, leaving room
+    for another step and a checkpoint; the resumed run (without a limit) is the straight run."""
+    import functools
+    import itertools
+
+    from torch2flax.train import fit, trainer
+    from torch2flax.train.checkpoint import load_checkpoint
+    from torch2flax.train.preemption import Schedule
+
+    _, globs = flowers
+    straight_result, straight = one_device
+    ticks = itertools.count(0.0, 0.5)
+    monkeypatch.setattr(trainer, "Schedule", functools.partial(Schedule, clock=lambda: next(ticks)))
+    result = fit(_config(globs, tmp_path, num_devices=1, time_limit="14s"), progress=False)
+    assert (result.stopped, result.exit_status, len(result.history)) == ("time limit", 0, 1)
+    _, _, saved = load_checkpoint(tmp_path / "last.msgpack")
+    assert saved.epoch == 0 and 0 < saved.batch < 8, saved
+    monkeypatch.undo()
+    resumed = fit(_config(globs, tmp_path, num_devices=1), resume=True, progress=False)
+    assert resumed.stopped is None
+    _assert_equals_straight(resumed.history, tmp_path, straight_result, straight)
+
+
+def test_skip_bad_images_trains_on_counts_and_lists_them(flowers, tmp_path, monkeypatch):
+    """One training and one validation image that do not decode: the run goes on, the training
+    batch takes the next image instead, validation leaves the image out; metrics.csv counts them
+    per epoch and bad_images.csv names each (file, record, id)."""
+    from torch2flax.loaders import TFRecordDataset, transforms
+    from torch2flax.loaders.image import ImageDecodeError
+    from torch2flax.train import fit
+
+    _, globs = flowers
+    raw = {split: TFRecordDataset(globs[split])[0] for split in ("train", "val")}
+    broken = {r["image"]: r["id"].decode() for r in raw.values()}
+    real = transforms.decode_image
+
+    def decode(data, *args, **kwargs):
+        if data in broken:
+            raise ImageDecodeError("cannot decode image (made bad by the test)")
+        return real(data, *args, **kwargs)
+
+    monkeypatch.setattr(transforms, "decode_image", decode)
+    result = fit(_config(globs, tmp_path, num_devices=1, skip_bad_images=True), progress=False)
+    assert [r["bad_images"] for r in result.history] == [2, 2]
+    with open(tmp_path / "metrics.csv") as f:
+        assert [int(r["bad_images"]) for r in csv.DictReader(f)] == [2, 2]
+    with open(tmp_path / "bad_images.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["epoch"], r["split"]) for r in rows] == [("0", "train"), ("0", "val"), ("1", "train"), ("1", "val")]
+    for row in rows:
+        ident = broken[raw[row["split"]]["image"]]
+        assert f"(id '{ident}')" in row["error"] and ": record 0" in row["error"], row
+        assert "made bad by the test" in row["error"]
+    monkeypatch.undo()
+    from torch2flax.loaders import RecordError
+
+    monkeypatch.setattr(transforms, "decode_image", decode)
+    with pytest.raises(RecordError, match=r"record 0 \(id .*made bad by the test"):  # without the flag: fatal
+        fit(_config(globs, tmp_path / "strict", num_devices=1), progress=False)

@@ -147,3 +147,40 @@ def test_make_tfrecords_refuses_a_truncated_jpeg_by_path(tmp_path, capsys):
     assert main(["make-tfrecords", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--shards", "1"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'src' / 'class1' / '3.jpg'}: cannot read image: truncated JPEG" in err
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_skip_bad_images_puts_the_next_image_in_place_and_reports_the_bad_one(tmp_path, workers):
+    from tfrecord.writer import TFRecordWriter
+
+    from tests.helpers import encode_jpeg, synthetic_images
+    from torch2flax.loaders import RecordError, RecordTransform, TFRecordDataset, eval_transform, make_loader
+    from torch2flax.train.trainer import host_batches
+
+    images, _ = synthetic_images(6, 3, 32)
+    path = tmp_path / "train-00.tfrec"
+    writer = TFRecordWriter(str(path))
+    for i, img in enumerate(images):
+        data = b"\xff\xd8\xff\xe0 not a jpeg at all" if i == 4 else encode_jpeg(img)
+        writer.write({"image": (data, "byte"), "class": (i % 3, "int"), "id": (f"img{i}".encode(), "byte")})
+    writer.close()
+    ds = TFRecordDataset(str(path), transform=RecordTransform(eval_transform(32)))
+
+    def ids(batch, rows=None):
+        flat = [x.decode() if isinstance(x, bytes) else str(x) for x in batch["id"].reshape(-1)]
+        return [i for i, keep in zip(flat, rows if rows is not None else [True] * len(flat)) if keep]
+
+    # Evaluation: the bad row is masked out, every other id counted once, the error kept.
+    loader = make_loader(ds, 3, train=False, num_devices=1, num_workers=workers, skip_bad_images=True)
+    bad: list[str] = []
+    kept = [i for b in host_batches(loader, bad) for i in ids(b, b["mask"].reshape(-1))]
+    assert kept == ["img0", "img1", "img2", "img3", "img5"]
+    assert len(bad) == 1 and f"{path}: record 4" in bad[0] and "(id 'img4')" in bad[0], bad
+    # Training: a full batch, the next image standing in for the bad one.
+    (batch,) = list(make_loader(ds, 6, train=True, num_devices=1, num_workers=workers, skip_bad_images=True))
+    assert sorted(ids(batch)) == ["img0", "img1", "img2", "img3", "img5", "img5"]
+    assert [bool(f) for f in batch["bad_image"].reshape(-1)].count(True) == 1
+    # A transform that fails for another reason is not a bad image: it still stops the run.
+    broken = TFRecordDataset(str(path), transform=lambda r: 1 / 0)
+    with pytest.raises(RecordError, match="ZeroDivisionError"):
+        list(make_loader(broken, 3, train=False, num_devices=1, num_workers=0, skip_bad_images=True))

@@ -45,6 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args.command is None else 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt as e:  # a second Ctrl-C during training (train.preemption), or one elsewhere
+        print(f"torch2flax: aborted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
     except USER_ERRORS as e:
         if os.environ.get("TORCH2FLAX_DEBUG"):  # the traceback, for a bug report
             raise

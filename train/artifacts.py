@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch2flax.utils import atomic_write
 
 METRIC_COLUMNS = ("epoch", "step", "lr", "train_loss", "train_accuracy", "val_loss",
-                  "val_accuracy", "val_macro_f1", "images_per_sec", "data_wait", "epoch_seconds")
+                  "val_accuracy", "val_macro_f1", "images_per_sec", "data_wait", "epoch_seconds", "bad_images")
 
 
 def write_metrics_csv(path: str, rows: Sequence[dict]) -> None:
@@ -24,9 +24,23 @@ def write_metrics_csv(path: str, rows: Sequence[dict]) -> None:
 
 
 def read_metrics_csv(path: str) -> list[dict]:
+    """The rows of `metrics.csv`; columns a file from an earlier version lacks stay absent."""
     with open(path, newline="") as f:
-        return [{k: (int(v) if k in ("epoch", "step") else float(v)) for k, v in row.items()}
-                for row in csv.DictReader(f)]
+        return [{k: (int(v) if k in ("epoch", "step", "bad_images") else float(v)) for k, v in row.items()
+                 if v not in ("", None)} for row in csv.DictReader(f)]
+
+
+def append_bad_images_csv(path: str, epoch: int, rows: Sequence[tuple[str, str]]) -> None:
+    """Add one epoch's skipped images (`split`, the error naming file, record and id) to the list."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    try:
+        with open(path, newline="") as f:
+            buf.write(f.read())
+    except FileNotFoundError:
+        writer.writerow(["epoch", "split", "error"])
+    writer.writerows([epoch, split, error] for split, error in rows)
+    atomic_write(path, buf.getvalue())
 
 
 def plot_curves(path: str, rows: Sequence[dict]) -> None:

@@ -37,6 +37,11 @@ class TrainCheckpoint:
 
     epoch: int  # the last finished epoch; the data order of epoch e is a function of (seed, e)
     step: int = 0
+    # A checkpoint written mid-epoch (a cadence, a signal, a time limit): the batches of epoch
+    # `epoch + 1` already trained, and that epoch's running training-metric sums, so a resumed
+    # run skips those batches and reports the epoch as an uninterrupted run would.
+    batch: int = 0
+    partial: dict[str, float] | None = None
     best_macro_f1: float = -float("inf")
     data: DataSpec | None = None
     opt_state: Any = None
@@ -46,11 +51,13 @@ class TrainCheckpoint:
 
     @classmethod
     def from_state(cls, state: Any, *, epoch: int, best_macro_f1: float, data: DataSpec,
-                   config: dict[str, Any]) -> TrainCheckpoint:
+                   config: dict[str, Any], batch: int = 0,
+                   partial: dict[str, float] | None = None) -> TrainCheckpoint:
         """From a host (unreplicated) `TrainState`."""
         from flax import serialization
 
-        return cls(epoch=epoch, step=int(state.step), best_macro_f1=float(best_macro_f1), data=data,
+        return cls(epoch=epoch, step=int(state.step), batch=batch, partial=partial,
+                   best_macro_f1=float(best_macro_f1), data=data,
                    opt_state=serialization.to_state_dict(state.opt_state),
                    dropout_rng=np.asarray(state.dropout_rng),
                    ema_params=serialization.to_state_dict(state.ema_params), config=dict(config))
@@ -74,7 +81,8 @@ class TrainCheckpoint:
                              dropout_rng=jnp.asarray(self.dropout_rng), ema_params=ema)
 
     def to_state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "best_macro_f1": self.best_macro_f1,
+        return {"epoch": self.epoch, "step": self.step, "batch": self.batch,
+                "partial": json.dumps(self.partial), "best_macro_f1": self.best_macro_f1,
                 "data": None if self.data is None else vars(self.data),
                 "opt_state": self.opt_state, "dropout_rng": self.dropout_rng,
                 "ema_params": self.ema_params, "config": json.dumps(self.config)}
@@ -82,7 +90,8 @@ class TrainCheckpoint:
     @classmethod
     def from_state_dict(cls, d: dict[str, Any]) -> TrainCheckpoint:
         data = d.get("data") or None
-        return cls(epoch=int(d["epoch"]), step=int(d.get("step", 0)),
+        partial = json.loads(d["partial"]) if isinstance(d.get("partial"), str) else None
+        return cls(epoch=int(d["epoch"]), step=int(d.get("step", 0)), batch=int(d.get("batch", 0)), partial=partial,
                    best_macro_f1=float(d.get("best_macro_f1", d.get("val_macro_f1", -float("inf")))),
                    data=DataSpec(int(data["image_size"]), float(data["crop_pct"])) if data else None,
                    opt_state=d.get("opt_state"), dropout_rng=d.get("dropout_rng"),

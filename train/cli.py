@@ -9,7 +9,7 @@ from torch2flax.train.config import TrainConfig
 
 # argparse types for fields whose default is None (the default's type says nothing).
 _OPTIONAL_TYPES = {"crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
-                   "num_devices": int, "head": str, "model": str}
+                   "num_devices": int, "head": str, "model": str, "checkpoint_every": str, "time_limit": str}
 _HELP = {
     "train": "glob of training TFRecord files", "val": "glob of validation TFRecord files",
     "model": "timm model name (see `torch2flax list`)", "pretrained": "start from timm's pretrained weights",
@@ -20,6 +20,12 @@ _HELP = {
     "sync_bn": "synchronise BatchNorm statistics across devices",
     "ema_decay": "EMA of parameters for evaluation (0 disables)",
     "accum_steps": "gradient accumulation steps per update",
+    "checkpoint_every": "also write last.msgpack every N steps (500) or every period (10m), with the "
+                        "loader position: --resume continues from that step exactly",
+    "time_limit": "stop with a checkpoint before this much time has passed (8h45m, 30m, 90s): leave a "
+                  "session's remaining time for predict",
+    "skip_bad_images": "an image that does not decode takes the next image's place instead of stopping the "
+                       "run; counted per epoch in metrics.csv, listed in bad_images.csv",
     "head": "add-on head on the backbone's features, replacing its classifier: mlp[:HIDDEN][,dropout=P,act=relu|silu|gelu,"
             "norm=BOOL] or gem[:P][,eps=E,dropout=P,learn_p=BOOL], e.g. mlp:512,dropout=0.3",
 }
@@ -197,13 +203,13 @@ def run_train(args: argparse.Namespace) -> int:
     result = fit(config, resume=bool(args.resume), stop_after_epochs=args.stop_after_epochs,
                  progress=not args.quiet)
     if not main_process:
-        return 0
+        return result.exit_status
     if result.reinitialized:
         print(f"re-initialised for {config.num_classes} classes: {', '.join(result.reinitialized)}")
     print(f"best validation macro F1 {result.best_macro_f1:.4f}; "
           f"training {result.images_per_sec:.1f} images/s")
     print(f"wrote to {os.path.abspath(result.out)}: " + ", ".join(os.path.basename(f) for f in result.files))
-    return 0
+    return result.exit_status  # 128 + the signal after a SIGTERM/SIGINT stop (train.preemption)
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ class TrainConfig:
     hflip: bool = True
     color_jitter: float = 0.0
     num_workers: int | str = "auto"  # "auto": from the host's usable CPUs and memory (make_loader)
+    skip_bad_images: bool = False  # an undecodable image: substituted, counted and listed, not fatal
     # model
     model: str | None = None  # timm name; default resnet18, or with `init` the file's model
     backend: str = "auto"  # auto | native | export (see torch2flax.convert)
@@ -56,8 +57,15 @@ class TrainConfig:
     num_devices: int | None = None  # None: every local device
     seed: int = 0
     out: str = "runs/train"
+    # preemption (train.preemption): checkpoints within epochs, and a clean stop before a limit
+    checkpoint_every: str | None = None  # "500" (steps) or "10m"; None: at the end of each epoch only
+    time_limit: str | None = None  # e.g. "8h45m": stop with a checkpoint before this much time has passed
 
     def __post_init__(self) -> None:
+        for name in ("checkpoint_every", "time_limit"):  # YAML reads `500` or `3600` as numbers
+            value = getattr(self, name)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                setattr(self, name, str(value))
         for f in dataclasses.fields(self):  # YAML, JSON and the CLI give strings and ints for floats
             setattr(self, f.name, _coerce(f.name, getattr(self, f.name), str(f.type)))
         if self.model is None and not self.init:
@@ -75,6 +83,14 @@ class TrainConfig:
             raise ValueError(f"config.accum_steps={self.accum_steps}: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config.ema_decay={self.ema_decay}: must be in [0, 1)")
+        from torch2flax.train.preemption import Every, parse_duration
+
+        for name, parse in (("checkpoint_every", Every.parse), ("time_limit", parse_duration)):
+            if getattr(self, name) is not None:
+                try:
+                    parse(getattr(self, name))
+                except ValueError as e:
+                    raise ValueError(f"config.{name}={getattr(self, name)!r}: {e}") from None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:

@@ -159,6 +159,8 @@ def gather_rows(columns: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     n = len(next(iter(columns.values())))
     counts = np.asarray(multihost_utils.process_allgather(np.int64(n))).reshape(-1)
     most = int(counts.max())
+    if most == 0:  # every process agrees (the same counts everywhere): nothing to gather
+        return columns
     out = {}
     for key, x in columns.items():
         strings = x.dtype.kind in "US"

@@ -97,6 +97,13 @@ class StopRequests:
         if self.reason is None:
             self.reason = reason
 
+    def adopt(self, reason: str) -> None:
+        """Another process's stop (multi-host): stop the same way, with the same exit status."""
+        if self.reason is None:
+            self.reason = reason
+            if reason in signal.Signals.__members__:
+                self.signal_name = reason
+
     @property
     def requested(self) -> bool:
         return self.reason is not None

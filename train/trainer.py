@@ -5,7 +5,7 @@ import functools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -16,12 +16,13 @@ from tqdm.auto import tqdm
 
 import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
-from torch2flax.loaders.loader import training_workers, usable_cpus, workers_for_cpus
+from torch2flax.loaders.loader import BAD_IMAGE, training_workers, usable_cpus, workers_for_cpus
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, load_checkpoint, save_checkpoint
 from torch2flax.train.config import TrainConfig, dumps
 from torch2flax.train.metrics import accuracy, macro_f1
 from torch2flax.train.parallel import AXIS, Parallel, select_devices
+from torch2flax.train.preemption import Every, Schedule, StopRequests, parse_duration
 from torch2flax.train.state import create_train_state, learning_rate, make_optimizer
 from torch2flax.train.steps import COMPUTE_DTYPES, StepSpec, eval_step, train_step
 
@@ -42,6 +43,9 @@ class FitResult:
     files: list[str]
     images_per_sec: float
     reinitialized: tuple[str, ...] = field(default_factory=tuple)
+    # Why the run ended before config.epochs: "SIGTERM", "SIGINT" or "time limit" (None: it did not).
+    stopped: str | None = None
+    exit_status: int = 0  # what the command line exits with (train.preemption.StopRequests)
 
 
 def init_model(config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
@@ -114,7 +118,8 @@ def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int,
         check_labels_everywhere(ds, config.num_classes)
     if num_workers is None:
         num_workers, _ = loader_workers(config)
-    common = dict(num_devices=num_devices, seed=config.seed)  # make_loader slices per process itself
+    # make_loader slices per process itself
+    common = dict(num_devices=num_devices, seed=config.seed, skip_bad_images=config.skip_bad_images)
     val_batches = -(-len(val_ds) // config.batch_size)  # more validation workers would never get a batch
     val_workers = min(num_workers, val_batches) if config.num_workers == "auto" else num_workers
     # make_loader refuses a training set smaller than one batch, naming both sizes.
@@ -153,10 +158,13 @@ class Run:
     data: DataSpec
     paths: dict[str, str]
     start_epoch: int = 0
+    start_batch: int = 0  # of start_epoch: a checkpoint written mid-epoch
+    partial: dict[str, float] | None = None  # that epoch's training-metric sums so far
     best: float = -math.inf
     history: list[dict] = field(default_factory=list)
     reinitialized: tuple[str, ...] = ()
     data_hint_shown: bool = False
+    position: tuple[int, int] = (0, 0)  # (epoch, batch) of the last checkpoint written
 
 
 def setup(config: TrainConfig, *, resume: bool) -> Run:
@@ -175,7 +183,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     if distributed.is_main():
         os.makedirs(config.out, exist_ok=True)
     paths = {name: os.path.join(config.out, name) for name in
-             ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack")}
+             ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack", "bad_images.csv")}
     saved = None
     if resume:
         missing = None
@@ -204,6 +212,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     if saved is not None:
         run.state = saved.restore(state, paths["last.msgpack"])
         run.start_epoch, run.best = saved.epoch + 1, saved.best_macro_f1
+        run.start_batch, run.partial = saved.batch, saved.partial
         if os.path.exists(paths["metrics.csv"]):
             run.history = [r for r in artifacts.read_metrics_csv(paths["metrics.csv"])
                            if r["epoch"] < run.start_epoch]
@@ -222,9 +231,23 @@ def _steps(config: TrainConfig, par: Parallel, module: Any) -> tuple[Callable, C
     return compiled_steps((par.layout, tuple(par.devices)), spec)
 
 
-def evaluate(par: Parallel, p_eval, state, loader) -> dict[str, float]:
+def host_batches(loader: Iterable[dict], bad: list[str]) -> Iterator[dict]:
+    """The loader's batches; rows standing in for an image that did not decode (`skip_bad_images`)
+    have their errors appended to `bad` and, in evaluation batches, are masked out."""
+    for batch in loader:
+        flags = batch.get(BAD_IMAGE)
+        if flags is not None:
+            flags = np.asarray(flags)
+            real = np.asarray(batch["mask"]) if "mask" in batch else np.ones(flags.shape, bool)
+            bad.extend(str(m) for m in flags[real & (flags != "")])
+            if "mask" in batch:
+                batch = {**batch, "mask": real & (flags == "")}
+        yield batch
+
+
+def evaluate(par: Parallel, p_eval, state, loader, bad: list[str] | None = None) -> dict[str, float]:
     totals = None
-    for batch in par.feed(loader):
+    for batch in par.feed(host_batches(loader, [] if bad is None else bad)):
         sums = p_eval(state, {k: batch[k] for k in ("image", "label", "mask")})
         totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = par.unreplicate(totals)
@@ -240,12 +263,21 @@ class EpochMeter:
     The first step of a call is left out of the timing: it includes compilation.
     """
 
-    def __init__(self, batch_size: int):
+    def __init__(self, batch_size: int, partial: dict[str, float] | None = None):
         self.batch_size = batch_size
         self.loss_sum = self.acc_sum = 0.0
         self.steps = self.timed_images = 0
         self.timed_start: float | None = None
         self.waited = 0.0
+        self.bad: list[str] = []  # errors of the images skipped this epoch (skip_bad_images)
+        if partial:  # an epoch resumed mid-way: its steps before the checkpoint count too
+            self.loss_sum, self.acc_sum, self.steps = partial["loss_sum"], partial["acc_sum"], int(partial["steps"])
+            self.bad = list(partial.get("bad", []))
+        self._first = self.steps
+
+    def partial(self) -> dict[str, Any]:
+        """The sums a mid-epoch checkpoint keeps (`TrainCheckpoint.partial`)."""
+        return {"loss_sum": self.loss_sum, "acc_sum": self.acc_sum, "steps": self.steps, "bad": list(self.bad)}
 
     def wait(self, seconds: float) -> None:
         if self.timed_start is not None:
@@ -253,7 +285,7 @@ class EpochMeter:
 
     def update(self, loss: float, acc: float) -> None:
         self.loss_sum, self.acc_sum, self.steps = self.loss_sum + loss, self.acc_sum + acc, self.steps + 1
-        if self.timed_start is None:
+        if self.steps == self._first + 1:
             self.timed_start = time.perf_counter()
         else:
             self.timed_images += self.batch_size
@@ -281,9 +313,15 @@ class EpochMeter:
 
 
 def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size: int,
-                bar: tqdm, checkpoint: str) -> tuple[Any, EpochMeter]:
-    """One pass over `loader`; metrics of step t are read while step t+1 runs (async dispatch)."""
-    meter = EpochMeter(batch_size)
+                bar: tqdm, checkpoint: str, meter: EpochMeter | None = None,
+                control: Control | None = None) -> tuple[Any, EpochMeter, bool]:
+    """One pass over `loader` from its start batch; metrics of step t are read while step t+1 runs
+    (async dispatch). After every step but the epoch's last, `control.decide(batches_done)` says
+    whether to checkpoint ("save") or to checkpoint and stop ("stop"); then that step's metrics
+    are counted first and `control.save(batches_done, state, meter)` writes the checkpoint.
+    Returns `(state, meter, stopped)`."""
+    meter = meter or EpochMeter(batch_size)
+    done, total = loader.sampler.start_batch, len(loader)
 
     def collect(at_step: int, metrics: Any) -> None:
         metrics = par.unreplicate(metrics)
@@ -298,7 +336,7 @@ def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size
         bar.update(1)
 
     pending = None
-    batches = par.feed(loader)
+    batches = par.feed(host_batches(loader, meter.bad))
     while True:
         waited = time.perf_counter()
         batch = next(batches, None)
@@ -306,12 +344,20 @@ def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size
         if batch is None:
             break
         state, metrics = p_train(state, {"image": batch["image"], "label": batch["label"]})
+        done += 1
         if pending is not None:
             collect(*pending)
-        pending = (meter.steps + 1, metrics)
+        pending = (epoch * total + done, metrics)
+        action = control.decide(done) if control is not None and done < total else None
+        if action:
+            collect(*pending)  # the checkpoint's metric sums include this step
+            pending = None
+            control.save(done, state, meter)
+            if action == "stop":
+                return state, meter, True
     if pending is not None:
         collect(*pending)
-    return state, meter
+    return state, meter, False
 
 
 def data_wait_hint(row: dict[str, float], num_workers: int, cpus: int | None = None) -> str | None:
@@ -328,13 +374,15 @@ def data_wait_hint(row: dict[str, float], num_workers: int, cpus: int | None = N
                    "cost (smaller source images, reduce_decode, fewer transforms) or use more cores")
 
 
-def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
+def save_checkpoints(run: Run, state: Any, epoch: int, improved: bool, *, batch: int = 0,
+                     partial: dict[str, Any] | None = None) -> None:
     """`last.msgpack` (model + training state) every epoch; `best.msgpack` when F1 improved.
 
     Only the model variables and the data spec matter for `best`: the EMA weights when the
-    run keeps an EMA, as those are the ones evaluated.
+    run keeps an EMA, as those are the ones evaluated. Mid-epoch (`batch` > 0, `epoch` the last
+    finished one) only `last.msgpack` is written, with the loader position and metric sums.
     """
-    host = run.par.unreplicate(run.state)
+    host = run.par.unreplicate(state)
     common = dict(epoch=epoch, best_macro_f1=run.best, data=run.data, config=run.config.to_dict())
     if improved:
         eval_params = host.ema_params if host.ema_params is not None else host.params
@@ -343,66 +391,180 @@ def save_checkpoints(run: Run, epoch: int, improved: bool) -> None:
                         TrainCheckpoint(step=int(host.step), **common))
     save_checkpoint(run.paths["last.msgpack"], run.module,
                     {"params": host.params, "batch_stats": host.batch_stats},
-                    TrainCheckpoint.from_state(host, **common))
+                    TrainCheckpoint.from_state(host, batch=batch, partial=partial, **common))
 
 
-def run_epoch(run: Run, epoch: int, *, progress: bool) -> dict[str, float]:
-    """Train one epoch, evaluate, checkpoint, log; returns the `metrics.csv` row."""
+# Multi-process runs agree on a stop, or on a checkpoint due by the clock, every SYNC_STEPS steps
+# (a host collective every step would stall the asynchronous dispatch); cadences in steps need no
+# agreement. A stop's reason travels as its index here (the largest wins).
+SYNC_STEPS = 10
+_REASONS = (None, "time limit", "SIGINT", "SIGTERM")
+
+
+def agree(stop: StopRequests, timed_save: bool = False) -> bool:
+    """Every process's stop request and clock-due checkpoint, combined; returns whether to save.
+    Adopts another process's stop reason (single process: nothing to combine)."""
+    if jax.process_count() == 1:
+        return timed_save
+    from jax.experimental import multihost_utils
+
+    mine = np.int32([_REASONS.index(stop.reason) if stop.reason in _REASONS else 0, timed_save])
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    reason = _REASONS[int(every[:, 0].max())]
+    if reason is not None and stop.reason is None:
+        stop.adopt(reason)
+    return bool(every[:, 1].any())
+
+
+class Control:
+    """`train_epoch`'s hooks for one epoch: checkpoint cadence, stop requests and time limit."""
+
+    def __init__(self, run: Run, epoch: int, stop: StopRequests, schedule: Schedule):
+        self.run, self.epoch, self.stop, self.schedule = run, epoch, stop, schedule
+        self.total = len(run.train_loader)
+
+    def decide(self, done: int) -> str | None:
+        """After batch `done` of this epoch: "stop", "save" or None."""
+        schedule, every = self.schedule, self.schedule.every
+        schedule.step_done()
+        step = self.epoch * self.total + done
+        save = bool(every and every.steps and step % every.steps == 0)
+        if jax.process_count() > 1 and step % SYNC_STEPS:
+            return "save" if save else None
+        if schedule.out_of_time():
+            self.stop.request("time limit")
+        timed = bool(every and every.seconds and schedule.save_due(step))
+        save = agree(self.stop, timed) or save
+        if self.stop.requested:
+            return "stop"
+        return "save" if save else None
+
+    def save(self, done: int, state: Any, meter: EpochMeter) -> None:
+        started = self.schedule.clock()
+        if distributed.is_main():
+            save_checkpoints(self.run, state, self.epoch - 1, False, batch=done, partial=meter.partial())
+        distributed.barrier(f"torch2flax: step {done} of epoch {self.epoch} written")
+        self.schedule.saved(self.schedule.clock() - started)
+        self.run.position = (self.epoch, done)
+
+
+def write_bad_images(run: Run, epoch: int, train_bad: list[str], val_bad: list[str]) -> int:
+    """Append this epoch's skipped images (every process's) to bad_images.csv; returns their count."""
+    rows = {"split": np.array(["train"] * len(train_bad) + ["val"] * len(val_bad), dtype=str),
+            "error": np.array(train_bad + val_bad, dtype=str)}
+    if run.config.skip_bad_images:
+        rows = distributed.gather_rows(rows)
+    count = len(rows["error"])
+    if count and distributed.is_main():
+        artifacts.append_bad_images_csv(run.paths["bad_images.csv"], epoch,
+                                        list(zip(rows["split"].tolist(), rows["error"].tolist())))
+    return count
+
+
+def run_epoch(run: Run, epoch: int, *, progress: bool, stop: StopRequests | None = None,
+              schedule: Schedule | None = None) -> dict[str, float] | None:
+    """Train one epoch (from the resume position), evaluate, checkpoint, log; returns the
+    `metrics.csv` row, or None when a stop request ended the epoch early (checkpoint written)."""
     config, steps_per_epoch = run.config, len(run.train_loader)
-    run.train_loader.set_epoch(epoch)
-    bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
+    resumed = epoch == run.start_epoch
+    start = run.start_batch if resumed else 0
+    run.train_loader.set_epoch(epoch, start)
+    bar = tqdm(total=steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/{config.epochs}", unit="step",
                disable=not progress, dynamic_ncols=True)
     epoch_start = time.perf_counter()
-    run.state, meter = train_epoch(run.par, run.p_train, run.state, run.train_loader, epoch=epoch,
-                                   batch_size=config.batch_size, bar=bar, checkpoint=run.paths["last.msgpack"])
+    control = Control(run, epoch, stop, schedule) if stop is not None and schedule is not None else None
+    run.state, meter, stopped = train_epoch(
+        run.par, run.p_train, run.state, run.train_loader, epoch=epoch, batch_size=config.batch_size, bar=bar,
+        checkpoint=run.paths["last.msgpack"], meter=EpochMeter(config.batch_size, run.partial if resumed else None),
+        control=control)
     bar.close()
-    val = evaluate(run.par, run.p_eval, run.state, run.val_loader)
+    if stopped:
+        return None
+    val_bad: list[str] = []
+    val = evaluate(run.par, run.p_eval, run.state, run.val_loader, val_bad)
     step = int(run.par.unreplicate(run.state.step))
     row = {"epoch": epoch, "step": step, "lr": learning_rate(step, config, steps_per_epoch),
            "train_loss": meter.loss, "train_accuracy": meter.accuracy, "val_loss": val["val_loss"],
            "val_accuracy": val["val_accuracy"], "val_macro_f1": val["val_macro_f1"],
            "images_per_sec": meter.images_per_sec, "data_wait": meter.data_wait,
-           "epoch_seconds": time.perf_counter() - epoch_start}
+           "epoch_seconds": time.perf_counter() - epoch_start,
+           "bad_images": write_bad_images(run, epoch, meter.bad, val_bad)}
     improved = val["val_macro_f1"] > run.best
     run.best = max(run.best, val["val_macro_f1"])
     run.history.append(row)
+    saving = schedule.clock() if schedule is not None else 0.0
     if distributed.is_main():
-        save_checkpoints(run, epoch, improved)
+        save_checkpoints(run, run.state, epoch, improved)
         artifacts.write_metrics_csv(run.paths["metrics.csv"], run.history)
         artifacts.plot_curves(run.paths["curves.png"], run.history)
     # Every process leaves the epoch knowing its files are written (a resume reads them).
     distributed.barrier(f"torch2flax: epoch {epoch} written")
+    run.position = (epoch + 1, 0)
+    if schedule is not None:
+        schedule.saved(schedule.clock() - saving)
+        schedule.resumed_batches()
     hint = None if run.data_hint_shown or not distributed.is_main() else data_wait_hint(
         row, run.train_loader.num_workers)
     if hint:
         run.data_hint_shown = True
         tqdm.write(hint)
     if progress:
+        skipped = f"; skipped {row['bad_images']} images that do not decode" if row["bad_images"] else ""
         tqdm.write(f"epoch {epoch + 1}/{config.epochs}: train loss {row['train_loss']:.4f}, "
                    f"val loss {val['val_loss']:.4f}, val acc {val['val_accuracy']:.4f}, "
                    f"val macro F1 {val['val_macro_f1']:.4f} ({val['val_count']} images)"
-                   + (" *best*" if improved else ""))
+                   + (" *best*" if improved else "") + skipped)
     return row
+
+
+def stop_line(run: Run, reason: str) -> str:
+    """What a stopped run prints: why, where, what was written, how to continue."""
+    epoch, batch = run.position
+    total = len(run.train_loader)
+    where = (f"after epoch {epoch}" if batch == 0 else
+             f"at step {epoch * total + batch} (epoch {epoch + 1}, batch {batch} of {total})")
+    return (f"stopped by {reason} {where}: wrote {run.paths['last.msgpack']}; "
+            f"continue with: torch2flax train --resume {run.config.out}")
 
 
 def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
         progress: bool = True) -> FitResult:
-    """Train up to `config.epochs` epochs, continuing from `config.out/last.msgpack` when `resume`.
+    """Train up to `config.epochs` epochs, continuing from `config.out/last.msgpack` when `resume`
+    (from the step it was written at, even mid-epoch: the same batches and augmentation follow).
 
-    `stop_after_epochs` ends this call early (the schedule still spans `config.epochs`), for
-    sessions with a time limit: a later `fit(config, resume=True)` carries on exactly.
+    `stop_after_epochs` ends this call early (the schedule still spans `config.epochs`).
+    `config.checkpoint_every` also checkpoints within epochs; `config.time_limit` ends the call
+    with a checkpoint before that much time has passed since it started. SIGTERM and SIGINT
+    (Ctrl-C, a notebook's interrupt button) finish the current step, write a checkpoint and
+    return (`FitResult.stopped` says why); a second SIGINT raises KeyboardInterrupt at once.
 
     Multi-host: every process calls `fit` with the same config (`distributed.initialize` first,
     or the `TORCH2FLAX_*` environment variables it reads); `config.batch_size` is the global
-    batch; progress and files come from process 0.
+    batch; progress and files come from process 0; the processes stop at the same step.
     """
     distributed.initialize()
     progress = progress and distributed.is_main()
-    run = setup(config, resume=resume)
-    end = config.epochs if stop_after_epochs is None else min(config.epochs, run.start_epoch + stop_after_epochs)
-    images_per_sec = 0.0
-    for epoch in range(run.start_epoch, end):
-        images_per_sec = run_epoch(run, epoch, progress=progress)["images_per_sec"] or images_per_sec
+    with StopRequests() as stop:
+        schedule = Schedule(Every.parse(config.checkpoint_every) if config.checkpoint_every else None,
+                            parse_duration(config.time_limit) if config.time_limit else None)
+        run = setup(config, resume=resume)
+        run.position = (run.start_epoch, run.start_batch)
+        end = config.epochs if stop_after_epochs is None else min(config.epochs, run.start_epoch + stop_after_epochs)
+        images_per_sec = 0.0
+        for epoch in range(run.start_epoch, end):
+            row = run_epoch(run, epoch, progress=progress, stop=stop, schedule=schedule)
+            if row is None:
+                break
+            images_per_sec = row["images_per_sec"] or images_per_sec
+            if epoch + 1 < end:
+                if schedule.out_of_time():
+                    stop.request("time limit")
+                agree(stop)
+                if stop.requested:
+                    break
+    if stop.requested and distributed.is_main():
+        print(stop_line(run, stop.reason), flush=True)
     files = [p for p in run.paths.values() if os.path.exists(p)]
     return FitResult(out=config.out, best_macro_f1=run.best, history=run.history, files=files,
-                     images_per_sec=images_per_sec, reinitialized=run.reinitialized)
+                     images_per_sec=images_per_sec, reinitialized=run.reinitialized, stopped=stop.reason,
+                     exit_status=stop.exit_status)
