@@ -524,5 +524,5 @@ def test_skip_bad_images_trains_on_counts_and_lists_them(flowers, tmp_path, monk
     from torch2flax.loaders import RecordError
 
     monkeypatch.setattr(transforms, "decode_image", decode)
-    with pytest.raises(RecordError, match=r"record 0 \(id .*made bad by the test"):  # without the flag: fatal
+    with pytest.raises(RecordError, match=r"record 0 at byte 0 \(id .*made bad by the test"):  # without the flag: fatal
         fit(_config(globs, tmp_path / "strict", num_devices=1), progress=False)

@@ -184,3 +184,14 @@ def test_skip_bad_images_puts_the_next_image_in_place_and_reports_the_bad_one(tm
     broken = TFRecordDataset(str(path), transform=lambda r: 1 / 0)
     with pytest.raises(RecordError, match="ZeroDivisionError"):
         list(make_loader(broken, 3, train=False, num_devices=1, num_workers=0, skip_bad_images=True))
+
+
+def test_predict_refuses_an_empty_test_set_before_loading_the_model(tmp_path):
+    from torch2flax.train import predict
+
+    empty = tmp_path / "test-0.tfrec"
+    empty.write_bytes(b"")
+    # The checkpoint does not even exist: the empty test set is found first.
+    with pytest.raises(ValueError, match=r"test-0\.tfrec: the test set holds no records; nothing to predict"):
+        predict(str(tmp_path / "missing.msgpack"), str(empty), str(tmp_path / "sub.csv"), progress=False)
+    assert not (tmp_path / "sub.csv").exists()
