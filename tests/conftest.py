@@ -90,15 +90,25 @@ _SLOW = (
 _FAST = ("tests/test_export.py::test_eval_parity[efficientnet_b0]",)
 
 
-# The suite's time is mostly XLA's compile time (most tests compile a program and run it once or
-# twice: one op, one training step, a parity check), which LLVM's optimisation passes dominate.
-# Without them programs compile ~40% faster (an exported ConvNeXt's training step: 15 s -> 9 s;
-# the whole `make test` pytest run: 661 s -> 485 s with the test-sized models below, measured
-# 2026-12-06) and compute the same IEEE results (XLA's fast-math stays off). Set before jax is
-# imported, so the CLI subprocesses the tests start compile the same way. `make test-oldest`
-# sets TORCH2FLAX_TEST_XLA_DEFAULTS=1: CI also runs the whole suite as users compile it.
-if os.environ.get("TORCH2FLAX_TEST_XLA_DEFAULTS") != "1":
-    os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# Most tests compile a program and run it once or twice (one op, one training step, a parity
+# check): their time is XLA's compile time, which LLVM's optimisation passes dominate. Without
+# them programs compile ~40% faster (an exported ConvNeXt's training step: 15 s -> 9 s, measured
+# 2026-12-06; docs/benchmarks.md) and compute the same IEEE results (XLA's fast-math stays off).
+# Files whose tests train for epochs run XLA's defaults, in this process and in the subprocesses
+# they start (the demo: 41 s at the defaults, 44 s without the passes). `make test-oldest` sets
+# TORCH2FLAX_TEST_XLA_DEFAULTS=1, so CI also runs every test as users compile it.
+_RUN_BOUND = ("test_train.py", "test_multihost.py", "test_demo.py", "test_notebook.py")
+_XLA_DEFAULTS = os.environ.get("TORCH2FLAX_TEST_XLA_DEFAULTS") == "1"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before the test's fixtures: compile-bound files compile without most optimisations."""
+    import jax
+
+    fast_compile = not _XLA_DEFAULTS and item.path.name not in _RUN_BOUND
+    jax.config.update("jax_disable_most_optimizations", fast_compile)
+    os.environ["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "1" if fast_compile else "0"  # for its subprocesses
 
 
 def pytest_collection_modifyitems(config, items):

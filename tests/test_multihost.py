@@ -36,8 +36,10 @@ LAUNCH_TIMEOUT = 240  # seconds for a whole launch on a loaded 2-core machine
 PEER_TIMEOUT = 20  # seconds; the dead peer must be noticed well within DEAD_PEER_BOUND
 DEAD_PEER_BOUND = 60
 # The driver each process runs: the steps in order, stopping at the first failure. A step is a CLI
-# command ({"argv": [...]}, timed) or test plumbing: "copy" a run directory, "touch" or "wait_for" a
-# marker file, "die" (SIGKILL itself, printing the wall-clock time); "process" limits it to one process.
+# command ({"argv": [...]}, timed; "rc": the exit status it must end with, default 0) or test
+# plumbing: "copy" a run directory, "touch" or "wait_for" a marker file, "die" (SIGKILL itself,
+# printing the wall-clock time), "sigterm_in_epoch" (SIGTERM itself as that epoch's first training
+# batch is loaded); "process" limits it to one process.
 DRIVER = """
 import json, os, shutil, signal, sys, time
 from torch2flax.cli import main
@@ -49,8 +51,17 @@ for step in json.loads(sys.argv[1]):
     if "argv" in step:
         rc = main(step["argv"])
         print(f"driver: {step['argv'][0]} done at {time.monotonic() - start:.1f} s (rc {rc})", flush=True)
-        if rc:
-            sys.exit(rc)
+        if rc != step.get("rc", 0):
+            sys.exit(rc or 1)
+    elif "sigterm_in_epoch" in step:
+        from torch2flax.train import trainer
+        real, when = trainer.host_batches, step["sigterm_in_epoch"]
+        def sending(loader, bad):
+            for i, batch in enumerate(real(loader, bad)):
+                if getattr(loader, "train", False) and loader.epoch == when and i == 0:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                yield batch
+        trainer.host_batches = sending
     elif "copy" in step:
         shutil.copytree(*step["copy"])
     elif "touch" in step:
@@ -129,10 +140,10 @@ def _watch(procs):
     return watchers, exits
 
 
-def _steps_done(log, command, times):
-    """`command` finished with rc 0 at least `times` times in this process's log."""
+def _steps_done(log, command, rcs):
+    """`command` finished with these exit statuses, in order, in this process's log."""
     done = [line for line in log.read_text().splitlines() if line.startswith(f"driver: {command} done")]
-    assert len(done) >= times and all(line.endswith("(rc 0)") for line in done[:times]), _tail(log)
+    assert [line.rsplit("(rc ", 1)[1].rstrip(")") for line in done[:len(rcs)]] == [str(rc) for rc in rcs], _tail(log)
 
 
 def _tail(log, n=4000):
@@ -165,7 +176,10 @@ def runs(flowers, tmp_path_factory, request):
     test = {"test": globs["test"], "batch_size": 16, "num_workers": 0}
     predicted = tmp / "predicted"  # process 0's marker: its predict is over, process 1 may die
     commands = [
-        {"argv": _argv("train", _train_args(globs, out, parallel="pmap", stop_after_epochs=1)) + ["--quiet"]},
+        # Process 1 alone gets SIGTERM in epoch 1 (checkpoints every step meanwhile): both processes
+        # agree to stop after that epoch, and both exit 143.
+        {"sigterm_in_epoch": 0, "process": 1},
+        {"argv": _argv("train", _train_args(globs, out, parallel="pmap", checkpoint_every=1)) + ["--quiet"], "rc": 143},
         {"copy": [str(out), str(dead)], "process": 0},  # the epoch-1 run, for the dead peer below
         {"argv": ["train", "--resume", str(out), "--quiet"]},
         {"argv": _argv("predict", {"checkpoint": out / "best.msgpack", "out": tmp / "jit.csv", "parallel": "jit",
@@ -202,8 +216,11 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
     """Same samples in the same global positions with the same augmentation: epoch 0's loss to
     1e-5 (measured: equal to the last bit), the parameters after an epoch and a resumed
     epoch to the single-host device tests' bound, validation identical."""
-    for log in runs["logs"]:  # both commands succeeded in both processes
-        _steps_done(log, "train", times=2)
+    for log in runs["logs"]:  # stopped by SIGTERM (process 1's, agreed on by both), then resumed to the end
+        _steps_done(log, "train", [128 + signal.SIGTERM, 0])
+    first, second = (log.read_text() for log in runs["logs"])
+    assert f"stopped by SIGTERM after epoch 1: wrote {runs['out'] / 'last.msgpack'}" in first, _tail(runs["logs"][0])
+    assert "SIGTERM received" in second and "SIGTERM received" not in first
     rows, ref = _metrics(runs["out"] / "metrics.csv"), runs["ref"].history
     assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 0 from the first command, 1 resumed
     assert rows[0]["train_loss"] == pytest.approx(ref[0]["train_loss"], rel=1e-5)
@@ -221,7 +238,7 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
 def test_predict_on_two_processes_writes_the_one_process_submission(runs, flowers):
     sets, _ = flowers
     for log in runs["logs"]:
-        _steps_done(log, "predict", times=1)
+        _steps_done(log, "predict", [0])
     ref_csv = (runs["tmp"] / "ref.csv").read_text()
     assert (runs["tmp"] / "jit.csv").read_text() == ref_csv
     assert [line.split(",")[0] for line in ref_csv.splitlines()[1:]] == sets["test"].ids  # file order, once
