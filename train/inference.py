@@ -52,15 +52,16 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     """
     distributed.initialize()
     progress = progress and distributed.is_main()
-    if len(TFRecordDataset(test, features=TEST_FEATURES)) == 0:  # before loading (and compiling) a model
+    # Indexed once, before the model is loaded; the transform needs the checkpoint's image size.
+    dataset = TFRecordDataset(test, features=TEST_FEATURES)
+    if len(dataset) == 0:
         raise ValueError(f"{test}: the test set holds no records; nothing to predict")
     module, variables, saved = load_checkpoint(checkpoint)
     data = saved.data if saved is not None else None  # None: a plain model file
     size = image_size or (data.image_size if data else int(module.pretrained_cfg["input_size"][-1]))
     crop = crop_pct if crop_pct is not None else (data.crop_pct if data else float(module.pretrained_cfg["crop_pct"]))
     par = Parallel(parallel, select_devices(num_devices))
-    dataset = TFRecordDataset(test, features=TEST_FEATURES,
-                              transform=RecordTransform(eval_transform(size, crop_pct=crop)))
+    dataset.transform = RecordTransform(eval_transform(size, crop_pct=crop))
     loader = make_loader(dataset, batch_size, train=False, num_devices=len(par.devices),
                          num_workers=num_workers)  # this process's slices (make_loader asks jax)
     cfg = module.pretrained_cfg

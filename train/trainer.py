@@ -62,10 +62,10 @@ def eval_crop_pct(config: TrainConfig, module: Any) -> float:
     return config.crop_pct if config.crop_pct is not None else float(module.pretrained_cfg["crop_pct"])
 
 
-def _dataset(pattern: str, transform: RecordTransform) -> TFRecordDataset:
+def _dataset(pattern: str) -> TFRecordDataset:
     # Multi-host: every process indexes every file but loads only its slice of each global
     # batch (make_loader), so N processes see the batches one process would.
-    return TFRecordDataset(pattern, features=TRAIN_FEATURES, transform=transform)
+    return TFRecordDataset(pattern, features=TRAIN_FEATURES)
 
 
 def check_labels(dataset: TFRecordDataset, num_classes: int, key: str = "class") -> None:
@@ -100,20 +100,25 @@ def loader_workers(config: TrainConfig) -> tuple[int, str]:
                             process_count=jax.process_count())
 
 
-def check_splits(config: TrainConfig) -> None:
-    """Refuse an empty split before any work starts (converting a model, a training epoch)."""
+def index_splits(config: TrainConfig) -> dict[str, TFRecordDataset]:
+    """The training and validation datasets, each indexed once, before any work starts (converting
+    a model, a training epoch): an empty split is refused here. `build_loaders` gives them their
+    transforms once the model has said how to crop."""
+    datasets = {}
     for split in ("train", "val"):
         pattern = getattr(config, split)
-        if len(TFRecordDataset(pattern, features=TRAIN_FEATURES)) == 0:
+        datasets[split] = _dataset(pattern)
+        if len(datasets[split]) == 0:
             raise ValueError(f"the {split} split {pattern!r} holds no records (its files are empty)")
+    return datasets
 
 
-def build_loaders(config: TrainConfig, crop_pct: float, num_devices: int,
+def build_loaders(config: TrainConfig, datasets: dict[str, TFRecordDataset], crop_pct: float, num_devices: int,
                   num_workers: int | None = None):
-    train_ds = _dataset(config.train, RecordTransform(train_transform(
-        config.image_size, scale=(config.scale_min, 1.0), hflip=config.hflip,
-        color_jitter=config.color_jitter)))
-    val_ds = _dataset(config.val, RecordTransform(eval_transform(config.image_size, crop_pct=crop_pct)))
+    train_ds, val_ds = datasets["train"], datasets["val"]
+    train_ds.transform = RecordTransform(train_transform(
+        config.image_size, scale=(config.scale_min, 1.0), hflip=config.hflip, color_jitter=config.color_jitter))
+    val_ds.transform = RecordTransform(eval_transform(config.image_size, crop_pct=crop_pct))
     for ds in (train_ds, val_ds):
         check_labels_everywhere(ds, config.num_classes)
     if num_workers is None:
@@ -173,7 +178,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     Multi-host: only process 0 writes files; every process reads the checkpoint it resumes
     from, so `config.out` must be on a filesystem they share.
     """
-    check_splits(config)
+    datasets = index_splits(config)
     num_workers, why = loader_workers(config)
     if distributed.is_main():
         # The run's first line: the worker count decides the input throughput on a big host.
@@ -203,7 +208,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
         # Replicas must start equal: process 0's initialisation (a random head, say) wins.
         variables = distributed.broadcast_from_main(variables)
     data = DataSpec(config.image_size, eval_crop_pct(config, module))
-    train_loader, val_loader = build_loaders(config, data.crop_pct, len(par.devices), num_workers)
+    train_loader, val_loader = build_loaders(config, datasets, data.crop_pct, len(par.devices), num_workers)
     no_decay = module.no_weight_decay()
     state = create_train_state(variables, make_optimizer(config, len(train_loader), no_decay),
                                seed=config.seed, ema=config.ema_decay > 0)
@@ -425,16 +430,16 @@ class Control:
 
     def decide(self, done: int) -> str | None:
         """After batch `done` of this epoch: "stop", "save" or None."""
-        schedule, every = self.schedule, self.schedule.every
+        schedule = self.schedule
         schedule.step_done()
         step = self.epoch * self.total + done
-        save = bool(every and every.steps and step % every.steps == 0)
+        by_steps = schedule.every is not None and schedule.every.steps is not None
+        save = by_steps and schedule.save_due(step)  # the same step on every process: no agreement needed
         if jax.process_count() > 1 and step % SYNC_STEPS:
             return "save" if save else None
         if schedule.out_of_time():
             self.stop.request("time limit")
-        timed = bool(every and every.seconds and schedule.save_due(step))
-        save = agree(self.stop, timed) or save
+        save = agree(self.stop, not by_steps and schedule.save_due(step)) or save
         if self.stop.requested:
             return "stop"
         return "save" if save else None
