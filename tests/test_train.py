@@ -332,12 +332,12 @@ def test_slow_input_prints_the_data_wait_hint_once(flowers, tmp_path, capsys, mo
 
     _, globs = flowers
     real = trainer.train_transform
-    monkeypatch.setattr(trainer, "train_transform", lambda *a, **k: _Sleepy(real(*a, **k), 0.005))
+    monkeypatch.setattr(trainer, "train_transform", lambda *a, **k: _Sleepy(real(*a, **k), 0.02))
     result = fit(_config(globs, tmp_path, num_devices=1, epochs=2), progress=False)
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == "data: 0 loader workers (num_workers=0 as given)"
-    # 0.16 s of sleep per step, several times the reduced model's step
+    # 0.64 s of sleep per step
     assert all(r["data_wait"] > 0.5 for r in result.history), [r["data_wait"] for r in result.history]
     hints = _hints(out)
     assert len(hints) == 1, out  # both epochs waited; said once
