@@ -4,6 +4,7 @@ Hermetic: the demo runs with `--no-pretrained` in a process whose internet socke
 connect, so the test never depends on (or waits for) the model hub.
 """
 import csv
+import os
 import subprocess
 import sys
 
@@ -53,7 +54,8 @@ def test_demo_one_epoch_writes_everything(tmp_path, capsys):
     with open(out / "train" / "metrics.csv") as f:
         metrics = list(csv.DictReader(f))
     assert len(metrics) == 1 and 0.0 <= float(metrics[0]["val_macro_f1"]) <= 1.0
-    for name in ("resnet18.msgpack", "train/best.msgpack", "train/last.msgpack", "train/curves.png"):
+    (step,) = os.listdir(out / "train" / "checkpoints")  # one epoch: one training checkpoint
+    for name in ("resnet18.msgpack", "train/best.msgpack", f"train/checkpoints/{step}", "train/curves.png"):
         assert (out / name).stat().st_size > 0
         assert str(out / name) in log  # the summary lists every file written
     check_gradcam(out, capsys)

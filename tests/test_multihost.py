@@ -151,12 +151,13 @@ def _tail(log, n=4000):
     return text[-n:]
 
 
-def _leaves(path):
+def _leaves(out):
+    """The model leaves of a run's newest training checkpoint."""
     import jax
 
-    import torch2flax
+    from torch2flax.train.checkpoint import load_checkpoint
 
-    _, variables = torch2flax.load(path)
+    _, variables, _ = load_checkpoint(out)
     return jax.tree_util.tree_leaves(variables)
 
 
@@ -219,7 +220,8 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
     for log in runs["logs"]:  # stopped by SIGTERM (process 1's, agreed on by both), then resumed to the end
         _steps_done(log, "train", [128 + signal.SIGTERM, 0])
     first, second = (log.read_text() for log in runs["logs"])
-    assert f"stopped by SIGTERM after epoch 1: wrote {runs['out'] / 'last.msgpack'}" in first, _tail(runs["logs"][0])
+    # 64 training records in global batches of 32: epoch 1 ends at step 2.
+    assert f"stopped by SIGTERM after epoch 1: wrote {runs['out'] / 'checkpoints' / '2'}" in first, _tail(runs["logs"][0])
     assert "SIGTERM received" in second and "SIGTERM received" not in first
     rows, ref = _metrics(runs["out"] / "metrics.csv"), runs["ref"].history
     assert [int(r["epoch"]) for r in rows] == [0, 1]  # epoch 0 from the first command, 1 resumed
@@ -228,9 +230,11 @@ def test_two_processes_train_like_one_process_with_eight_devices(runs):
         assert row["train_loss"] == pytest.approx(r["train_loss"], rel=2e-3)
         assert row["val_macro_f1"] == r["val_macro_f1"]
         assert row["val_accuracy"] == r["val_accuracy"]  # every validation record counted once
-    assert _rel_diff(_leaves(runs["out"] / "last.msgpack"), _leaves(runs["ref_out"] / "last.msgpack")) < 1e-2
-    for name in ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack"):
+    assert _rel_diff(_leaves(runs["out"]), _leaves(runs["ref_out"])) < 1e-2
+    for name in ("config.json", "metrics.csv", "curves.png", "best.msgpack"):
         assert (runs["out"] / name).stat().st_size > 0, name
+    # Both processes took part in every Orbax save, process 0 wrote: the newest 2 of steps 1-4 are kept.
+    assert sorted(os.listdir(runs["out"] / "checkpoints")) == ["3", "4"]
     # Process 0 reports and writes; process 1 says nothing of its own.
     assert "wrote to" in runs["logs"][0].read_text() and "wrote to" not in runs["logs"][1].read_text()
 
@@ -303,7 +307,7 @@ def test_evaluation_covers_every_record_once_across_processes(flowers, tmp_path,
 def test_a_dead_process_stops_the_other_and_the_last_checkpoint_resumes_on_one(flowers, runs):
     """Process 1 dies (SIGKILL) while process 0 resumes a copy of the epoch-1 run: process 0,
     waiting for it in a collective, exits with an error within the peer timeout. The copy's
-    last.msgpack loads, and resuming it in this process (1 x 8 devices: another process count)
+    newest checkpoint loads, and resuming it in this process (1 x 8 devices: another process count)
     finishes the reference run. The copy's programs are the launch's, and the resumed epoch
     reuses the reference's compiled steps."""
     from torch2flax.train import TrainConfig, fit
@@ -320,13 +324,13 @@ def test_a_dead_process_stops_the_other_and_the_last_checkpoint_resumes_on_one(f
     assert waited < DEAD_PEER_BOUND, (waited, _tail(logs[0]))
     assert "another task died" in logs[0].read_text() or "unhealthy" in logs[0].read_text(), _tail(logs[0])
     out = runs["dead"]
-    module, variables, saved = load_checkpoint(out / "last.msgpack")
+    module, variables, saved = load_checkpoint(out)
     assert saved.epoch == 0 and saved.opt_state is not None and set(variables) == {"params", "batch_stats"}
     resumed = fit(TrainConfig(**_train_args(globs, out, num_devices=8)), resume=True, progress=False)
     last, ref = resumed.history[-1], runs["ref"].history[-1]
     assert last["epoch"] == 1 and last["val_macro_f1"] == ref["val_macro_f1"]
     assert last["train_loss"] == pytest.approx(ref["train_loss"], rel=2e-3)
-    assert _rel_diff(_leaves(out / "last.msgpack"), _leaves(runs["ref_out"] / "last.msgpack")) < 1e-2
+    assert _rel_diff(_leaves(out), _leaves(runs["ref_out"])) < 1e-2
 
 
 def test_launch_settings_come_from_arguments_or_the_environment(monkeypatch):

@@ -28,9 +28,13 @@ def test_config_checks_the_preemption_fields_and_accepts_yaml_numbers(tmp_path):
     from torch2flax.train import TrainConfig
 
     path = tmp_path / "c.yaml"
-    path.write_text("checkpoint_every: 500\ntime_limit: 3600\nskip_bad_images: yes\n")
+    path.write_text("checkpoint_every: 500\ntime_limit: 3600\nskip_bad_images: yes\nkeep_checkpoints: '3'\n"
+                    "async_checkpoints: off\n")
     config = TrainConfig.from_file(path)
     assert (config.checkpoint_every, config.time_limit, config.skip_bad_images) == ("500", "3600", True)
+    assert (config.keep_checkpoints, config.async_checkpoints) == (3, False)
+    with pytest.raises(ValueError, match=r"config.keep_checkpoints=0: must be >= 1"):
+        TrainConfig(keep_checkpoints=0)
     with pytest.raises(ValueError, match=r"config.time_limit='8 hours'"):
         TrainConfig(time_limit="8 hours")
     with pytest.raises(ValueError, match=r"config.checkpoint_every='-1'"):

@@ -12,11 +12,9 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
-    TornWrite,
     console_script,
     remove_unless_failed,
     save_reduced_resnet18,
-    torn_writes,
     write_flower_splits,
 )
 
@@ -49,12 +47,13 @@ def _config(globs, out, **overrides):
     return TrainConfig(**{**base, **overrides})
 
 
-def _params(out, name="last.msgpack"):
+def _params(out):
+    """The model leaves of the run's newest training checkpoint (out/checkpoints/<step>)."""
     import jax
 
-    import torch2flax
+    from torch2flax.train.checkpoint import load_checkpoint
 
-    _, variables = torch2flax.load(os.path.join(out, name))
+    _, variables, _ = load_checkpoint(out)
     return jax.tree_util.tree_leaves(variables)
 
 
@@ -116,8 +115,9 @@ def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, 
     assert "wrote to" in proc.stdout and "best validation macro F1" in proc.stdout
     first = proc.stdout.splitlines()[0]  # the doctor's summary comes first: versions, devices, warnings
     assert first.startswith("doctor: jax ") and " cpu x8 (1 process) " in first and " warning" in first, first
-    for name in ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack"):
+    for name in ("config.json", "metrics.csv", "curves.png", "best.msgpack"):
         assert (out / name).stat().st_size > 0, name
+    assert sorted(os.listdir(out / "checkpoints")) == ["16", "8"]  # both epochs' ends: the newest 2 kept
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1]
@@ -166,14 +166,19 @@ def test_jit_layout_equals_pmap(flowers, reference, tmp_path):
 
 
 def test_resume_equals_straight_run(flowers, one_of_two_epochs, one_device, tmp_path):
-    """Epoch 2 resumed from a run stopped after epoch 1 equals the straight 2-epoch run."""
+    """Epoch 2 resumed from a run stopped after epoch 1 equals the straight 2-epoch run, here from
+    the run folder of an earlier version, whose training state was a `last.msgpack` file (the
+    Orbax checkpoints resume in the signal and time-limit tests below)."""
     import shutil
 
     from torch2flax.train import fit
+    from torch2flax.train.checkpoint import load_checkpoint, save_checkpoint
 
     _, globs = flowers
     _, straight = one_device
     out = shutil.copytree(one_of_two_epochs, tmp_path / "run")
+    save_checkpoint(out / "last.msgpack", *load_checkpoint(out))
+    shutil.rmtree(out / "checkpoints")
     result = fit(_config(globs, out, num_devices=1), resume=True, progress=False)
     assert [r["epoch"] for r in result.history] == [0, 1]
     for a, b in zip(_params(out), _params(straight), strict=True):
@@ -202,12 +207,15 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, 
 
     _, globs = flowers
     out = shutil.copytree(one_of_two_epochs, tmp_path / "run")
-    before = (out / "last.msgpack").read_bytes()
+    before = _params(out)
     # Adam's steps are about lr in size whatever the gradient: lr=1e30 overflows the weights.
     exploding = _config(globs, out, num_devices=1, lr=1e30, warmup_epochs=0.0)
-    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 2\).*last good checkpoint"):
+    with pytest.raises(NonFiniteLossError, match=r"at step \d+ \(epoch 2\).*last good checkpoint is "
+                       + str(out / "checkpoints" / "8")):
         fit(exploding, resume=True, progress=False)
-    assert (out / "last.msgpack").read_bytes() == before
+    assert os.listdir(out / "checkpoints") == ["8"]
+    for a, b in zip(_params(out), before, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_weight_decay_spares_biases_norms_and_what_timm_exempts():
@@ -237,14 +245,14 @@ def test_labels_outside_num_classes_stop_before_training(flowers, tmp_path):
     msg = str(exc.value)
     assert f"{file}: record {record} at byte" in msg and "label 3 is outside [0, num_classes=3)" in msg
     assert "at least 4" in msg
-    assert not os.path.exists(tmp_path / "last.msgpack") and not os.path.exists(tmp_path / "best.msgpack")
+    assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "best.msgpack")
 
 
 def test_resume_refuses_a_different_optimizer(flowers, one_of_two_epochs):
     from torch2flax.train import fit
 
     _, globs = flowers
-    with pytest.raises(ValueError, match="last.msgpack: its optimizer state does not fit"):
+    with pytest.raises(ValueError, match="checkpoints/8: its optimizer state does not fit"):
         fit(_config(globs, one_of_two_epochs, num_devices=1, optimizer="sgd"), resume=True,
             progress=False)
 
@@ -274,40 +282,36 @@ def test_predict_writes_every_test_id_once_with_tta(flowers, reference, tmp_path
     assert list(result.ids) == sets["test"].ids
 
 
-def test_interrupted_checkpoint_write_keeps_the_last_good_checkpoint(flowers, one_of_two_epochs, tmp_path,
-                                                                     monkeypatch):
-    """Killed while writing epoch 2's `last.msgpack`: epoch 1's checkpoint stays whole, with its
-    training state (resuming from such a checkpoint: `test_resume_equals_straight_run`). Files are torn deterministically (`torn_writes`), so a checkpoint
-    written in place rather than renamed into place fails this test every time."""
+def test_a_save_cut_short_never_counts_and_the_next_one_commits(one_of_two_epochs, tmp_path):
+    """Orbax writes a step under a temporary name and renames it once whole: a process killed
+    mid-save leaves `<step>.orbax-checkpoint-tmp-*`, which resuming ignores (the committed step 8
+    is read) and which does not stop the next save (a resumed run's) from committing."""
     import shutil
 
-    import torch2flax
-    from torch2flax.train import fit
-    from torch2flax.train.checkpoint import load_checkpoint
+    from torch2flax.train.checkpoint import TrainingCheckpoints, load_checkpoint, resume_source
 
-    _, globs = flowers
     out = shutil.copytree(one_of_two_epochs, tmp_path / "run")
-    before = (out / "last.msgpack").read_bytes()
-    config = _config(globs, out, num_devices=1)
-    # fit writes config.json, then per epoch best.msgpack (+ sidecar) when F1 improves, then
-    # last.msgpack.json and last.msgpack: tear the first write of a last.msgpack file's bytes.
-    opened: list = []
-    real_save = torch2flax.train.checkpoint.io.write_payload
+    shutil.copytree(out / "checkpoints" / "8", out / "checkpoints" / "12.orbax-checkpoint-tmp-1765012345")
+    (out / "checkpoints" / "12.orbax-checkpoint-tmp-1765012345" / "commit_success.txt").unlink(missing_ok=True)
+    assert resume_source(out) == str(out / "checkpoints" / "8")
+    module, variables, saved = load_checkpoint(out)
+    assert (saved.epoch, saved.step, saved.batch) == (0, 8, 0) and saved.opt_state is not None
 
-    def write_payload(path, payload):
-        if os.path.basename(str(path)) == "last.msgpack":
-            torn = torn_writes(monkeypatch, torn_at=1)  # sidecar whole, msgpack torn halfway
-            opened.append(torn)
-        return real_save(path, payload)
+    checkpoints = TrainingCheckpoints(out / "checkpoints", keep=2, asynchronous=False)
+    saved.step, saved.batch = 12, 4
+    checkpoints.save(module, variables, saved)
+    checkpoints.close()
+    assert resume_source(out) == str(out / "checkpoints" / "12")
+    _, again, reread = load_checkpoint(out / "checkpoints" / "12")
+    assert (reread.step, reread.batch, reread.epoch) == (12, 4, 0)
+    for a, b in zip(jax_leaves(again), jax_leaves(variables), strict=True):
+        np.testing.assert_array_equal(a, b)
 
-    monkeypatch.setattr(torch2flax.train.checkpoint.io, "write_payload", write_payload)
-    with pytest.raises(TornWrite):
-        fit(config, resume=True, progress=False)
-    monkeypatch.undo()
-    assert opened and (out / "last.msgpack").read_bytes() == before
-    assert not [f for f in os.listdir(out) if f.endswith(".tmp")]
-    module, variables, saved = load_checkpoint(out / "last.msgpack")  # loadable, and resumable
-    assert saved.epoch == 0 and saved.opt_state is not None and set(variables) == {"params", "batch_stats"}
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
 class _Sleepy:
@@ -446,13 +450,16 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(flo
             "--batch-size", "32", "--epochs", "2", "--lr", "2e-3", "--warmup-epochs", "0.5", "--num-workers", "0",
             "--num-devices", "1", "--out", str(out), "--checkpoint-every", "3", "--quiet"]
     assert main(argv) == 128 + signal.SIGTERM
-    _, _, saved = load_checkpoint(out / "last.msgpack")
+    _, _, saved = load_checkpoint(out)
     assert saved.epoch == 0 and 0 < saved.batch < 8 and saved.partial["steps"] == saved.batch, saved
     assert saves[:3] == [(-1, 3), (-1, 6), (0, 0)]  # global steps 3 and 6, then the end of epoch 1
     assert saves[-1] == (0, saved.batch)
+    # Orbax keeps the newest 2 (--keep-checkpoints), written in the background (the default).
+    steps = [str(8 * (epoch + 1) + batch) for epoch, batch in saves]  # 3, 6, 8, 9, then the stop's
+    assert sorted(os.listdir(out / "checkpoints"), key=int) == steps[-2:]
     stdout = capsys.readouterr().out
     assert (f"stopped by SIGTERM at step {8 + saved.batch} (epoch 2, batch {saved.batch} of 8): wrote "
-            f"{out / 'last.msgpack'}; continue with: torch2flax train --resume {out}") in stdout
+            f"{out / 'checkpoints' / str(8 + saved.batch)}; continue with: torch2flax train --resume {out}") in stdout
     assert f"wrote to {out}" in stdout
     monkeypatch.undo()
 
@@ -480,10 +487,13 @@ def test_a_time_limit_stops_mid_epoch_with_status_0_and_resumes_exactly(flowers,
     straight_result, straight = one_device
     ticks = itertools.count(0.0, 0.5)
     monkeypatch.setattr(trainer, "Schedule", functools.partial(Schedule, clock=lambda: next(ticks)))
-    result = fit(_config(globs, tmp_path, num_devices=1, time_limit="14s"), progress=False)
+    # Synchronous saves, one kept: the same exact resume as the background saves above.
+    result = fit(_config(globs, tmp_path, num_devices=1, time_limit="14s", async_checkpoints=False,
+                         keep_checkpoints=1), progress=False)
     assert (result.stopped, result.exit_status, len(result.history)) == ("time limit", 0, 1)
-    _, _, saved = load_checkpoint(tmp_path / "last.msgpack")
+    _, _, saved = load_checkpoint(tmp_path)
     assert saved.epoch == 0 and 0 < saved.batch < 8, saved
+    assert os.listdir(tmp_path / "checkpoints") == [str(8 + saved.batch)]
     monkeypatch.undo()
     resumed = fit(_config(globs, tmp_path, num_devices=1), resume=True, progress=False)
     assert resumed.stopped is None

@@ -1,16 +1,25 @@
-"""The training checkpoint: a model file plus what a run needs to continue or to predict.
+"""Checkpoints: the model plus what a run needs to continue or to predict.
 
-A checkpoint is a `torch2flax.io` model payload (`config` + `variables`, so `torch2flax.load`
-reads any checkpoint as a model) with one more key, `"train"`, holding a `TrainCheckpoint`:
-optimiser state, step, epoch, dropout key, EMA, best score, the data settings the model was
-validated with, and the run's config. The model file format knows nothing of training; this
-module owns everything else. Files written before this format (model files whose training
-state sat under an untyped `"extra"` key) still load.
+Two forms hold the same content, a model (config + `variables`) and a `TrainCheckpoint`
+(optimiser state, step, epoch, loader position, dropout key, EMA, best score, the data settings
+the model was validated with, and the run's config):
+
+- a single `.msgpack` file, the exchange format that `torch2flax.load`, `predict`, `verify`,
+  `gradcam` and `--init` read: a `torch2flax.io` model payload with one more key, `"train"`.
+  A run writes its `best.msgpack` this way; earlier versions also wrote `last.msgpack`.
+- an Orbax checkpoint, `OUT/checkpoints/<step>/` (`TrainingCheckpoints`): the training state a
+  run resumes from, written by `orbax.checkpoint.CheckpointManager` (Flax's recommended
+  checkpointer): the newest N kept, each committed atomically, saved in the background.
+
+`load_checkpoint` reads either, and files written before `TrainCheckpoint` existed (training
+state under an untyped `"extra"` key). The model file format knows nothing of training.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,7 +78,7 @@ class TrainCheckpoint:
 
         if self.opt_state is None:
             raise ValueError(f"{source}: holds no optimiser state (a model file or a best checkpoint); "
-                             "resume from last.msgpack")
+                             "resume from a run folder (its checkpoints/<step>)")
         try:
             opt_state = serialization.from_state_dict(state.opt_state, self.opt_state)
         except ValueError as e:
@@ -109,10 +118,129 @@ def save_checkpoint(path: str | os.PathLike, module: Any, variables: Any, train:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, TrainCheckpoint | None]:
-    """`(module, variables, train)`; `train` is None for a plain model file."""
+    """`(module, variables, train)` from a `.msgpack` file, an Orbax step folder
+    (`OUT/checkpoints/<step>`), a checkpoints folder or a run folder (its newest training
+    checkpoint, or the `last.msgpack` of an earlier version); `train` is None for a plain model file."""
+    if os.path.isdir(path):
+        name = os.path.basename(os.fspath(path).rstrip("/"))
+        found = (os.fspath(path) if _STEP.fullmatch(name) else
+                 latest_step_dir(path) if name == CHECKPOINTS else resume_source(path))
+        if found is None:
+            raise FileNotFoundError(f"{path}: holds no training checkpoint ({CHECKPOINTS}/<step> or last.msgpack)")
+        if os.path.isdir(found):
+            return _read_orbax(found)
+        path = found
     payload = io.read_payload(path)
     module, variables = io.model_from_payload(payload, source=os.fspath(path))
     raw = payload.get("train")
     if raw is None:
         raw = payload.get("extra")  # the layout of checkpoints written before TrainCheckpoint
     return module, variables, TrainCheckpoint.from_state_dict(raw) if raw else None
+
+
+# ------------------------------------------------------------------ Orbax training checkpoints
+
+CHECKPOINTS = "checkpoints"  # OUT/checkpoints/<step>/{state,meta}
+_STEP = re.compile(r"\d+")  # a committed step folder (Orbax writes `<step>.orbax-checkpoint-tmp-*` first)
+_ARRAYS = ("opt_state", "dropout_rng", "ema_params")  # TrainCheckpoint fields saved as arrays
+
+
+def _split(module: Any, variables: Any, train: TrainCheckpoint) -> tuple[dict, dict]:
+    """(arrays, JSON metadata) of one checkpoint."""
+    payload = io.model_payload(module, variables)
+    record = train.to_state_dict()
+    arrays = {"variables": payload["variables"], **{k: record.pop(k) for k in _ARRAYS}}
+    return arrays, {"model": json.loads(payload["config"]), "train": record}
+
+
+def _read_orbax(step_dir: str) -> tuple[Any, Any, TrainCheckpoint]:
+    import orbax.checkpoint as ocp
+
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
+        restored = reader.restore(os.path.abspath(step_dir), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+    arrays, meta = restored["state"], restored["meta"]
+    module, variables = io.model_from_payload(
+        {"config": json.dumps(meta["model"]), "variables": arrays["variables"]}, source=step_dir)
+    return module, variables, TrainCheckpoint.from_state_dict(
+        {**meta["train"], **{k: arrays.get(k) for k in _ARRAYS}})
+
+
+def latest_step_dir(directory: str | os.PathLike) -> str | None:
+    """The newest committed `<step>` folder under `directory` (None: there is none). A save
+    cut short leaves only a temporary folder, which never counts."""
+    try:
+        steps = [int(n) for n in os.listdir(directory) if _STEP.fullmatch(n)
+                 and os.path.isdir(os.path.join(directory, n))]
+    except FileNotFoundError:
+        return None
+    return os.path.join(os.fspath(directory), str(max(steps))) if steps else None
+
+
+def resume_source(out: str | os.PathLike) -> str | None:
+    """What `--resume OUT` reads: the newest Orbax checkpoint, else an earlier version's last.msgpack."""
+    newest = latest_step_dir(os.path.join(out, CHECKPOINTS))
+    if newest is None and os.path.isfile(os.path.join(out, "last.msgpack")):
+        return os.path.join(os.fspath(out), "last.msgpack")
+    return newest
+
+
+class TrainingCheckpoints:
+    """A run's training checkpoints, `directory/<step>/`, through Orbax's `CheckpointManager`:
+    the newest `keep` are kept, each is committed atomically (written under a temporary name,
+    renamed when whole), and with `asynchronous` the writing happens in a background thread
+    while training goes on. `wait()` before reading one back or exiting.
+
+    Every process calls `save` (with the same host values): Orbax writes host arrays from
+    process 0 and synchronises the processes around the commit.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int = 2, asynchronous: bool = True,
+                 measure_write: bool = False):
+        import orbax.checkpoint as ocp
+
+        self.directory = os.path.abspath(directory)
+        self.asynchronous = asynchronous
+        # Seconds one checkpoint takes to write, for a time limit's margin: every synchronous save,
+        # or with `measure_write` the first asynchronous one (waited on once, since an
+        # asynchronous save returns before its write is done).
+        self.write_seconds = 0.0
+        self._measure = measure_write
+        self._closed = False
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                               enable_async_checkpointing=asynchronous)
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+
+    def save(self, module: Any, variables: Any, train: TrainCheckpoint) -> str:
+        """Start writing `directory/<train.step>` (host values, copied here: the caller's device
+        buffers are donated to the next step while a background save may still be reading)."""
+        import jax
+        import numpy as np
+        import orbax.checkpoint as ocp
+
+        if train.step in self._manager.all_steps():  # a stop right after a save: that one stands
+            return os.path.join(self.directory, str(train.step))
+        started = time.perf_counter()
+        arrays, meta = _split(module, variables, train)
+        arrays = jax.tree_util.tree_map(np.array, arrays)
+        self._manager.save(train.step, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
+        if not self.asynchronous or (self._measure and not self.write_seconds):
+            self.wait()
+            self.write_seconds = time.perf_counter() - started
+        return os.path.join(self.directory, str(train.step))
+
+    def wait(self) -> None:
+        """Until every save started has been committed."""
+        self._manager.wait_until_finished()
+
+    def latest(self) -> str | None:
+        """The newest committed checkpoint's folder (after any save in flight)."""
+        if not self._closed:
+            self.wait()
+        return latest_step_dir(self.directory)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._manager.close()  # waits for a save in flight

@@ -20,8 +20,10 @@ _HELP = {
     "sync_bn": "synchronise BatchNorm statistics across devices",
     "ema_decay": "EMA of parameters for evaluation (0 disables)",
     "accum_steps": "gradient accumulation steps per update",
-    "checkpoint_every": "also write last.msgpack every N steps (500) or every period (10m), with the "
-                        "loader position: --resume continues from that step exactly",
+    "checkpoint_every": "also checkpoint every N steps (500) or every period (10m), with the loader "
+                        "position: --resume continues from that step exactly",
+    "keep_checkpoints": "training checkpoints to keep in OUT/checkpoints/<step> (the newest)",
+    "async_checkpoints": "write training checkpoints in a background thread while training goes on",
     "time_limit": "stop with a checkpoint before this much time has passed (8h45m, 30m, 90s): leave a "
                   "session's remaining time for predict",
     "skip_bad_images": "an image that does not decode takes the next image's place instead of stopping the "
@@ -94,7 +96,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="fine-tune a timm backbone in Flax on TFRecord data",
                               description="Fine-tune a converted timm model; flags override --config.")
     p.add_argument("--config", help="YAML or JSON file with TrainConfig fields")
-    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from last.msgpack")
+    p.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint (DIR/checkpoints/<step>)")
     p.add_argument("--stop-after-epochs", type=int, metavar="N",
                    help="end this invocation after N epochs; continue later with --resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -208,7 +210,7 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"re-initialised for {config.num_classes} classes: {', '.join(result.reinitialized)}")
     print(f"best validation macro F1 {result.best_macro_f1:.4f}; "
           f"training {result.images_per_sec:.1f} images/s")
-    print(f"wrote to {os.path.abspath(result.out)}: " + ", ".join(os.path.basename(f) for f in result.files))
+    print(f"wrote to {os.path.abspath(result.out)}: " + ", ".join(os.path.relpath(f, result.out) for f in result.files))
     return result.exit_status  # 128 + the signal after a SIGTERM/SIGINT stop (train.preemption)
 
 

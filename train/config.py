@@ -60,6 +60,8 @@ class TrainConfig:
     # preemption (train.preemption): checkpoints within epochs, and a clean stop before a limit
     checkpoint_every: str | None = None  # "500" (steps) or "10m"; None: at the end of each epoch only
     time_limit: str | None = None  # e.g. "8h45m": stop with a checkpoint before this much time has passed
+    keep_checkpoints: int = 2  # training checkpoints kept in out/checkpoints (the newest)
+    async_checkpoints: bool = True  # write them in a background thread while training goes on
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "time_limit"):  # YAML reads `500` or `3600` as numbers
@@ -79,6 +81,9 @@ class TrainConfig:
         if self.num_classes == 1 or self.num_classes < 0:
             raise ValueError(f"config.num_classes={self.num_classes}: a classifier needs at least 2 classes "
                              "(softmax over one class gives a loss of 0 and learns nothing)")
+        if self.keep_checkpoints < 1:
+            raise ValueError(f"config.keep_checkpoints={self.keep_checkpoints}: must be >= 1 (a run resumes "
+                             "from its newest checkpoint)")
         if self.accum_steps < 1:
             raise ValueError(f"config.accum_steps={self.accum_steps}: must be >= 1")
         if not 0.0 <= self.ema_decay < 1.0:

@@ -18,7 +18,15 @@ import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
 from torch2flax.loaders.loader import BAD_IMAGE, training_workers, usable_cpus, workers_for_cpus
 from torch2flax.train import artifacts, distributed
-from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, load_checkpoint, save_checkpoint
+from torch2flax.train.checkpoint import (
+    CHECKPOINTS,
+    DataSpec,
+    TrainCheckpoint,
+    TrainingCheckpoints,
+    load_checkpoint,
+    resume_source,
+    save_checkpoint,
+)
 from torch2flax.train.config import TrainConfig, dumps
 from torch2flax.train.metrics import accuracy, macro_f1
 from torch2flax.train.parallel import AXIS, Parallel, select_devices
@@ -168,6 +176,7 @@ class Run:
     best: float = -math.inf
     history: list[dict] = field(default_factory=list)
     reinitialized: tuple[str, ...] = ()
+    checkpoints: TrainingCheckpoints | None = None  # out/checkpoints: what --resume reads
     data_hint_shown: bool = False
     position: tuple[int, int] = (0, 0)  # (epoch, batch) of the last checkpoint written
 
@@ -175,8 +184,9 @@ class Run:
 def setup(config: TrainConfig, *, resume: bool) -> Run:
     """Devices, model (fresh or resumed), loaders, optimiser, compiled steps.
 
-    Multi-host: only process 0 writes files; every process reads the checkpoint it resumes
-    from, so `config.out` must be on a filesystem they share.
+    Multi-host: process 0 writes the files (every process takes part in an Orbax save, which
+    writes from process 0); every process reads the checkpoint it resumes from, so `config.out`
+    must be on a filesystem they share.
     """
     datasets = index_splits(config)
     num_workers, why = loader_workers(config)
@@ -188,16 +198,18 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     if distributed.is_main():
         os.makedirs(config.out, exist_ok=True)
     paths = {name: os.path.join(config.out, name) for name in
-             ("config.json", "metrics.csv", "curves.png", "last.msgpack", "best.msgpack", "bad_images.csv")}
-    saved = None
+             ("config.json", "metrics.csv", "curves.png", CHECKPOINTS, "best.msgpack", "bad_images.csv")}
+    saved = source = None
     if resume:
         missing = None
-        if not os.path.exists(paths["last.msgpack"]):
+        source = resume_source(config.out)
+        if source is None:
             shared = (f" on process {jax.process_index()} (process 0 writes checkpoints: every process needs "
                       "the run folder on a shared filesystem)" if jax.process_count() > 1 else "")
-            missing = FileNotFoundError(f"cannot resume: {paths['last.msgpack']} does not exist{shared}")
+            missing = FileNotFoundError(f"cannot resume: {paths[CHECKPOINTS]} holds no checkpoint "
+                                        f"(nor is there an earlier version's last.msgpack){shared}")
         distributed.raise_if_any(missing, "finding the checkpoint to resume from")
-        module, variables, saved = load_checkpoint(paths["last.msgpack"])
+        module, variables, saved = load_checkpoint(source)
         reinitialized: tuple[str, ...] = ()
     else:
         module, variables, reinitialized = init_model(config)
@@ -215,7 +227,7 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     run = Run(config, par, module, state, train_loader, val_loader, *_steps(config, par, module),
               data=data, paths=paths, reinitialized=reinitialized)
     if saved is not None:
-        run.state = saved.restore(state, paths["last.msgpack"])
+        run.state = saved.restore(state, source)
         run.start_epoch, run.best = saved.epoch + 1, saved.best_macro_f1
         run.start_batch, run.partial = saved.batch, saved.partial
         if os.path.exists(paths["metrics.csv"]):
@@ -224,6 +236,9 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     run.state = par.replicate(run.state)
     if distributed.is_main():
         artifacts.atomic_write(paths["config.json"], dumps(config))
+    run.checkpoints = TrainingCheckpoints(paths[CHECKPOINTS], keep=config.keep_checkpoints,
+                                          asynchronous=config.async_checkpoints,
+                                          measure_write=config.time_limit is not None)
     return run
 
 
@@ -318,7 +333,7 @@ class EpochMeter:
 
 
 def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size: int,
-                bar: tqdm, checkpoint: str, meter: EpochMeter | None = None,
+                bar: tqdm, checkpoints: TrainingCheckpoints | None = None, meter: EpochMeter | None = None,
                 control: Control | None = None) -> tuple[Any, EpochMeter, bool]:
     """One pass over `loader` from its start batch; metrics of step t are read while step t+1 runs
     (async dispatch). After every step but the epoch's last, `control.decide(batches_done)` says
@@ -332,8 +347,8 @@ def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size
         metrics = par.unreplicate(metrics)
         loss = float(metrics["loss"])
         if not math.isfinite(loss):
-            kept = (f"the last good checkpoint is {checkpoint}" if os.path.exists(checkpoint)
-                    else "no checkpoint was written yet")
+            last = checkpoints.latest() if checkpoints is not None else None
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise NonFiniteLossError(f"loss is {loss} at step {at_step} (epoch {epoch + 1}); "
                                      f"training stopped, {kept}")
         meter.update(loss, float(metrics["accuracy"]))
@@ -381,22 +396,22 @@ def data_wait_hint(row: dict[str, float], num_workers: int, cpus: int | None = N
 
 def save_checkpoints(run: Run, state: Any, epoch: int, improved: bool, *, batch: int = 0,
                      partial: dict[str, Any] | None = None) -> None:
-    """`last.msgpack` (model + training state) every epoch; `best.msgpack` when F1 improved.
+    """The training checkpoint (`out/checkpoints/<step>`, model + training state) every epoch,
+    and `best.msgpack` when F1 improved. Every process calls this (Orbax's save is collective).
 
     Only the model variables and the data spec matter for `best`: the EMA weights when the
     run keeps an EMA, as those are the ones evaluated. Mid-epoch (`batch` > 0, `epoch` the last
-    finished one) only `last.msgpack` is written, with the loader position and metric sums.
+    finished one) only the training checkpoint is written, with the loader position and metric sums.
     """
     host = run.par.unreplicate(state)
     common = dict(epoch=epoch, best_macro_f1=run.best, data=run.data, config=run.config.to_dict())
-    if improved:
+    if improved and distributed.is_main():
         eval_params = host.ema_params if host.ema_params is not None else host.params
         save_checkpoint(run.paths["best.msgpack"], run.module,
                         {"params": eval_params, "batch_stats": host.batch_stats},
                         TrainCheckpoint(step=int(host.step), **common))
-    save_checkpoint(run.paths["last.msgpack"], run.module,
-                    {"params": host.params, "batch_stats": host.batch_stats},
-                    TrainCheckpoint.from_state(host, batch=batch, partial=partial, **common))
+    run.checkpoints.save(run.module, {"params": host.params, "batch_stats": host.batch_stats},
+                         TrainCheckpoint.from_state(host, batch=batch, partial=partial, **common))
 
 
 # Multi-process runs agree on a stop, or on a checkpoint due by the clock, every SYNC_STEPS steps
@@ -446,10 +461,9 @@ class Control:
 
     def save(self, done: int, state: Any, meter: EpochMeter) -> None:
         started = self.schedule.clock()
-        if distributed.is_main():
-            save_checkpoints(self.run, state, self.epoch - 1, False, batch=done, partial=meter.partial())
-        distributed.barrier(f"torch2flax: step {done} of epoch {self.epoch} written")
-        self.schedule.saved(self.schedule.clock() - started)
+        save_checkpoints(self.run, state, self.epoch - 1, False, batch=done, partial=meter.partial())
+        # A stop waits for the write to finish: the time limit's margin counts all of it.
+        self.schedule.saved(max(self.schedule.clock() - started, self.run.checkpoints.write_seconds))
         self.run.position = (self.epoch, done)
 
 
@@ -480,7 +494,7 @@ def run_epoch(run: Run, epoch: int, *, progress: bool, stop: StopRequests | None
     control = Control(run, epoch, stop, schedule) if stop is not None and schedule is not None else None
     run.state, meter, stopped = train_epoch(
         run.par, run.p_train, run.state, run.train_loader, epoch=epoch, batch_size=config.batch_size, bar=bar,
-        checkpoint=run.paths["last.msgpack"], meter=EpochMeter(config.batch_size, run.partial if resumed else None),
+        checkpoints=run.checkpoints, meter=EpochMeter(config.batch_size, run.partial if resumed else None),
         control=control)
     bar.close()
     if stopped:
@@ -498,15 +512,15 @@ def run_epoch(run: Run, epoch: int, *, progress: bool, stop: StopRequests | None
     run.best = max(run.best, val["val_macro_f1"])
     run.history.append(row)
     saving = schedule.clock() if schedule is not None else 0.0
+    save_checkpoints(run, run.state, epoch, improved)
     if distributed.is_main():
-        save_checkpoints(run, run.state, epoch, improved)
         artifacts.write_metrics_csv(run.paths["metrics.csv"], run.history)
         artifacts.plot_curves(run.paths["curves.png"], run.history)
     # Every process leaves the epoch knowing its files are written (a resume reads them).
     distributed.barrier(f"torch2flax: epoch {epoch} written")
     run.position = (epoch + 1, 0)
     if schedule is not None:
-        schedule.saved(schedule.clock() - saving)
+        schedule.saved(max(schedule.clock() - saving, run.checkpoints.write_seconds))
         schedule.resumed_batches()
     hint = None if run.data_hint_shown or not distributed.is_main() else data_wait_hint(
         row, run.train_loader.num_workers)
@@ -528,14 +542,16 @@ def stop_line(run: Run, reason: str) -> str:
     total = len(run.train_loader)
     where = (f"after epoch {epoch}" if batch == 0 else
              f"at step {epoch * total + batch} (epoch {epoch + 1}, batch {batch} of {total})")
-    return (f"stopped by {reason} {where}: wrote {run.paths['last.msgpack']}; "
+    return (f"stopped by {reason} {where}: wrote {run.checkpoints.latest()}; "
             f"continue with: torch2flax train --resume {run.config.out}")
 
 
 def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
         progress: bool = True) -> FitResult:
-    """Train up to `config.epochs` epochs, continuing from `config.out/last.msgpack` when `resume`
-    (from the step it was written at, even mid-epoch: the same batches and augmentation follow).
+    """Train up to `config.epochs` epochs, continuing from the newest checkpoint in
+    `config.out/checkpoints` when `resume` (from the step it was written at, even mid-epoch: the
+    same batches and augmentation follow; a run folder of an earlier version resumes from its
+    `last.msgpack`).
 
     `stop_after_epochs` ends this call early (the schedule still spans `config.epochs`).
     `config.checkpoint_every` also checkpoints within epochs; `config.time_limit` ends the call
@@ -556,20 +572,24 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | N
         run.position = (run.start_epoch, run.start_batch)
         end = config.epochs if stop_after_epochs is None else min(config.epochs, run.start_epoch + stop_after_epochs)
         images_per_sec = 0.0
-        for epoch in range(run.start_epoch, end):
-            row = run_epoch(run, epoch, progress=progress, stop=stop, schedule=schedule)
-            if row is None:
-                break
-            images_per_sec = row["images_per_sec"] or images_per_sec
-            if epoch + 1 < end:
-                if schedule.out_of_time():
-                    stop.request("time limit")
-                agree(stop)
-                if stop.requested:
+        try:
+            for epoch in range(run.start_epoch, end):
+                row = run_epoch(run, epoch, progress=progress, stop=stop, schedule=schedule)
+                if row is None:
                     break
+                images_per_sec = row["images_per_sec"] or images_per_sec
+                if epoch + 1 < end:
+                    if schedule.out_of_time():
+                        stop.request("time limit")
+                    agree(stop)
+                    if stop.requested:
+                        break
+        finally:
+            run.checkpoints.close()  # the save in flight is committed (or its error raised) here
     if stop.requested and distributed.is_main():
         print(stop_line(run, stop.reason), flush=True)
-    files = [p for p in run.paths.values() if os.path.exists(p)]
+    files = [run.checkpoints.latest() if name == CHECKPOINTS else p  # the one a resume reads
+             for name, p in run.paths.items() if os.path.exists(p)]
     return FitResult(out=config.out, best_macro_f1=run.best, history=run.history, files=files,
                      images_per_sec=images_per_sec, reinitialized=run.reinitialized, stopped=stop.reason,
                      exit_status=stop.exit_status)
