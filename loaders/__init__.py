@@ -21,6 +21,7 @@ _EXPORTS = {
     "ImageDecodeError": ".image", "decode_image": ".image",
     "CorruptRecordError": ".tfrecord", "RecordError": ".tfrecord", "TFRecordDataset": ".tfrecord",
     "write_tfrecords": ".writer",
+    "stratified_folds": ".folds",
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

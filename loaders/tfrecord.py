@@ -25,7 +25,7 @@ import struct
 import tempfile
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import crc32c
@@ -442,6 +442,18 @@ class TFRecordDataset(torch.utils.data.Dataset):
         part._handles, part._pid = {}, os.getpid()
         for name in ("_file", "_record", "_offset", "_length"):
             setattr(part, name, getattr(self, name)[lo:hi].copy())
+        return part
+
+    def subset(self, indices: Sequence[int] | np.ndarray) -> TFRecordDataset:
+        """The records at `indices` (dataset positions), in that order: a fold's training or
+        held-out part. Indexing is not repeated; `where` still names each record's file."""
+        indices = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if indices.size and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"subset: indices must lie in [0, {len(self)}), got {indices.min()}..{indices.max()}")
+        part = copy.copy(self)
+        part._handles, part._pid = {}, os.getpid()
+        for name in ("_file", "_record", "_offset", "_length"):
+            setattr(part, name, getattr(self, name)[indices])
         return part
 
     # -- reading

@@ -53,7 +53,7 @@ def pytest_configure(config):
 # pytest-xdist hands out files in collection order (by default it orders them by test count, which
 # sent the 2-test, 3-minute shell fine-tune file last: one worker ran it alone for 3 minutes).
 _LONGEST_FIRST = ("test_export.py", "test_train.py", "test_multihost.py", "test_finetune.py", "test_ops.py",
-                  "test_export_api.py", "test_notebook.py", "test_heads.py", "test_models_resnet.py",
+                  "test_export_api.py", "test_notebook.py", "test_heads.py", "test_cv.py", "test_models_resnet.py",
                   "test_demo.py", "test_explain.py", "test_layers.py")
 
 
@@ -67,6 +67,7 @@ _SLOW = (
     "tests/test_train.py::test_jit_layout", "tests/test_train.py::test_resume", "tests/test_train.py::test_non_finite",
     "tests/test_train.py::test_predict", "tests/test_train.py::test_interrupted", "tests/test_train.py::test_slow_input",
     "tests/test_train.py::test_sigterm", "tests/test_train.py::test_a_time_limit", "tests/test_train.py::test_skip_bad",
+    "tests/test_train.py::test_a_save_cut_short", "tests/test_cv.py::test_fold_all", "tests/test_cv.py::test_a_fold_stopped",
     "tests/test_export.py::test_eval_parity[", "tests/test_export.py::test_train_step_parity[",
     "tests/test_export.py::test_full_size",
     "tests/test_export_api.py::test_another_image_size", "tests/test_export_api.py::test_bfloat16",

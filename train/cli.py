@@ -11,7 +11,12 @@ from torch2flax.train.config import TrainConfig
 _OPTIONAL_TYPES = {"crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
                    "num_devices": int, "head": str, "model": str, "checkpoint_every": str, "time_limit": str}
 _HELP = {
-    "train": "glob of training TFRecord files", "val": "glob of validation TFRecord files",
+    "train": "glob(s) of training TFRecord files (several are merged)", "val": "glob of validation TFRecord files",
+    "folds": "k-fold cross-validation: fold I of --train is the validation set (no --val); each fold "
+             "trains in OUT/fold{I}, writes out-of-fold predictions, and OUT/oof.csv and cv.json gather them",
+    "fold": "the fold to run, 0..K-1, or 'all' (default): each in turn",
+    "fold_seed": "folds depend only on (record id, label, K, this seed)",
+    "tta": "test-time augmentation of the out-of-fold predictions (hflip)",
     "model": "timm model name (see `torch2flax list`)", "pretrained": "start from timm's pretrained weights",
     "checkpoint": "start from a timm state dict (.pth/.pt/.bin/.safetensors)",
     "init": "start from a torch2flax .msgpack", "out": "output folder",
@@ -59,6 +64,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         kwargs = dict(dest=f.name, default=None, help=_HELP.get(f.name))
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+        elif f.name == "train":  # several globs merge (Kaggle's train and val, split into folds)
+            parser.add_argument(flag, nargs="+", metavar="GLOB", **kwargs)
+        elif f.name == "fold":
+            parser.add_argument(flag, metavar="I|all", **kwargs)
         else:
             kwargs["type"] = _OPTIONAL_TYPES.get(f.name) or type(f.default)
             if f.name in _CHOICES:
@@ -146,6 +155,13 @@ def register(subparsers) -> None:
     d.add_argument("--quiet", action="store_true", help="no progress bars")
     d.set_defaults(func=run_demo)
 
+    c = subparsers.add_parser("cv", help="the cross-validation score of a `train --folds` run",
+                              description="Gather the out-of-fold predictions of the finished folds of a "
+                              "`train --folds K` run into OUT/oof.csv and OUT/cv.json (macro F1 and accuracy "
+                              "over all OOF rows, per fold, mean and std) and name the folds still missing.")
+    c.add_argument("out", metavar="OUT", help="the run folder (holding fold0/, fold1/, ...)")
+    c.set_defaults(func=run_cv)
+
     e = subparsers.add_parser("doctor", help="report versions, devices and host limits, and what will hurt a run",
                               description="Report package versions, JAX's devices, CPUs, memory and /dev/shm, "
                               "and warn about what breaks or slows a run here (a jax/libtpu mismatch, JAX on "
@@ -159,7 +175,20 @@ def register(subparsers) -> None:
 
 # What a resumed run cannot change: the model it trains and the data order it sees.
 RESUME_FIXED = ("model", "backend", "pretrained", "checkpoint", "init", "head", "num_classes", "image_size",
-                "train", "val", "batch_size", "seed")
+                "train", "val", "batch_size", "seed", "folds", "fold_seed")
+
+
+def cv_folder(resume: str, saved: str) -> str:
+    """`--resume DIR`'s output folder: DIR, or for one fold's folder (DIR = OUT/fold{I}) the
+    cross-validation folder OUT it belongs to (a fold's config.json names its fold)."""
+    import json
+
+    with open(saved) as f:
+        values = json.load(f)
+    fold = values.get("fold")
+    if values.get("folds") and isinstance(fold, int) and os.path.basename(os.path.normpath(resume)) == f"fold{fold}":
+        return os.path.dirname(os.path.normpath(resume))
+    return resume
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -171,7 +200,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         saved = os.path.join(args.resume, "config.json")
         if not os.path.exists(saved):
             raise FileNotFoundError(f"--resume {args.resume}: {saved} not found")
-        config = TrainConfig.from_file(saved, **{**given, "out": args.resume})
+        config = TrainConfig.from_file(saved, **{**given, "out": cv_folder(args.resume, saved)})
         before = TrainConfig.from_file(saved)
         changed = [f"--{k.replace('_', '-')} {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in RESUME_FIXED
                    if k in given and getattr(config, k) != getattr(before, k)]
@@ -181,8 +210,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         return config
     if args.config:
         return TrainConfig.from_file(args.config, **given)
-    missing = [flag for flag, key in (("--train", "train"), ("--val", "val"), ("--num-classes", "num_classes"))
-               if key not in given]
+    needed = (("--train", "train"), ("--num-classes", "num_classes")) + (() if given.get("folds") else
+                                                                         (("--val", "val"),))
+    missing = [flag for flag, key in needed if key not in given]
     if missing:
         raise ValueError(f"train: missing {', '.join(missing)} (or give --config FILE)")
     return TrainConfig.from_dict(given)
@@ -208,8 +238,14 @@ def run_train(args: argparse.Namespace) -> int:
         return result.exit_status
     if result.reinitialized:
         print(f"re-initialised for {config.num_classes} classes: {', '.join(result.reinitialized)}")
-    print(f"best validation macro F1 {result.best_macro_f1:.4f}; "
-          f"training {result.images_per_sec:.1f} images/s")
+    if result.cv is not None:
+        if args.quiet:  # fit printed it otherwise
+            from torch2flax.train.cv import summary
+
+            print(summary(result.cv))
+    else:
+        print(f"best validation macro F1 {result.best_macro_f1:.4f}; "
+              f"training {result.images_per_sec:.1f} images/s")
     print(f"wrote to {os.path.abspath(result.out)}: " + ", ".join(os.path.relpath(f, result.out) for f in result.files))
     return result.exit_status  # 128 + the signal after a SIGTERM/SIGINT stop (train.preemption)
 
@@ -256,3 +292,13 @@ def run_doctor(args: argparse.Namespace) -> int:
     else:
         print(format_report(report))
     return 0  # warnings are advice, not failure: a notebook cell or a script goes on
+
+
+def run_cv(args: argparse.Namespace) -> int:
+    from torch2flax.train.cv import CV, OOF, summary, write_cv
+
+    report = write_cv(args.out)
+    print(summary(report))
+    written = [OOF] if report["done"] else []
+    print(f"wrote {', '.join(os.path.join(args.out, f) for f in [*written, CV])}")
+    return 0

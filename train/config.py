@@ -18,7 +18,7 @@ class TrainConfig:
     """Everything a training run needs; saved to `out/config.json` so a run can resume."""
 
     # data
-    train: str = ""
+    train: str | list[str] = ""  # glob(s); several are merged (e.g. Kaggle's train and val, for folds)
     val: str = ""
     num_classes: int = 0
     image_size: int = 224
@@ -62,6 +62,11 @@ class TrainConfig:
     time_limit: str | None = None  # e.g. "8h45m": stop with a checkpoint before this much time has passed
     keep_checkpoints: int = 2  # training checkpoints kept in out/checkpoints (the newest)
     async_checkpoints: bool = True  # write them in a background thread while training goes on
+    # cross-validation (train.cv): fold `fold` of `train` is the validation set; out/fold{I}/ per fold
+    folds: int = 0  # K; 0: `train` and `val` as given
+    fold: int | str = "all"  # 0..K-1, or "all": every fold in turn
+    fold_seed: int = 0  # folds depend only on (record id, label, folds, fold_seed)
+    tta: str | None = None  # test-time augmentation of the out-of-fold predictions: "hflip"
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "time_limit"):  # YAML reads `500` or `3600` as numbers
@@ -81,6 +86,7 @@ class TrainConfig:
         if self.num_classes == 1 or self.num_classes < 0:
             raise ValueError(f"config.num_classes={self.num_classes}: a classifier needs at least 2 classes "
                              "(softmax over one class gives a loss of 0 and learns nothing)")
+        self._check_folds()
         if self.keep_checkpoints < 1:
             raise ValueError(f"config.keep_checkpoints={self.keep_checkpoints}: must be >= 1 (a run resumes "
                              "from its newest checkpoint)")
@@ -96,6 +102,29 @@ class TrainConfig:
                     parse(getattr(self, name))
                 except ValueError as e:
                     raise ValueError(f"config.{name}={getattr(self, name)!r}: {e}") from None
+
+    def _check_folds(self) -> None:
+        if self.tta not in (None, "hflip"):
+            raise ValueError(f"config.tta={self.tta!r}: expected None or 'hflip'")
+        if isinstance(self.fold, str) and self.fold.strip().isdigit():
+            self.fold = int(self.fold)
+        if self.fold != "all" and (not isinstance(self.fold, int) or isinstance(self.fold, bool)):
+            raise ValueError(f"config.fold={self.fold!r}: expected 'all' or a fold number")
+        if not self.folds:
+            if self.fold != "all":
+                raise ValueError(f"config.fold={self.fold!r} needs config.folds (the number of folds K)")
+            return
+        if self.folds < 2:
+            raise ValueError(f"config.folds={self.folds}: k-fold cross-validation needs at least 2 folds")
+        if self.fold != "all" and not 0 <= self.fold < self.folds:
+            raise ValueError(f"config.fold={self.fold}: expected 'all' or 0..{self.folds - 1}")
+        if self.val:
+            raise ValueError(f"config.val={self.val!r} with config.folds={self.folds}: each fold of `train` is "
+                             "the validation set in turn; give every labelled glob to `train` (--train A B)")
+
+    def fold_numbers(self) -> list[int]:
+        """The folds this config runs (every one for "all")."""
+        return list(range(self.folds)) if self.fold == "all" else [int(self.fold)]
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -131,6 +160,8 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
     kinds = [k.strip() for k in annotation.split("|")]
     if value is None and "None" in kinds:
         return None
+    if "list[str]" in kinds and isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return list(value) if len(value) != 1 else value[0]
     if "str" in kinds and "int" in kinds:  # num_workers: "auto" or an int, checked by its own rule
         return value
     kind = next((k for k in kinds if k != "None"), "str")

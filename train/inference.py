@@ -51,11 +51,34 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     writes the files; every process returns the whole result.
     """
     distributed.initialize()
-    progress = progress and distributed.is_main()
     # Indexed once, before the model is loaded; the transform needs the checkpoint's image size.
     dataset = TFRecordDataset(test, features=TEST_FEATURES)
     if len(dataset) == 0:
         raise ValueError(f"{test}: the test set holds no records; nothing to predict")
+    ids, prob = predict_dataset(checkpoint, dataset, tta=tta, batch_size=batch_size, image_size=image_size,
+                                crop_pct=crop_pct, num_workers=num_workers, parallel=parallel,
+                                num_devices=num_devices, dtype=dtype, progress=progress, source=test)
+    labels = prob.argmax(-1)
+    files = [out] + ([probs] if probs else [])
+    if distributed.is_main():
+        artifacts.atomic_write(out, submission_csv(ids, labels))
+        if probs:
+            buf = io.BytesIO()
+            np.save(buf, prob)
+            artifacts.atomic_write(probs, buf.getvalue())
+    distributed.barrier("torch2flax: predictions written")
+    return PredictResult(ids=ids, labels=labels, probs=prob, files=[os.path.abspath(f) for f in files])
+
+
+def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | None = None, batch_size: int = 64,
+                    image_size: int | None = None, crop_pct: float | None = None,
+                    num_workers: int | str = "auto", parallel: str = "pmap", num_devices: int | None = None,
+                    dtype: str = "float32", progress: bool = True,
+                    source: str = "the dataset") -> tuple[np.ndarray, np.ndarray]:
+    """`(ids, probabilities)` of every record of `dataset`, in dataset order, from `checkpoint`
+    with its eval transform (the dataset's own transform is replaced). Multi-host: every process
+    calls it and gets every row."""
+    progress = progress and distributed.is_main()
     module, variables, saved = load_checkpoint(checkpoint)
     data = saved.data if saved is not None else None  # None: a plain model file
     size = image_size or (data.image_size if data else int(module.pretrained_cfg["input_size"][-1]))
@@ -83,16 +106,7 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
                                         "prob": np.concatenate(all_probs).astype(np.float32)})
     order = np.argsort(gathered["row"], kind="stable")  # file order
     ids, prob, rows = gathered["id"][order], gathered["prob"][order], gathered["row"][order]
-    labels = prob.argmax(-1)
     if not np.array_equal(rows, np.arange(len(dataset))):
-        raise RuntimeError(f"predicted {len(ids)} records ({len(np.unique(rows))} distinct) but {test} "
+        raise RuntimeError(f"predicted {len(ids)} records ({len(np.unique(rows))} distinct) but {source} "
                            f"holds {len(dataset)}")
-    files = [out] + ([probs] if probs else [])
-    if distributed.is_main():
-        artifacts.atomic_write(out, submission_csv(ids, labels))
-        if probs:
-            buf = io.BytesIO()
-            np.save(buf, prob)
-            artifacts.atomic_write(probs, buf.getvalue())
-    distributed.barrier("torch2flax: predictions written")
-    return PredictResult(ids=ids, labels=labels, probs=prob, files=[os.path.abspath(f) for f in files])
+    return ids, prob

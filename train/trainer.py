@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
 from torch2flax.loaders.loader import BAD_IMAGE, training_workers, usable_cpus, workers_for_cpus
-from torch2flax.train import artifacts, distributed
+from torch2flax.train import artifacts, cv, distributed
 from torch2flax.train.checkpoint import (
     CHECKPOINTS,
     DataSpec,
@@ -54,6 +54,8 @@ class FitResult:
     # Why the run ended before config.epochs: "SIGTERM", "SIGINT" or "time limit" (None: it did not).
     stopped: str | None = None
     exit_status: int = 0  # what the command line exits with (train.preemption.StopRequests)
+    cv: dict | None = None  # a cross-validation run's report (train.cv.cv_report)
+    folds: dict[int, FitResult] = field(default_factory=dict)  # its folds' results, those run in this call
 
 
 def init_model(config: TrainConfig) -> tuple[Any, Any, tuple[str, ...]]:
@@ -108,10 +110,32 @@ def loader_workers(config: TrainConfig) -> tuple[int, str]:
                             process_count=jax.process_count())
 
 
-def index_splits(config: TrainConfig) -> dict[str, TFRecordDataset]:
+@dataclass
+class Folds:
+    """The records a cross-validation run splits, and the fold of each (`train.cv`)."""
+
+    dataset: TFRecordDataset
+    assignment: np.ndarray
+
+    @classmethod
+    def index(cls, config: TrainConfig) -> Folds:
+        dataset = _dataset(config.train)
+        if len(dataset) == 0:
+            raise ValueError(f"the train split {config.train!r} holds no records (its files are empty)")
+        return cls(dataset, cv.fold_assignment(dataset, config.folds, config.fold_seed))
+
+    def split(self, fold: int) -> dict[str, TFRecordDataset]:
+        return {"train": self.dataset.subset(np.flatnonzero(self.assignment != fold)),
+                "val": self.dataset.subset(np.flatnonzero(self.assignment == fold))}
+
+
+def index_splits(config: TrainConfig, folds: Folds | None = None) -> dict[str, TFRecordDataset]:
     """The training and validation datasets, each indexed once, before any work starts (converting
     a model, a training epoch): an empty split is refused here. `build_loaders` gives them their
-    transforms once the model has said how to crop."""
+    transforms once the model has said how to crop. With `config.folds`, fold `config.fold` of
+    `config.train` is the validation set."""
+    if config.folds:
+        return (folds or Folds.index(config)).split(int(config.fold))
     datasets = {}
     for split in ("train", "val"):
         pattern = getattr(config, split)
@@ -181,14 +205,14 @@ class Run:
     position: tuple[int, int] = (0, 0)  # (epoch, batch) of the last checkpoint written
 
 
-def setup(config: TrainConfig, *, resume: bool) -> Run:
+def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None) -> Run:
     """Devices, model (fresh or resumed), loaders, optimiser, compiled steps.
 
     Multi-host: process 0 writes the files (every process takes part in an Orbax save, which
     writes from process 0); every process reads the checkpoint it resumes from, so `config.out`
     must be on a filesystem they share.
     """
-    datasets = index_splits(config)
+    datasets = index_splits(config, folds)
     num_workers, why = loader_workers(config)
     if distributed.is_main():
         # The run's first line: the worker count decides the input throughput on a big host.
@@ -236,6 +260,13 @@ def setup(config: TrainConfig, *, resume: bool) -> Run:
     run.state = par.replicate(run.state)
     if distributed.is_main():
         artifacts.atomic_write(paths["config.json"], dumps(config))
+    if not resume and distributed.is_main() and os.path.isdir(paths[CHECKPOINTS]):
+        # A new run in an old run's folder: its steps would stand beside (and above) this run's.
+        import shutil
+
+        shutil.rmtree(paths[CHECKPOINTS])
+        tqdm.write(f"new run in {config.out}: removed the earlier run's {paths[CHECKPOINTS]} (--resume continues a run)")
+    distributed.barrier("torch2flax: run folder ready")
     run.checkpoints = TrainingCheckpoints(paths[CHECKPOINTS], keep=config.keep_checkpoints,
                                           asynchronous=config.async_checkpoints,
                                           measure_write=config.time_limit is not None)
@@ -559,16 +590,84 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | N
     (Ctrl-C, a notebook's interrupt button) finish the current step, write a checkpoint and
     return (`FitResult.stopped` says why); a second SIGINT raises KeyboardInterrupt at once.
 
+    `config.folds = K`: k-fold cross-validation (`train.cv`): each fold of `config.fold` ("all":
+    0..K-1 in turn) trains in `config.out/fold{I}` with fold I of `config.train` as validation,
+    then writes its out-of-fold predictions; `config.out/oof.csv` and `cv.json` gather them.
+    With `resume`, finished folds are skipped and an unfinished one continues.
+
     Multi-host: every process calls `fit` with the same config (`distributed.initialize` first,
     or the `TORCH2FLAX_*` environment variables it reads); `config.batch_size` is the global
     batch; progress and files come from process 0; the processes stop at the same step.
     """
+    if config.folds:
+        return fit_folds(config, resume=resume, stop_after_epochs=stop_after_epochs, progress=progress)
+    return fit_run(config, resume=resume, stop_after_epochs=stop_after_epochs, progress=progress)
+
+
+def fit_folds(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
+              progress: bool = True) -> FitResult:
+    """`fit` for `config.folds` (see there)."""
+    distributed.initialize()
+    folds = Folds.index(config)
+    if distributed.is_main():
+        os.makedirs(config.out, exist_ok=True)
+        artifacts.atomic_write(os.path.join(config.out, "config.json"), dumps(config))
+        artifacts.atomic_write(os.path.join(config.out, cv.FOLDS), cv.folds_csv(
+            folds.dataset.column("id"), folds.dataset.column("class"), folds.assignment))
+    results: dict[int, FitResult] = {}
+    last: FitResult | None = None
+    for k in config.fold_numbers():
+        run_config = replace(config, fold=k, out=cv.fold_dir(config.out, k))
+        oof = os.path.join(run_config.out, cv.OOF)
+        if resume and os.path.exists(oof):
+            if distributed.is_main() and progress:
+                tqdm.write(f"fold {k}: finished earlier ({oof})")
+            continue
+        if distributed.is_main() and progress:
+            tqdm.write(f"fold {k} of {config.folds}: training in {run_config.out}")
+        last = results[k] = fit_run(run_config, resume=resume and resume_source(run_config.out) is not None,
+                                    stop_after_epochs=stop_after_epochs, progress=progress, folds=folds)
+        if last.stopped or not last.history or last.history[-1]["epoch"] < config.epochs - 1:
+            break  # stopped, or `stop_after_epochs` ended this call: no OOF rows from an unfinished fold
+        write_oof(run_config, folds, k, progress=progress)
+    report = cv.write_cv(config.out, config.folds) if distributed.is_main() else cv.cv_report(config.out, config.folds)
+    report.pop("_rows", None)
+    distributed.barrier("torch2flax: cv written")
+    if distributed.is_main() and progress:
+        tqdm.write(cv.summary(report))
+    files = [os.path.join(config.out, name) for name in ("config.json", cv.FOLDS, cv.OOF, cv.CV)]
+    return FitResult(out=config.out, best_macro_f1=report.get("oof_macro_f1", -math.inf), history=[],
+                     files=[f for f in files if os.path.exists(f)],
+                     images_per_sec=last.images_per_sec if last else 0.0,
+                     reinitialized=last.reinitialized if last else (), stopped=last.stopped if last else None,
+                     exit_status=last.exit_status if last else 0, cv=report, folds=results)
+
+
+def write_oof(config: TrainConfig, folds: Folds, fold: int, *, progress: bool) -> str:
+    """Fold `fold`'s held-out records predicted by its best checkpoint: `config.out/oof.csv`."""
+    from torch2flax.train.inference import predict_dataset
+
+    held_out = folds.split(fold)["val"]
+    labels = held_out.column("class")
+    ids, probs = predict_dataset(os.path.join(config.out, "best.msgpack"), held_out, tta=config.tta,
+                                 batch_size=config.batch_size, num_workers=config.num_workers,
+                                 parallel=config.parallel, num_devices=config.num_devices, dtype=config.dtype,
+                                 progress=progress, source=f"fold {fold}")
+    path = os.path.join(config.out, cv.OOF)
+    if distributed.is_main():
+        artifacts.atomic_write(path, cv.oof_csv(ids, fold, labels, probs))
+    return path
+
+
+def fit_run(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
+            progress: bool = True, folds: Folds | None = None) -> FitResult:
+    """One training run (`fit` without folds; one fold of a cross-validation run)."""
     distributed.initialize()
     progress = progress and distributed.is_main()
     with StopRequests() as stop:
         schedule = Schedule(Every.parse(config.checkpoint_every) if config.checkpoint_every else None,
                             parse_duration(config.time_limit) if config.time_limit else None)
-        run = setup(config, resume=resume)
+        run = setup(config, resume=resume, folds=folds)
         run.position = (run.start_epoch, run.start_batch)
         end = config.epochs if stop_after_epochs is None else min(config.epochs, run.start_epoch + stop_after_epochs)
         images_per_sec = 0.0

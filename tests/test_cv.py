@@ -1,0 +1,167 @@
+"""k-fold cross-validation (`train.cv`, `loaders.folds`): folds, out-of-fold rows, the CV score."""
+import csv
+import functools
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import remove_unless_failed, save_reduced_resnet18, write_flower_splits
+
+NUM_CLASSES = 4
+SIZE = 32
+
+
+def test_folds_are_disjoint_stratified_and_depend_only_on_id_label_and_seed():
+    from torch2flax.loaders import stratified_folds
+
+    rng = np.random.default_rng(0)
+    labels = rng.choice(5, size=211, p=[0.4, 0.3, 0.15, 0.1, 0.05])  # uneven classes
+    ids = [f"rec-{i:04d}" for i in range(len(labels))]
+    folds = stratified_folds(ids, labels, 4, seed=7)
+    assert set(np.unique(folds)) == {0, 1, 2, 3}  # each record in exactly one fold, every fold used
+    sizes = np.bincount(folds, minlength=4)
+    assert sizes.sum() == len(ids) and sizes.max() - sizes.min() <= 1
+    for c in range(5):
+        per_fold = np.bincount(folds[labels == c], minlength=4)
+        assert per_fold.max() - per_fold.min() <= 1, (c, per_fold)
+    # Another order (other files, another process's view): each record keeps its fold.
+    order = rng.permutation(len(ids))
+    again = stratified_folds([ids[i] for i in order], labels[order], 4, seed=7)
+    np.testing.assert_array_equal(again, folds[order])
+    np.testing.assert_array_equal(stratified_folds(ids, labels, 4, seed=7), folds)  # and on every call
+    assert (stratified_folds(ids, labels, 4, seed=8) != folds).mean() > 0.5  # the seed reshuffles
+    with pytest.raises(ValueError, match=r"id 'rec-0003' appears twice: records 3 \(a3\) and 9 \(a9\)"):
+        stratified_folds(ids[:9] + ["rec-0003"], labels[:10], 2, where=lambda i: f"a{i}")
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        stratified_folds(ids, labels, 1)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """Kaggle's two labelled splits (train and val), merged by giving both globs to `train`."""
+    root = tmp_path_factory.mktemp("cv")
+    sets, globs = write_flower_splits(root, train=72, val=36, test=8, num_classes=NUM_CLASSES, size=SIZE,
+                                      shards=(2, 1, 1))
+    ids = sets["train"].ids + sets["val"].ids
+    labels = sets["train"].labels + sets["val"].labels
+    return [globs["train"], globs["val"]], dict(zip(ids, labels)), root
+
+
+@functools.cache
+def _init(root) -> str:
+    """The reduced resnet18 every fit starts from, written on first use (the fast tier needs none)."""
+    return str(save_reduced_resnet18(root / "r18_l1111.msgpack", NUM_CLASSES))
+
+
+def _config(globs, root, out, **overrides):
+    """A 3-fold run of the reduced resnet18 (written under `root`; None: no model file, for splitting only)."""
+    from torch2flax.train import TrainConfig
+
+    init = _init(root) if root is not None else None
+    base = dict(train=globs, folds=3, num_classes=NUM_CLASSES, init=init, model="resnet18", image_size=SIZE,
+                crop_pct=1.0, scale_min=0.5, batch_size=16, epochs=1, lr=2e-3, warmup_epochs=0.5,
+                num_workers=0, num_devices=1, seed=0, out=str(out))
+    return TrainConfig(**{**base, **overrides})
+
+
+def test_each_process_splits_the_merged_files_the_same_way(labelled, monkeypatch):
+    """Fold I's validation ids for 1 and for 2 processes (each process indexes every file and
+    assigns folds itself) and for the same records as one file list or another."""
+    import jax
+
+    from torch2flax.train.trainer import index_splits
+
+    globs, labels, _ = labelled
+    init = None  # no model is needed to split
+    config = _config(globs, init, "unused", fold=1)
+    views = []
+    for index, count in ((0, 1), (0, 2), (1, 2)):
+        monkeypatch.setattr(jax, "process_index", lambda index=index: index)
+        monkeypatch.setattr(jax, "process_count", lambda count=count: count)
+        splits = index_splits(config)
+        views.append((splits["train"].column("id"), splits["val"].column("id")))
+    monkeypatch.undo()
+    reordered = index_splits(_config(list(reversed(globs)), init, "unused", fold=1))
+    assert all(v == views[0] for v in views[1:])
+    train_ids, val_ids = views[0]
+    assert sorted(reordered["val"].column("id")) == sorted(val_ids)
+    assert not set(train_ids) & set(val_ids) and len(train_ids) + len(val_ids) == len(labels) == 108
+    assert len(val_ids) == 36  # a third, stratified
+    with pytest.raises(ValueError, match="with config.folds=3: each fold of `train` is the validation set"):
+        _config(globs, init, "unused", val=globs[1])
+    with pytest.raises(ValueError, match=r"config.fold=3: expected 'all' or 0..2"):
+        _config(globs, init, "unused", fold="3")
+
+
+def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(labelled, tmp_path, request,
+                                                                                capsys):
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from torch2flax.cli import main
+    from torch2flax.train import fit
+
+    globs, labels, root = labelled
+    failed, out = request.session.testsfailed, tmp_path / "cv"
+    result = fit(_config(globs, root, out, tta="hflip"), progress=False)
+    assert sorted(result.folds) == [0, 1, 2] and result.cv["done"] == [0, 1, 2] and not result.cv["missing"]
+    with open(out / "folds.csv") as f:
+        assignment = {r["id"]: int(r["fold"]) for r in csv.DictReader(f)}
+    for k in range(3):
+        assert (out / f"fold{k}" / "best.msgpack").exists() and (out / f"fold{k}" / "metrics.csv").exists()
+        with open(out / f"fold{k}" / "oof.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert {r["id"] for r in rows} == {i for i, fold in assignment.items() if fold == k}
+        assert all(int(r["fold"]) == k for r in rows)
+    with open(out / "oof.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in rows) == sorted(labels)  # every training record exactly once
+    assert all(int(r["label"]) == labels[r["id"]] and int(r["fold"]) == assignment[r["id"]] for r in rows)
+    probs = np.array([[float(r[f"prob_{c}"]) for c in range(NUM_CLASSES)] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    y, pred = [int(r["label"]) for r in rows], [int(r["pred"]) for r in rows]
+    assert pred == list(probs.argmax(1))
+    report = json.loads((out / "cv.json").read_text())
+    assert report["oof_macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"), abs=1e-12)
+    assert report["oof_accuracy"] == pytest.approx(accuracy_score(y, pred), abs=1e-12)
+    assert result.best_macro_f1 == report["oof_macro_f1"]
+    for k in range(3):
+        mine = [i for i, r in enumerate(rows) if int(r["fold"]) == k]
+        assert report["per_fold"][str(k)]["macro_f1"] == pytest.approx(
+            f1_score([y[i] for i in mine], [pred[i] for i in mine], average="macro"), abs=1e-12)
+    assert report["fold_macro_f1_mean"] == pytest.approx(np.mean([report["per_fold"][k]["macro_f1"]
+                                                                  for k in "012"]), abs=1e-12)
+
+    # `torch2flax cv` recomputes from the folds that have finished and names the missing ones.
+    os.remove(out / "fold2" / "oof.csv")
+    assert main(["cv", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "cv: 2 of 3 folds" in printed and "missing: fold 2" in printed
+    partial = json.loads((out / "cv.json").read_text())
+    assert partial["missing"] == [2] and partial["records"] == sum(1 for r in rows if int(r["fold"]) < 2)
+    remove_unless_failed(request, out, failed)
+
+
+def test_a_fold_stopped_partway_resumes_from_its_own_folder(labelled, tmp_path):
+    """From the shell: `--train A B --folds 3 --fold 1` stopped after epoch 1 of 2 leaves fold 1 without
+    OOF rows; `--resume OUT/fold1` finishes that fold (same split) and writes them."""
+    from torch2flax.cli import main
+
+    globs, labels, root = labelled
+    out = tmp_path / "cv"
+    argv = ["train", "--train", *globs, "--folds", "3", "--fold", "1", "--init", _init(root), "--model", "resnet18",
+            "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0", "--batch-size", "16",
+            "--epochs", "2", "--num-workers", "0", "--num-devices", "1", "--out", str(out), "--quiet"]
+    assert main([*argv, "--stop-after-epochs", "1"]) == 0
+    assert os.listdir(out / "fold1" / "checkpoints") and not (out / "fold1" / "oof.csv").exists()
+    assert not (out / "fold0").exists()
+    assert main(["train", "--resume", str(out / "fold1"), "--quiet"]) == 0
+    with open(out / "fold1" / "metrics.csv") as f:
+        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+    with open(out / "folds.csv") as f:
+        held_out = {r["id"] for r in csv.DictReader(f) if r["fold"] == "1"}
+    with open(out / "fold1" / "oof.csv") as f:
+        assert {r["id"] for r in csv.DictReader(f)} == held_out
+    report = json.loads((out / "cv.json").read_text())
+    assert report["done"] == [1] and report["missing"] == [0, 2]
