@@ -145,20 +145,25 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
 
 def test_a_fold_stopped_partway_resumes_from_its_own_folder(labelled, tmp_path):
     """From the shell: `--train A B --folds 3 --fold 1` stopped after epoch 1 of 2 leaves fold 1 without
-    OOF rows; `--resume OUT/fold1` finishes that fold (same split) and writes them."""
+    OOF rows; `--resume OUT/fold1` finishes that fold (same split) and writes them. The fold trains
+    with MixUp and CutMix (`train.mix`, in the compiled step)."""
     from torch2flax.cli import main
 
     globs, labels, root = labelled
     out = tmp_path / "cv"
     argv = ["train", "--train", *globs, "--folds", "3", "--fold", "1", "--init", _init(root), "--model", "resnet18",
             "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0", "--batch-size", "16",
-            "--epochs", "2", "--num-workers", "0", "--num-devices", "1", "--out", str(out), "--quiet"]
+            "--epochs", "2", "--num-workers", "0", "--num-devices", "1", "--out", str(out), "--quiet",
+            "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.8"]
     assert main([*argv, "--stop-after-epochs", "1"]) == 0
     assert os.listdir(out / "fold1" / "checkpoints") and not (out / "fold1" / "oof.csv").exists()
     assert not (out / "fold0").exists()
     assert main(["train", "--resume", str(out / "fold1"), "--quiet"]) == 0
     with open(out / "fold1" / "metrics.csv") as f:
-        assert [int(r["epoch"]) for r in csv.DictReader(f)] == [0, 1]
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == [0, 1] and all(np.isfinite(float(r["train_loss"])) for r in rows)
+    saved = json.loads((out / "fold1" / "config.json").read_text())
+    assert (saved["mixup"], saved["cutmix"], saved["mix_prob"], saved["fold"]) == (0.2, 1.0, 0.8, 1)
     with open(out / "folds.csv") as f:
         held_out = {r["id"] for r in csv.DictReader(f) if r["fold"] == "1"}
     with open(out / "fold1" / "oof.csv") as f:

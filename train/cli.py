@@ -25,6 +25,10 @@ _HELP = {
     "sync_bn": "synchronise BatchNorm statistics across devices",
     "ema_decay": "EMA of parameters for evaluation (0 disables)",
     "accum_steps": "gradient accumulation steps per update",
+    "mixup": "MixUp: Beta(alpha, alpha) mixing of image pairs and their labels (0: off; timm uses 0.8)",
+    "cutmix": "CutMix: paste a box of the paired image, labels mixed by area (0: off; timm uses 1.0)",
+    "mix_prob": "chance a batch is mixed (MixUp/CutMix)",
+    "switch_prob": "with --mixup and --cutmix: chance of CutMix rather than MixUp",
     "checkpoint_every": "also checkpoint every N steps (500) or every period (10m), with the loader "
                         "position: --resume continues from that step exactly",
     "keep_checkpoints": "training checkpoints to keep in OUT/checkpoints/<step> (the newest)",

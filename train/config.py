@@ -50,6 +50,11 @@ class TrainConfig:
     grad_clip: float | None = 1.0
     accum_steps: int = 1
     ema_decay: float = 0.0  # 0 disables the EMA of parameters
+    # MixUp / CutMix (train.mix, timm's semantics), in the compiled step; validation is never mixed
+    mixup: float = 0.0  # Beta alpha; 0: off (timm's recipes: 0.8, or 0.2 for small models)
+    cutmix: float = 0.0  # Beta alpha; 0: off (timm's recipes: 1.0)
+    mix_prob: float = 1.0  # chance a batch is mixed
+    switch_prob: float = 0.5  # with both on: chance of CutMix rather than MixUp
     # execution
     dtype: str = "float32"  # float32 | bfloat16 (compute dtype; parameters stay float32)
     parallel: str = "pmap"  # pmap | jit
@@ -92,6 +97,12 @@ class TrainConfig:
                              "from its newest checkpoint)")
         if self.accum_steps < 1:
             raise ValueError(f"config.accum_steps={self.accum_steps}: must be >= 1")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"config.{name}={getattr(self, name)}: a Beta alpha, >= 0 (0: off)")
+        for name in ("mix_prob", "switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"config.{name}={getattr(self, name)}: a probability, in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"config.ema_decay={self.ema_decay}: must be in [0, 1)")
         from torch2flax.train.preemption import Every, parse_duration

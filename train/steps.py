@@ -14,6 +14,7 @@ from jax import lax
 
 from torch2flax.loaders import normalize_on_device
 from torch2flax.train.metrics import confusion_matrix
+from torch2flax.train.mix import MixSpec, mix_batch
 from torch2flax.train.state import TrainState
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -30,6 +31,8 @@ class StepSpec:
     dtype: Any
     label_smoothing: float
     ema_decay: float
+    mix: MixSpec = MixSpec()
+    groups: int = 1  # devices a `jit` batch spans (MixUp/CutMix pair within each device's slice)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smoothing: float) -> jax.Array:
@@ -37,26 +40,40 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int, smooth
     return optax.softmax_cross_entropy(logits, targets)
 
 
+# The MixUp/CutMix draws' stream, apart from dropout's (both derive from the step's key).
+_MIX_STREAM = 0x6D6978
+
+
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, module: nn.Module, mean, std,
                num_classes: int, label_smoothing: float, dtype: Any, ema_decay: float,
-               axis_name: str | None) -> tuple[TrainState, dict[str, jax.Array]]:
+               axis_name: str | None, mix: MixSpec | None = None,
+               groups: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimisation step on a (per-device or global) batch of uint8 images.
 
     BatchNorm synchronisation is the module's business (`module.axis_name`); without it,
-    per-device statistics are averaged here so that replicas never drift apart.
+    per-device statistics are averaged here so that replicas never drift apart. With `mix`
+    on, the batch is mixed here (`train.mix`) and the loss is taken on the soft targets;
+    the training accuracy still counts the original labels.
     """
     images = normalize_on_device(batch["image"], mean, std, dtype)
     labels = batch["label"]
-    rng = jax.random.fold_in(state.dropout_rng, state.step)
+    step_rng = jax.random.fold_in(state.dropout_rng, state.step)
+    rng = step_rng
     if axis_name is not None:
         rng = jax.random.fold_in(rng, lax.axis_index(axis_name))
+    targets = None
+    if mix is not None and mix.enabled:
+        device = lax.axis_index(axis_name) if axis_name is not None else 0
+        images, targets = mix_batch(jax.random.fold_in(step_rng, _MIX_STREAM), images, labels, num_classes,
+                                    label_smoothing, mix, groups=groups, first_group=device)
 
     def loss_fn(params):
         logits, updates = module.apply(
             {"params": params, "batch_stats": state.batch_stats}, images, train=True,
             mutable=["batch_stats"], rngs={"dropout": rng})
         logits = logits.astype(jnp.float32)
-        loss = cross_entropy(logits, labels, num_classes, label_smoothing).mean()
+        loss = (cross_entropy(logits, labels, num_classes, label_smoothing) if targets is None
+                else optax.softmax_cross_entropy(logits, targets)).mean()
         return loss, (logits, updates.get("batch_stats", {}))  # models without BatchNorm have none
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

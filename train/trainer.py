@@ -29,6 +29,7 @@ from torch2flax.train.checkpoint import (
 )
 from torch2flax.train.config import TrainConfig, dumps
 from torch2flax.train.metrics import accuracy, macro_f1
+from torch2flax.train.mix import MixSpec
 from torch2flax.train.parallel import AXIS, Parallel, select_devices
 from torch2flax.train.preemption import Every, Schedule, StopRequests, parse_duration
 from torch2flax.train.state import create_train_state, learning_rate, make_optimizer
@@ -176,7 +177,8 @@ def compiled_steps(par_key: tuple, spec: StepSpec) -> tuple[Callable, Callable]:
     step_args = dict(module=spec.module, mean=spec.mean, std=spec.std, num_classes=spec.num_classes,
                      dtype=spec.dtype, axis_name=par.axis_name)
     p_train = par.compile(functools.partial(train_step, label_smoothing=spec.label_smoothing,
-                                            ema_decay=spec.ema_decay, **step_args), donate_state=True)
+                                            ema_decay=spec.ema_decay, mix=spec.mix, groups=spec.groups,
+                                            **step_args), donate_state=True)
     return p_train, par.compile(functools.partial(eval_step, **step_args))
 
 
@@ -277,8 +279,10 @@ def _steps(config: TrainConfig, par: Parallel, module: Any) -> tuple[Callable, C
     dtype = COMPUTE_DTYPES[config.dtype]
     sync = AXIS if (par.layout == "pmap" and config.sync_bn) else None
     cfg = module.pretrained_cfg
+    mix = MixSpec(config.mixup, config.cutmix, config.mix_prob, config.switch_prob)
     spec = StepSpec(module.clone(dtype=dtype, axis_name=sync), tuple(cfg["mean"]), tuple(cfg["std"]),
-                    config.num_classes, dtype, config.label_smoothing, config.ema_decay)
+                    config.num_classes, dtype, config.label_smoothing, config.ema_decay, mix,
+                    groups=len(par.global_devices) if par.layout == "jit" else 1)
     return compiled_steps((par.layout, tuple(par.devices)), spec)
 
 
