@@ -5,8 +5,8 @@ Per batch: with probability `prob` the batch is mixed, by CutMix with probabilit
 when both are on (else MixUp), with lam ~ Beta(alpha, alpha); each image is paired with the
 batch's reversed order (timm's `x.flip(0)`). MixUp blends the pair, lam x image + (1 - lam) x
 partner; CutMix pastes a box of the partner covering about 1 - lam of the image (a centre drawn
-uniformly, sides sqrt(1 - lam) x the image's, clipped) and then sets lam to the area actually
-kept. Targets are lam x smoothed one-hot(label) + (1 - lam) x smoothed one-hot(partner's label),
+uniformly, sides floor(sqrt(1 - lam) x the image's), clipped, as timm 1.0.31 draws it; timm
+1.0.12's box was one pixel shorter on odd sides) and then sets lam to the area actually kept. Targets are lam x smoothed one-hot(label) + (1 - lam) x smoothed one-hot(partner's label),
 label smoothing applied before mixing as timm does. Validation is never mixed.
 
 Drawn on the device from the step's key (no host work, no extra transfer). With several
