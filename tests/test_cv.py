@@ -133,6 +133,27 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
     assert report["fold_macro_f1_mean"] == pytest.approx(np.mean([report["per_fold"][k]["macro_f1"]
                                                                   for k in "012"]), abs=1e-12)
 
+    # Ensembles: a CV folder predicts with every fold's best checkpoint, sharing its weight; the
+    # OOF rows of several runs, weighted, give the ensemble's CV score before submitting.
+    from torch2flax.train.cv import ensemble_report
+    from torch2flax.train.inference import ensemble_members
+
+    members = ensemble_members([str(out), str(out / "fold1")], weights=[3, 1])
+    assert members == [(str(out / f"fold{k}" / "best.msgpack"), w) for k, w in ((0, 0.25), (1, 0.25), (2, 0.25))] + [
+        (str(out / "fold1" / "best.msgpack"), 0.25)]
+    other = tmp_path / "other_oof.csv"
+    from torch2flax.train.cv import oof_csv
+
+    shuffled = np.random.default_rng(0).dirichlet(np.ones(NUM_CLASSES), size=len(rows))
+    order = np.random.default_rng(1).permutation(len(rows))  # rows matched by id, not position
+    other.write_text(oof_csv([rows[i]["id"] for i in order], [int(rows[i]["fold"]) for i in order],
+                             [y[i] for i in order], shuffled[order]))
+    assert main(["cv", str(out), str(other), "--weights", "2", "1"]) == 0
+    mixed = (2 * probs + shuffled) / 3
+    want = f1_score(y, mixed.argmax(1), average="macro")
+    assert ensemble_report([str(out), str(other)], [2, 1])["oof_macro_f1"] == pytest.approx(want, abs=1e-12)
+    assert f"ensemble of 2: OOF macro F1 {want:.4f}" in capsys.readouterr().out
+
     # `torch2flax cv` recomputes from the folds that have finished and names the missing ones.
     os.remove(out / "fold2" / "oof.csv")
     assert main(["cv", str(out)]) == 0

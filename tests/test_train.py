@@ -314,6 +314,40 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference, tmp_path, capsys):
+    """`predict --checkpoint A B --weights 3 1`: the trained reduced resnet18 (native, 32 px) and
+    timm's test_efficientnet (exported graph, 48 px); each member predicts with its own eval
+    transform and size, and the probabilities are the weighted mean of the members' probs.npy."""
+    import torch
+
+    import torch2flax
+    from torch2flax.cli import main
+    from torch2flax.train import predict
+    from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, save_checkpoint
+
+    sets, globs = flowers
+    ref_result, _ = reference
+    best = os.path.join(ref_result.out, "best.msgpack")
+    torch.manual_seed(0)
+    module, variables = torch2flax.convert("test_efficientnet", num_classes=NUM_CLASSES)
+    assert type(module).__name__ == "ExportedModel"
+    effnet = str(tmp_path / "effnet48.msgpack")
+    save_checkpoint(effnet, module, variables, TrainCheckpoint(epoch=0, data=DataSpec(48, 1.0)))
+    common = dict(batch_size=16, num_workers=0, progress=False)
+    for name, ckpt in (("a", best), ("b", effnet)):
+        predict(ckpt, globs["test"], str(tmp_path / f"{name}.csv"), probs=str(tmp_path / f"{name}.npy"), **common)
+    assert main(["predict", "--checkpoint", best, effnet, "--weights", "3", "1", "--test", globs["test"],
+                 "--out", str(tmp_path / "ens.csv"), "--probs", str(tmp_path / "ens.npy"), "--batch-size", "16",
+                 "--num-workers", "0", "--quiet"]) == 0
+    a, b, ens = (np.load(tmp_path / f"{n}.npy") for n in ("a", "b", "ens"))
+    assert not np.allclose(a, b, atol=1e-2)  # two different models
+    np.testing.assert_allclose(ens, 0.75 * a + 0.25 * b, rtol=0, atol=1e-6)
+    with open(tmp_path / "ens.csv") as f:
+        rows = list(csv.reader(f))
+    assert [r[0] for r in rows[1:]] == sets["test"].ids and [int(r[1]) for r in rows[1:]] == list(ens.argmax(1))
+    assert f"predicted {len(sets['test'].ids)} records" in capsys.readouterr().out
+
+
 class _Sleepy:
     """A user augmentation that costs `seconds` per image: the input pipeline becomes the bottleneck."""
 

@@ -118,7 +118,11 @@ def register(subparsers) -> None:
     p.set_defaults(func=run_train)
 
     q = subparsers.add_parser("predict", help="predict a test split and write submission.csv")
-    q.add_argument("--checkpoint", required=True, help="a .msgpack written by `torch2flax train`")
+    q.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
+                   help="a .msgpack written by `torch2flax train`, a run folder (its best.msgpack) or a "
+                   "cross-validation folder (every fold's); several make an ensemble (probabilities averaged)")
+    q.add_argument("--weights", nargs="+", type=float, metavar="W",
+                   help="one weight per --checkpoint (default equal; a CV folder's folds share its weight)")
     q.add_argument("--test", required=True, help="glob of test TFRecord files")
     q.add_argument("--out", default="submission.csv", help="CSV to write (id,label)")
     q.add_argument("--tta", choices=("hflip",), default=None, help="test-time augmentation")
@@ -163,7 +167,10 @@ def register(subparsers) -> None:
                               description="Gather the out-of-fold predictions of the finished folds of a "
                               "`train --folds K` run into OUT/oof.csv and OUT/cv.json (macro F1 and accuracy "
                               "over all OOF rows, per fold, mean and std) and name the folds still missing.")
-    c.add_argument("out", metavar="OUT", help="the run folder (holding fold0/, fold1/, ...)")
+    c.add_argument("out", metavar="OUT", nargs="+",
+                   help="the run folder (holding fold0/, fold1/, ...); several: the CV score of their weighted "
+                   "ensemble (out-of-fold probabilities averaged), to choose weights before submitting")
+    c.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per OUT (default equal)")
     c.set_defaults(func=run_cv)
 
     e = subparsers.add_parser("doctor", help="report versions, devices and host limits, and what will hurt a run",
@@ -258,7 +265,7 @@ def run_predict(args: argparse.Namespace) -> int:
     main_process = _start_distributed(args)
     from torch2flax.train.inference import predict
 
-    result = predict(args.checkpoint, args.test, args.out, tta=args.tta, probs=args.probs,
+    result = predict(args.checkpoint, args.test, args.out, tta=args.tta, probs=args.probs, weights=args.weights,
                      batch_size=args.batch_size, image_size=args.image_size,
                      num_workers=args.num_workers, parallel=args.parallel, dtype=args.dtype,
                      progress=not args.quiet)
@@ -299,10 +306,19 @@ def run_doctor(args: argparse.Namespace) -> int:
 
 
 def run_cv(args: argparse.Namespace) -> int:
-    from torch2flax.train.cv import CV, OOF, summary, write_cv
+    from torch2flax.train.cv import CV, OOF, ensemble_report, summary, write_cv
 
-    report = write_cv(args.out)
+    if len(args.out) > 1 or args.weights:
+        report = ensemble_report(args.out, args.weights)
+        for m in report["members"]:
+            print(f"  {m['oof']} (weight {m['weight']:.3f}): OOF macro F1 {m['macro_f1']:.4f}, "
+                  f"accuracy {m['accuracy']:.4f}")
+        print(f"ensemble of {len(args.out)}: OOF macro F1 {report['oof_macro_f1']:.4f}, accuracy "
+              f"{report['oof_accuracy']:.4f} over {report['records']} records")
+        return 0
+    (out,) = args.out
+    report = write_cv(out)
     print(summary(report))
     written = [OOF] if report["done"] else []
-    print(f"wrote {', '.join(os.path.join(args.out, f) for f in [*written, CV])}")
+    print(f"wrote {', '.join(os.path.join(out, f) for f in [*written, CV])}")
     return 0

@@ -13,6 +13,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -135,3 +136,44 @@ def summary(report: dict[str, Any]) -> str:
         lines.append(f"  missing: fold {', '.join(map(str, missing))} (train them: torch2flax train "
                      "--resume OUT --fold I, or --fold all)")
     return "\n".join(lines)
+
+
+def ensemble_weights(weights: Sequence[float] | None, count: int, what: str) -> list[float]:
+    """One non-negative weight per member (default equal), normalised to sum to 1."""
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count:
+        raise ValueError(f"{len(weights)} weights for {count} {what}s: give one weight per {what}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"weights {weights}: need non-negative weights with a positive sum")
+    return [w / sum(weights) for w in weights]
+
+
+def ensemble_report(outs: list[str], weights: list[float] | None = None) -> dict[str, Any]:
+    """The CV score of a weighted mean of several runs' out-of-fold probabilities (each `out` a
+    cross-validation folder with its `oof.csv`, or an oof.csv itself): choose ensemble weights on
+    OOF rows before submitting. Rows are matched by id; every run must hold the same ids."""
+    weights = ensemble_weights(weights, len(outs), "run")
+    runs = []
+    for out in outs:
+        path = out if os.path.isfile(out) else os.path.join(out, OOF)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} not found (run `torch2flax cv {out}` once its folds have finished)")
+        runs.append((path, read_oof(path)))
+    first_path, first = runs[0]
+    order = np.argsort(first["id"])
+    mixed = np.zeros_like(first["probs"])
+    for (path, run), w in zip(runs, weights):
+        if sorted(run["id"]) != sorted(first["id"]):
+            raise ValueError(f"{path} and {first_path} hold different ids: an ensemble's OOF rows must cover "
+                             "the same records")
+        if run["probs"].shape[1] != first["probs"].shape[1]:
+            raise ValueError(f"{path}: {run['probs'].shape[1]} classes, {first_path}: {first['probs'].shape[1]}")
+        by_id = np.argsort(run["id"])
+        if not np.array_equal(run["label"][by_id], first["label"][order]):
+            raise ValueError(f"{path} and {first_path} give some ids different labels")
+        mixed[order] += w * run["probs"][by_id]
+    result = scores(first["label"], mixed.argmax(1), mixed.shape[1])
+    members = [{"oof": path, "weight": w, **{k: v for k, v in scores(
+        run["label"], run["pred"], mixed.shape[1]).items() if k != "count"}} for (path, run), w in zip(runs, weights)]
+    return {"oof_macro_f1": result["macro_f1"], "oof_accuracy": result["accuracy"], "records": result["count"],
+            "members": members, "_probs": mixed, "_ids": first["id"]}

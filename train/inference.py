@@ -5,7 +5,9 @@ import csv
 import functools
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import jax
 import numpy as np
@@ -14,6 +16,7 @@ from tqdm.auto import tqdm
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import load_checkpoint
+from torch2flax.train.cv import ensemble_weights
 from torch2flax.train.parallel import Parallel, select_devices
 from torch2flax.train.steps import COMPUTE_DTYPES, predict_step
 
@@ -37,14 +40,47 @@ def submission_csv(ids: np.ndarray, labels: np.ndarray) -> str:
     return buf.getvalue()
 
 
-def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str | None = None,
+def ensemble_members(sources: str | Sequence[str], weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
+    """`(checkpoint, weight)` of every member: a `.msgpack` is one; a run folder is its
+    `best.msgpack`; a cross-validation folder is every finished fold's `best.msgpack`, sharing its
+    weight equally. Weights default to 1 each and are normalised to sum to 1."""
+    sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
+    weights = ensemble_weights(weights, len(sources), "checkpoint")
+    members = []
+    for source, weight in zip(sources, weights):
+        source = os.fspath(source)
+        if not os.path.exists(source):
+            raise FileNotFoundError(f"no checkpoint at {source!r}")
+        if os.path.isfile(source):
+            found = [source]
+        elif os.path.isfile(os.path.join(source, "best.msgpack")):
+            found = [os.path.join(source, "best.msgpack")]
+        else:
+            folds = sorted((n for n in os.listdir(source) if n.startswith("fold") and n[4:].isdigit()),
+                           key=lambda n: int(n[4:])) if os.path.isdir(source) else []
+            found = [os.path.join(source, n, "best.msgpack") for n in folds
+                     if os.path.isfile(os.path.join(source, n, "best.msgpack"))]
+            if not found:
+                raise FileNotFoundError(f"{source}: not a checkpoint, a run folder with best.msgpack, or a "
+                                        "cross-validation folder with fold*/best.msgpack")
+        members += [(path, weight / len(found)) for path in found]
+    total = sum(w for _, w in members)
+    return [(path, w / total) for path, w in members]
+
+
+def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.csv", *, tta: str | None = None,
             probs: str | None = None, batch_size: int = 64, image_size: int | None = None,
             crop_pct: float | None = None, num_workers: int | str = "auto", parallel: str = "pmap",
-            num_devices: int | None = None, dtype: str = "float32",
+            num_devices: int | None = None, dtype: str = "float32", weights: Sequence[float] | None = None,
             progress: bool = True) -> PredictResult:
     """Predict every record of `test` (in file order) and write `id,label` to `out`.
 
     Image size and centre crop default to what the checkpoint was validated with.
+
+    Several checkpoints (or run folders, or cross-validation folders: see `ensemble_members`)
+    make an ensemble: each member predicts with its own eval transform and image size (and
+    `tta`), and the probabilities are averaged with `weights` (default equal), so backbones,
+    backends and image sizes mix.
 
     Multi-host: every process runs `predict` with the same arguments (`batch_size` is the
     global batch) and predicts its slice of each batch; process 0 gathers the rows and
@@ -55,9 +91,15 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
     dataset = TFRecordDataset(test, features=TEST_FEATURES)
     if len(dataset) == 0:
         raise ValueError(f"{test}: the test set holds no records; nothing to predict")
-    ids, prob = predict_dataset(checkpoint, dataset, tta=tta, batch_size=batch_size, image_size=image_size,
-                                crop_pct=crop_pct, num_workers=num_workers, parallel=parallel,
-                                num_devices=num_devices, dtype=dtype, progress=progress, source=test)
+    ids, prob = None, 0.0
+    for member, weight in ensemble_members(checkpoint, weights):
+        member_ids, member_prob = predict_dataset(
+            member, dataset, tta=tta, batch_size=batch_size, image_size=image_size, crop_pct=crop_pct,
+            num_workers=num_workers, parallel=parallel, num_devices=num_devices, dtype=dtype, progress=progress,
+            source=test)
+        ids = member_ids if ids is None else ids
+        prob = prob + weight * member_prob.astype(np.float64)
+    prob = np.asarray(prob, dtype=np.float32)
     labels = prob.argmax(-1)
     files = [out] + ([probs] if probs else [])
     if distributed.is_main():
@@ -68,6 +110,14 @@ def predict(checkpoint: str, test: str, out: str = "submission.csv", *, tta: str
             artifacts.atomic_write(probs, buf.getvalue())
     distributed.barrier("torch2flax: predictions written")
     return PredictResult(ids=ids, labels=labels, probs=prob, files=[os.path.abspath(f) for f in files])
+
+
+@functools.lru_cache(maxsize=8)
+def predict_program(par_key: tuple, module: Any, mean: tuple, std: tuple, dtype: str, tta: str | None) -> Any:
+    """The compiled prediction step, memoised like the training steps: an ensemble member
+    predicted again, or `predict` run twice in a notebook, is not traced and compiled again."""
+    return Parallel(*par_key).compile(functools.partial(
+        predict_step, module=module, mean=mean, std=std, dtype=COMPUTE_DTYPES[dtype], tta=tta))
 
 
 def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | None = None, batch_size: int = 64,
@@ -88,9 +138,8 @@ def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | Non
     loader = make_loader(dataset, batch_size, train=False, num_devices=len(par.devices),
                          num_workers=num_workers)  # this process's slices (make_loader asks jax)
     cfg = module.pretrained_cfg
-    step = par.compile(functools.partial(
-        predict_step, module=module.clone(dtype=COMPUTE_DTYPES[dtype]), mean=tuple(cfg["mean"]),
-        std=tuple(cfg["std"]), dtype=COMPUTE_DTYPES[dtype], tta=tta))
+    step = predict_program((par.layout, tuple(par.devices)), module.clone(dtype=COMPUTE_DTYPES[dtype]),
+                           tuple(cfg["mean"]), tuple(cfg["std"]), dtype, tta)
     variables = par.replicate(variables)
     all_ids, all_probs, all_rows = [], [], []
     local = loader.local_batch_size
