@@ -33,6 +33,7 @@ __all__ = [
     "RecordTransform",
     "eval_transform",
     "find_augmenters",
+    "load_augment",
     "reseed_augmenters",
     "sample_seed",
     "seed_global_rngs",
@@ -66,6 +67,63 @@ def _size_hw(size: int | Sequence[int]) -> tuple[int, int]:
     return int(h), int(w)
 
 
+def _kaggle(interpolation: int) -> list[A.BasicTransform]:
+    """The usual Kaggle image-competition set: shift-scale-rotate, brightness/contrast,
+    hue/saturation, a blur, coarse dropout (each applied with its own probability)."""
+    return [
+        A.Affine(translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15),
+                 interpolation=interpolation, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+        A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5),
+        A.HueSaturationValue(hue_shift_limit=10, sat_shift_limit=20, val_shift_limit=10, p=0.5),
+        A.OneOf([A.GaussianBlur(blur_limit=(3, 5)), A.MotionBlur(blur_limit=(3, 5)), A.MedianBlur(blur_limit=3)],
+                p=0.2),
+        A.CoarseDropout(num_holes_range=(1, 8), hole_height_range=(0.05, 0.125), hole_width_range=(0.05, 0.125),
+                        p=0.5),
+    ]
+
+
+def _trivialaugment(interpolation: int) -> list[A.BasicTransform]:
+    """TrivialAugment Wide (Mueller & Hutter, 2021; torchvision's `TrivialAugmentWide` ranges) in
+    albumentations: one op per image, chosen uniformly, at a strength drawn uniformly from its range
+    (`A.OneOf` picks uniformly among ops of equal p; each op samples its own magnitude)."""
+    geometric = dict(interpolation=interpolation, border_mode=cv2.BORDER_CONSTANT, fill=128, p=1.0)
+    return [A.OneOf([
+        A.NoOp(p=1.0),
+        A.Affine(shear={"x": (-44.7, 44.7), "y": (0, 0)}, **geometric),  # shear factor 0.99 = atan 44.7 deg
+        A.Affine(shear={"x": (0, 0), "y": (-44.7, 44.7)}, **geometric),
+        A.Affine(translate_percent={"x": (-0.14, 0.14), "y": (0, 0)}, **geometric),  # 32 px at 224
+        A.Affine(translate_percent={"x": (0, 0), "y": (-0.14, 0.14)}, **geometric),
+        A.Affine(rotate=(-135, 135), **geometric),
+        A.ColorJitter(brightness=(0.01, 1.99), contrast=0, saturation=0, hue=0, p=1.0),
+        A.ColorJitter(brightness=0, contrast=(0.01, 1.99), saturation=0, hue=0, p=1.0),
+        A.ColorJitter(brightness=0, contrast=0, saturation=(0.01, 1.99), hue=0, p=1.0),
+        A.Sharpen(alpha=(0.0, 0.99), lightness=(1.0, 1.0), p=1.0),
+        A.Posterize(num_bits=(2, 8), p=1.0),
+        A.Solarize(threshold_range=(0.0, 1.0), p=1.0),
+        A.AutoContrast(p=1.0),
+        A.Equalize(p=1.0),
+    ], p=1.0)]
+
+
+# Named augmentation recipes, appended after the crop and flips (`train_transform(recipe=...)`).
+RECIPES = {"kaggle": _kaggle, "trivialaugment": _trivialaugment}
+
+
+def load_augment(path: str) -> A.Compose:
+    """An albumentations pipeline saved with `A.save` (YAML by its extension, else JSON)."""
+    data_format = "yaml" if str(path).endswith((".yaml", ".yml")) else "json"
+    try:
+        pipeline = A.load(path, data_format=data_format)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"augment file not found: {path!r}") from None
+    except Exception as e:  # albumentations raises what its parser raises
+        raise ValueError(f"{path}: not an albumentations pipeline saved with A.save "
+                         f"({data_format}): {type(e).__name__}: {e}") from e
+    if not isinstance(pipeline, A.BaseCompose):
+        raise ValueError(f"{path}: holds a single {type(pipeline).__name__}, not a Compose (save A.Compose([...]))")
+    return pipeline
+
+
 def train_transform(
     size: int | Sequence[int],
     *,
@@ -77,6 +135,7 @@ def train_transform(
     rotate: float = 0.0,
     erase_prob: float = 0.0,
     interpolation: str = "bilinear",
+    recipe: str | None = None,
 ) -> A.Compose:
     """timm-style training augmentation: RandomResizedCrop, flips and the usual Kaggle extras.
 
@@ -88,7 +147,12 @@ def train_transform(
       rotate: maximum rotation in degrees (0 disables), applied after the crop.
       erase_prob: probability of random erasing (torchvision/timm RandomErasing).
       interpolation: one of `INTERPOLATIONS`.
+      recipe: a named set appended after the rest (`RECIPES`): "kaggle" (shift-scale-rotate,
+        brightness/contrast, hue/saturation, blur, coarse dropout) or "trivialaugment".
     """
+    if recipe is not None and recipe not in RECIPES:
+        raise ValueError(f"unknown augmentation recipe {recipe!r}; choose one of {sorted(RECIPES)} "
+                         "or pass an albumentations file saved with A.save")
     transforms: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=_size_hw(size), scale=scale, ratio=ratio, interpolation=_interpolation(interpolation)
@@ -110,6 +174,8 @@ def train_transform(
         )
     if erase_prob:
         transforms.append(A.Erasing(p=erase_prob))
+    if recipe is not None:
+        transforms += RECIPES[recipe](_interpolation(interpolation))
     return A.Compose(transforms)
 
 

@@ -167,12 +167,17 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
 def test_a_fold_stopped_partway_resumes_from_its_own_folder(labelled, tmp_path):
     """From the shell: `--train A B --folds 3 --fold 1` stopped after epoch 1 of 2 leaves fold 1 without
     OOF rows; `--resume OUT/fold1` finishes that fold (same split) and writes them. The fold trains
-    with MixUp and CutMix (`train.mix`, in the compiled step)."""
+    with MixUp and CutMix (`train.mix`, in the compiled step) and an albumentations pipeline file."""
+    import albumentations as A
+
     from torch2flax.cli import main
 
     globs, labels, root = labelled
     out = tmp_path / "cv"
-    argv = ["train", "--train", *globs, "--folds", "3", "--fold", "1", "--init", _init(root), "--model", "resnet18",
+    augment = tmp_path / "my_aug.yaml"
+    A.save(A.Compose([A.RandomResizedCrop((SIZE, SIZE), scale=(0.5, 1.0)), A.HorizontalFlip(),
+                      A.CoarseDropout(p=0.5)]), str(augment), data_format="yaml")
+    argv = ["train", "--train", *globs, "--augment", str(augment), "--folds", "3", "--fold", "1", "--init", _init(root), "--model", "resnet18",
             "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0", "--batch-size", "16",
             "--epochs", "2", "--num-workers", "0", "--num-devices", "1", "--out", str(out), "--quiet",
             "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.8"]
@@ -185,6 +190,8 @@ def test_a_fold_stopped_partway_resumes_from_its_own_folder(labelled, tmp_path):
     assert [int(r["epoch"]) for r in rows] == [0, 1] and all(np.isfinite(float(r["train_loss"])) for r in rows)
     saved = json.loads((out / "fold1" / "config.json").read_text())
     assert (saved["mixup"], saved["cutmix"], saved["mix_prob"], saved["fold"]) == (0.2, 1.0, 0.8, 1)
+    assert saved["augment"] == str(augment)  # recorded, and copied beside it: a resume trains with the copy
+    assert (out / "fold1" / "augment.yaml").read_text() == augment.read_text()
     with open(out / "folds.csv") as f:
         held_out = {r["id"] for r in csv.DictReader(f) if r["fold"] == "1"}
     with open(out / "fold1" / "oof.csv") as f:

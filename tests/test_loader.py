@@ -131,6 +131,35 @@ def test_epochs_and_seeds_differ(train_runs):
         assert all(not np.array_equal(img_a[pos_a[k]], img_b[pos_b[k]]) for k in common)
 
 
+@pytest.mark.parametrize("augment", ["kaggle", "trivialaugment", "file"])
+def test_recipes_and_saved_pipelines_give_the_same_batches_for_any_worker_count(flowers, augment, tmp_path):
+    """The named recipes and a pipeline saved with `A.save` (YAML) are reseeded per sample like the
+    default augmentation: 2 workers and the main process give the same batches; the extra ops
+    really change pixels against the plain crop and flip."""
+    import albumentations as A
+
+    from torch2flax.loaders import make_loader, train_transform
+    from torch2flax.loaders.transforms import load_augment
+
+    if augment == "file":
+        path = tmp_path / "aug.yaml"
+        A.save(A.Compose([A.RandomResizedCrop((24, 24), scale=(0.5, 1.0)), A.HorizontalFlip(),
+                          A.CoarseDropout(num_holes_range=(2, 4), p=1.0)]), str(path), data_format="yaml")
+        pipeline, plain = load_augment(str(path)), A.Compose([A.RandomResizedCrop((24, 24), scale=(0.5, 1.0)),
+                                                                A.HorizontalFlip()])
+    else:
+        pipeline, plain = train_transform(24, recipe=augment), train_transform(24)
+    epochs = [epoch_batches(make_loader(flower_dataset(flowers, t), 64, train=True, num_devices=1,
+                                        num_workers=w), 0)[:2] for t, w in ((pipeline, 2), (pipeline, 0), (plain, 0))]
+    assert same(epochs[0], epochs[1])
+    assert not all(np.array_equal(a["image"], b["image"]) for a, b in zip(epochs[1], epochs[2]))
+    with pytest.raises(ValueError, match="unknown augmentation recipe 'randaug'"):
+        train_transform(24, recipe="randaug")
+    (tmp_path / "bad.json").write_text('{"transform": 3}')
+    with pytest.raises(ValueError, match=r"bad.json: not an albumentations pipeline saved with A.save \(json\)"):
+        load_augment(str(tmp_path / "bad.json"))
+
+
 def test_two_workers_never_repeat_each_others_crops():
     """Control: a plain DataLoader's two workers draw identical crops; make_loader's do not."""
     from torch2flax.loaders import RecordTransform, make_loader, numpy_collate, train_transform

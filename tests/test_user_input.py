@@ -195,3 +195,22 @@ def test_predict_refuses_an_empty_test_set_before_loading_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"test-0\.tfrec: the test set holds no records; nothing to predict"):
         predict(str(tmp_path / "missing.msgpack"), str(empty), str(tmp_path / "sub.csv"), progress=False)
     assert not (tmp_path / "sub.csv").exists()
+
+
+def test_an_augment_file_must_make_training_sized_images(tmp_path):
+    """`--augment FILE` replaces the training pipeline: one that does not end at image_size is
+    refused naming the file and both sizes, before any model work; a recipe name is not a file."""
+    import albumentations as A
+
+    from torch2flax.train import TrainConfig
+    from torch2flax.train.trainer import training_augmentation
+
+    path = tmp_path / "aug.json"
+    A.save(A.Compose([A.RandomResizedCrop((24, 24)), A.HorizontalFlip()]), str(path))
+    with pytest.raises(ValueError, match=r"aug.json: turns a 71x67 image into 24x24; training needs 32x32"):
+        training_augmentation(TrainConfig(augment=str(path), image_size=32, out=str(tmp_path / "run")))
+    assert training_augmentation(TrainConfig(augment=str(path), image_size=24, out=str(tmp_path / "run")))
+    recipe = training_augmentation(TrainConfig(augment="kaggle", image_size=32))
+    assert "CoarseDropout" in str(recipe)
+    with pytest.raises(FileNotFoundError, match="augment file not found: 'nope.yaml'"):
+        training_augmentation(TrainConfig(augment="nope.yaml", image_size=32))

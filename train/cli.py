@@ -8,7 +8,7 @@ import os
 from torch2flax.train.config import TrainConfig
 
 # argparse types for fields whose default is None (the default's type says nothing).
-_OPTIONAL_TYPES = {"crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
+_OPTIONAL_TYPES = {"augment": str, "crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
                    "num_devices": int, "head": str, "model": str, "checkpoint_every": str, "time_limit": str}
 _HELP = {
     "train": "glob(s) of training TFRecord files (several are merged)", "val": "glob of validation TFRecord files",
@@ -35,6 +35,9 @@ _HELP = {
     "async_checkpoints": "write training checkpoints in a background thread while training goes on",
     "time_limit": "stop with a checkpoint before this much time has passed (8h45m, 30m, 90s): leave a "
                   "session's remaining time for predict",
+    "augment": "kaggle (shift-scale-rotate, brightness/contrast, hue/saturation, blur, coarse dropout) or "
+               "trivialaugment, added after the crop and flips; or a .yaml/.json pipeline saved with "
+               "albumentations' A.save, which replaces the training augmentation (copied into OUT)",
     "skip_bad_images": "an image that does not decode takes the next image's place instead of stopping the "
                        "run; counted per epoch in metrics.csv, listed in bad_images.csv",
     "head": "add-on head on the backbone's features, replacing its classifier: mlp[:HIDDEN][,dropout=P,act=relu|silu|gelu,"

@@ -26,6 +26,9 @@ class TrainConfig:
     scale_min: float = 0.08  # RandomResizedCrop lower scale bound
     hflip: bool = True
     color_jitter: float = 0.0
+    # a recipe added after the crop and flips ("kaggle", "trivialaugment"), or an albumentations
+    # pipeline saved with A.save (.yaml/.json) that replaces the training augmentation (copied into out/)
+    augment: str | None = None
     num_workers: int | str = "auto"  # "auto": from the host's usable CPUs and memory (make_loader)
     skip_bad_images: bool = False  # an undecodable image: substituted, counted and listed, not fatal
     # model

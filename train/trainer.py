@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 import torch2flax
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
 from torch2flax.loaders.loader import BAD_IMAGE, training_workers, usable_cpus, workers_for_cpus
+from torch2flax.loaders.transforms import RECIPES, load_augment
 from torch2flax.train import artifacts, cv, distributed
 from torch2flax.train.checkpoint import (
     CHECKPOINTS,
@@ -146,11 +147,39 @@ def index_splits(config: TrainConfig, folds: Folds | None = None) -> dict[str, T
     return datasets
 
 
+AUGMENT_COPY = "augment"  # out/augment.yaml or .json: the pipeline file a run trains with
+
+
+def augment_source(config: TrainConfig) -> str | None:
+    """The albumentations file `config.augment` names (None: a recipe or nothing): the run
+    folder's copy once the run has one, so a resumed run trains with what it started with."""
+    if config.augment is None or config.augment in RECIPES:
+        return None
+    copy = os.path.join(config.out, AUGMENT_COPY + os.path.splitext(config.augment)[1])
+    return copy if os.path.exists(copy) else config.augment
+
+
+def training_augmentation(config: TrainConfig) -> Any:
+    """The training pipeline: crop, flips and the config's extras (and recipe), or the saved
+    pipeline of `config.augment`, checked to produce `image_size` squares."""
+    source = augment_source(config)
+    if source is None:
+        return train_transform(config.image_size, scale=(config.scale_min, 1.0), hflip=config.hflip,
+                               color_jitter=config.color_jitter, recipe=config.augment)
+    pipeline = load_augment(source)
+    size = config.image_size
+    probe = pipeline(image=np.full((2 * size + 7, 2 * size + 3, 3), 128, np.uint8))["image"]
+    if probe.shape[:2] != (size, size):
+        raise ValueError(f"{source}: turns a {2 * size + 7}x{2 * size + 3} image into {probe.shape[0]}x"
+                         f"{probe.shape[1]}; training needs {size}x{size} (end the pipeline with a crop or "
+                         f"resize to image_size={size})")
+    return pipeline
+
+
 def build_loaders(config: TrainConfig, datasets: dict[str, TFRecordDataset], crop_pct: float, num_devices: int,
-                  num_workers: int | None = None):
+                  num_workers: int | None = None, augment: Any = None):
     train_ds, val_ds = datasets["train"], datasets["val"]
-    train_ds.transform = RecordTransform(train_transform(
-        config.image_size, scale=(config.scale_min, 1.0), hflip=config.hflip, color_jitter=config.color_jitter))
+    train_ds.transform = RecordTransform(augment if augment is not None else training_augmentation(config))
     val_ds.transform = RecordTransform(eval_transform(config.image_size, crop_pct=crop_pct))
     for ds in (train_ds, val_ds):
         check_labels_everywhere(ds, config.num_classes)
@@ -215,6 +244,7 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None) -> R
     must be on a filesystem they share.
     """
     datasets = index_splits(config, folds)
+    augment = training_augmentation(config)  # a bad augment file fails before any model work
     num_workers, why = loader_workers(config)
     if distributed.is_main():
         # The run's first line: the worker count decides the input throughput on a big host.
@@ -246,7 +276,7 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None) -> R
         # Replicas must start equal: process 0's initialisation (a random head, say) wins.
         variables = distributed.broadcast_from_main(variables)
     data = DataSpec(config.image_size, eval_crop_pct(config, module))
-    train_loader, val_loader = build_loaders(config, datasets, data.crop_pct, len(par.devices), num_workers)
+    train_loader, val_loader = build_loaders(config, datasets, data.crop_pct, len(par.devices), num_workers, augment)
     no_decay = module.no_weight_decay()
     state = create_train_state(variables, make_optimizer(config, len(train_loader), no_decay),
                                seed=config.seed, ema=config.ema_decay > 0)
@@ -262,6 +292,10 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None) -> R
     run.state = par.replicate(run.state)
     if distributed.is_main():
         artifacts.atomic_write(paths["config.json"], dumps(config))
+        source = augment_source(config)
+        if source is not None and not os.path.samefile(os.path.dirname(os.path.abspath(source)), config.out):
+            with open(source, "rb") as f:  # the pipeline trained with, beside the config that names it
+                artifacts.atomic_write(os.path.join(config.out, AUGMENT_COPY + os.path.splitext(source)[1]), f.read())
     if not resume and distributed.is_main() and os.path.isdir(paths[CHECKPOINTS]):
         # A new run in an old run's folder: its steps would stand beside (and above) this run's.
         import shutil
