@@ -143,8 +143,10 @@ def test_recipes_and_saved_pipelines_give_the_same_batches_for_any_worker_count(
 
     if augment == "file":
         path = tmp_path / "aug.yaml"
-        A.save(A.Compose([A.RandomResizedCrop((24, 24), scale=(0.5, 1.0)), A.HorizontalFlip(),
-                          A.CoarseDropout(num_holes_range=(2, 4), p=1.0)]), str(path), data_format="yaml")
+        saved = A.Compose([A.RandomResizedCrop((24, 24), scale=(0.5, 1.0)), A.HorizontalFlip(),
+                           A.CoarseDropout(num_holes_range=(2, 4), p=1.0)])
+        A.save(saved, str(path), data_format="yaml")
+        assert A.to_dict(load_augment(str(path))) == A.to_dict(saved)  # the YAML round-trips
         pipeline, plain = load_augment(str(path)), A.Compose([A.RandomResizedCrop((24, 24), scale=(0.5, 1.0)),
                                                                 A.HorizontalFlip()])
     else:

@@ -139,13 +139,15 @@ def one_device(flowers, tmp_path_factory, request):
     remove_unless_failed(request, out, failed)
 
 
-def test_fit_on_one_device_learns(flowers, tmp_path):
+@pytest.mark.parametrize("mixing", [{}, {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}], ids=["plain", "mixup-cutmix"])
+def test_fit_on_one_device_learns(flowers, tmp_path, mixing):
+    """To the same bar with MixUp and CutMix on (their loss is against mixed targets: it falls less)."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    result = fit(_config(globs, tmp_path, num_devices=1, epochs=4), progress=False)
+    result = fit(_config(globs, tmp_path, num_devices=1, epochs=4, **mixing), progress=False)
     assert len(result.history) == 4
-    assert result.history[-1]["train_loss"] < 0.7 * result.history[0]["train_loss"]
+    assert result.history[-1]["train_loss"] < (0.85 if mixing else 0.7) * result.history[0]["train_loss"]
     assert result.best_macro_f1 >= 0.9, result.history
     assert all(r["val_macro_f1"] <= result.best_macro_f1 for r in result.history)
 
@@ -497,6 +499,70 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(flo
     assert f"wrote to {out}" in stdout
     monkeypatch.undo()
 
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    _assert_equals_straight(artifacts_history(out), out, straight_result, straight)
+
+
+# `torch2flax train` in a fresh process whose epoch-2 batches are paced (0.25 s each), so that the
+# test can signal it mid-epoch from outside; everything else is the command as users run it.
+PACED_CLI = """
+import sys, time
+from torch2flax.train import trainer
+real = trainer.host_batches
+def paced(loader, bad):
+    for batch in real(loader, bad):
+        if getattr(loader, "train", False) and loader.epoch == 1:
+            time.sleep(0.25)
+        yield batch
+trainer.host_batches = paced
+from torch2flax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_train_process_signalled_mid_epoch_resumes_exactly(flowers, one_device, tmp_path, sig):
+    """A `torch2flax train --checkpoint-every 1` process gets SIGTERM (it finishes the step, writes
+    the checkpoint at that step and exits 143 within seconds) or SIGKILL (it dies at once; the
+    newest committed checkpoint stands) in epoch 2; `--resume` then ends where the uninterrupted
+    run ends (loss rel 1e-6, weights 1e-6)."""
+    import signal
+    import sys
+    import time
+
+    from torch2flax.cli import main
+    from torch2flax.train.checkpoint import latest_step_dir
+
+    _, globs = flowers
+    straight_result, straight = one_device
+    out = tmp_path / "run"
+    argv = ["train", "--train", globs["train"], "--val", globs["val"], "--init", _init(globs["train"]),
+            "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0",
+            "--scale-min", "0.5", "--batch-size", "32", "--epochs", "2", "--lr", "2e-3", "--warmup-epochs", "0.5",
+            "--num-workers", "0", "--num-devices", "1", "--out", str(out), "--checkpoint-every", "1", "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-c", PACED_CLI, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+    def newest() -> int:
+        found = latest_step_dir(out / "checkpoints")
+        return int(os.path.basename(found)) if found else 0
+
+    deadline = time.monotonic() + 300
+    while newest() < 11 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]  # still in epoch 2 (steps 9-16)
+    sent = time.monotonic()
+    proc.send_signal(getattr(signal, sig))
+    stdout, stderr = proc.communicate(timeout=120)
+    took = time.monotonic() - sent
+    step = newest()
+    assert 11 <= step < 16, (step, stderr[-2000:])
+    if sig == "SIGTERM":
+        assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert f"stopped by SIGTERM at step {step} (epoch 2, batch {step - 8} of 8)" in stdout, stdout
+        assert took < 20, took  # one paced step, the save, and the interpreter's exit
+    else:
+        assert proc.returncode == -signal.SIGKILL
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     _assert_equals_straight(artifacts_history(out), out, straight_result, straight)
 
