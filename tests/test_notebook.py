@@ -89,6 +89,7 @@ def test_script_without_a_main_guard(flowers, tmp_path):
 def test_the_example_notebook_runs_end_to_end(tmp_path):
     """`examples/kaggle_flower.ipynb` on the built-in digits, one epoch at 32 px."""
     import csv
+    import json
 
     import nbformat
     from nbclient import NotebookClient
@@ -100,7 +101,7 @@ def test_the_example_notebook_runs_end_to_end(tmp_path):
     params[0].source += textwrap.dedent(f"""
         # (overridden by the test suite: tiny settings)
         WORK = {str(tmp_path)!r}
-        EPOCHS, IMAGE_SIZE, BATCH_SIZE, MODEL, LR = 1, 32, 64, "resnet18", 2e-3
+        EPOCHS, IMAGE_SIZE, BATCH_SIZE, MODEL, LR, FOLDS = 1, 32, 64, "resnet18", 2e-3, 2
         MODEL_KWARGS = {{"layers": [1, 1, 1, 1]}}  # a reduced resnet18: the demo test trains the full one
         """)
     # One CPU device; the hub is declared offline, so the notebook's pretrained attempt fails at once.
@@ -123,3 +124,8 @@ def test_the_example_notebook_runs_end_to_end(tmp_path):
     assert rows[0] == ["id", "label"] and len(rows) > 100
     assert all(0 <= int(label) < 10 for _, label in rows[1:])
     assert len({i for i, _ in rows[1:]}) == len(rows) - 1
+    # The cross-validation cells: 2 folds, their out-of-fold score, and the fold ensemble's submission.
+    report = json.loads((tmp_path / "cv2" / "cv.json").read_text())
+    assert report["done"] == [0, 1] and 0.0 <= report["oof_macro_f1"] <= 1.0
+    with open(tmp_path / "submission_cv.csv") as f:
+        assert [r[0] for r in list(csv.reader(f))[1:]] == [i for i, _ in rows[1:]]  # the same test ids, in order
