@@ -668,9 +668,10 @@ def fit_folds(config: TrainConfig, *, resume: bool = False, stop_after_epochs: i
         if last.stopped or not last.history or last.history[-1]["epoch"] < config.epochs - 1:
             break  # stopped, or `stop_after_epochs` ended this call: no OOF rows from an unfinished fold
         write_oof(run_config, folds, k, progress=progress)
-    report = cv.write_cv(config.out, config.folds) if distributed.is_main() else cv.cv_report(config.out, config.folds)
+    report = cv.write_cv(config.out, config.folds) if distributed.is_main() else None
+    distributed.barrier("torch2flax: cv written")  # the others read what process 0 wrote
+    report = report if report is not None else cv.cv_report(config.out, config.folds)
     report.pop("_rows", None)
-    distributed.barrier("torch2flax: cv written")
     if distributed.is_main() and progress:
         tqdm.write(cv.summary(report))
     files = [os.path.join(config.out, name) for name in ("config.json", cv.FOLDS, cv.OOF, cv.CV)]
