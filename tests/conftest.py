@@ -67,7 +67,7 @@ _SLOW = (
     "tests/test_train.py::test_jit_layout", "tests/test_train.py::test_resume", "tests/test_train.py::test_non_finite",
     "tests/test_train.py::test_predict", "tests/test_train.py::test_interrupted", "tests/test_train.py::test_slow_input",
     "tests/test_train.py::test_sigterm", "tests/test_train.py::test_a_time_limit", "tests/test_train.py::test_skip_bad",
-    "tests/test_train.py::test_a_save_cut_short", "tests/test_train.py::test_a_train_process_signalled", "tests/test_train.py::test_predict_ensembles", "tests/test_cv.py::test_fold_all", "tests/test_cv.py::test_a_fold_stopped",
+    "tests/test_train.py::test_a_save_cut_short", "tests/test_train.py::test_a_train_process_signalled", "tests/test_train.py::test_predict_ensembles", "tests/test_cv.py::test_fold_all", "tests/test_cv.py::test_a_fold_killed",
     "tests/test_export.py::test_eval_parity[", "tests/test_export.py::test_train_step_parity[",
     "tests/test_export.py::test_full_size",
     "tests/test_export_api.py::test_another_image_size", "tests/test_export_api.py::test_bfloat16",

@@ -242,3 +242,20 @@ def single_device_env(**extra: str) -> dict[str, str]:
     conftest's XLA_FLAGS without the forced device count (its other flags kept)."""
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     return {**os.environ, "XLA_FLAGS": " ".join(flags), **extra}
+
+
+# `torch2flax train` in a fresh process whose epoch-2 batches are paced (0.25 s each), so that the
+# test can signal it mid-epoch from outside; everything else is the command as users run it.
+PACED_CLI = """
+import sys, time
+from torch2flax.train import trainer
+real = trainer.host_batches
+def paced(loader, bad):
+    for batch in real(loader, bad):
+        if getattr(loader, "train", False) and loader.epoch == 1:
+            time.sleep(0.25)
+        yield batch
+trainer.host_batches = paced
+from torch2flax.cli import main
+sys.exit(main(sys.argv[1:]))
+"""

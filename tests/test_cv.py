@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import remove_unless_failed, save_reduced_resnet18, write_flower_splits
+from tests.helpers import PACED_CLI, remove_unless_failed, save_reduced_resnet18, write_flower_splits
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -164,25 +164,46 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
     remove_unless_failed(request, out, failed)
 
 
-def test_a_fold_stopped_partway_resumes_from_its_own_folder(labelled, tmp_path):
-    """From the shell: `--train A B --folds 3 --fold 1` stopped after epoch 1 of 2 leaves fold 1 without
-    OOF rows; `--resume OUT/fold1` finishes that fold (same split) and writes them. The fold trains
-    with MixUp and CutMix (`train.mix`, in the compiled step) and an albumentations pipeline file."""
+def test_a_fold_killed_partway_resumes_from_its_own_folder(labelled, tmp_path):
+    """`torch2flax train --train A B --folds 3 --fold 1 --checkpoint-every 1`, SIGKILLed in epoch 2 of 2,
+    leaves fold 1 without OOF rows; `--resume OUT/fold1` finishes that fold (same split) from its newest
+    checkpoint and writes them. The fold trains with MixUp and CutMix (`train.mix`, in the compiled
+    step) and an albumentations pipeline file."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
     import albumentations as A
 
     from torch2flax.cli import main
+    from torch2flax.train.checkpoint import latest_step_dir
 
     globs, labels, root = labelled
     out = tmp_path / "cv"
     augment = tmp_path / "my_aug.yaml"
     A.save(A.Compose([A.RandomResizedCrop((SIZE, SIZE), scale=(0.5, 1.0)), A.HorizontalFlip(),
                       A.CoarseDropout(p=0.5)]), str(augment), data_format="yaml")
-    argv = ["train", "--train", *globs, "--augment", str(augment), "--folds", "3", "--fold", "1", "--init", _init(root), "--model", "resnet18",
-            "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0", "--batch-size", "16",
-            "--epochs", "2", "--num-workers", "0", "--num-devices", "1", "--out", str(out), "--quiet",
-            "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.8"]
-    assert main([*argv, "--stop-after-epochs", "1"]) == 0
-    assert os.listdir(out / "fold1" / "checkpoints") and not (out / "fold1" / "oof.csv").exists()
+    argv = ["train", "--train", *globs, "--augment", str(augment), "--folds", "3", "--fold", "1", "--init",
+            _init(root), "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
+            "--crop-pct", "1.0", "--batch-size", "16", "--epochs", "2", "--num-workers", "0", "--num-devices", "1",
+            "--out", str(out), "--quiet", "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.8",
+            "--checkpoint-every", "1"]
+    proc = subprocess.Popen([sys.executable, "-c", PACED_CLI, *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    checkpoints = out / "fold1" / "checkpoints"
+
+    def newest() -> int:
+        found = latest_step_dir(checkpoints)
+        return int(os.path.basename(found)) if found else 0
+
+    deadline = time.monotonic() + 300  # 72 training records in batches of 16: epoch 2 is steps 5-8
+    while newest() < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert 6 <= newest() < 8 and not (out / "fold1" / "oof.csv").exists()
     assert not (out / "fold0").exists()
     assert main(["train", "--resume", str(out / "fold1"), "--quiet"]) == 0
     with open(out / "fold1" / "metrics.csv") as f:

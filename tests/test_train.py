@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import (
+    PACED_CLI,
     console_script,
     remove_unless_failed,
     save_reduced_resnet18,
@@ -501,23 +502,6 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(flo
 
     assert main(["train", "--resume", str(out), "--quiet"]) == 0
     _assert_equals_straight(artifacts_history(out), out, straight_result, straight)
-
-
-# `torch2flax train` in a fresh process whose epoch-2 batches are paced (0.25 s each), so that the
-# test can signal it mid-epoch from outside; everything else is the command as users run it.
-PACED_CLI = """
-import sys, time
-from torch2flax.train import trainer
-real = trainer.host_batches
-def paced(loader, bad):
-    for batch in real(loader, bad):
-        if getattr(loader, "train", False) and loader.epoch == 1:
-            time.sleep(0.25)
-        yield batch
-trainer.host_batches = paced
-from torch2flax.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
