@@ -437,12 +437,7 @@ class TFRecordDataset(torch.utils.data.Dataset):
         if count < 1 or not 0 <= index < count:
             raise ValueError(f"shard: need 0 <= index < count, got index={index}, count={count}")
         n = len(self)
-        lo, hi = n * index // count, n * (index + 1) // count
-        part = copy.copy(self)
-        part._handles, part._pid = {}, os.getpid()
-        for name in ("_file", "_record", "_offset", "_length"):
-            setattr(part, name, getattr(self, name)[lo:hi].copy())
-        return part
+        return self.subset(np.arange(n * index // count, n * (index + 1) // count))
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> TFRecordDataset:
         """The records at `indices` (dataset positions), in that order: a fold's training or

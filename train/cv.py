@@ -30,11 +30,11 @@ def fold_dir(out: str, fold: int) -> str:
     return os.path.join(out, f"fold{fold}")
 
 
-def fold_assignment(dataset: Any, folds: int, seed: int) -> np.ndarray:
-    """The fold of every record of `dataset` (a TFRecordDataset with `id` and `class`)."""
+def fold_assignment(dataset: Any, ids: Any, labels: Any, folds: int, seed: int) -> np.ndarray:
+    """The fold of every record of `dataset` (a TFRecordDataset), given its `id` and `class` columns."""
     from torch2flax.loaders import stratified_folds
 
-    return stratified_folds(dataset.column("id"), dataset.column("class"), folds, seed, where=dataset.where)
+    return stratified_folds(ids, labels, folds, seed, where=dataset.where)
 
 
 def folds_csv(ids: Any, labels: Any, assignment: np.ndarray) -> str:
@@ -81,6 +81,11 @@ def scores(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict[str,
 
 def cv_report(out: str, folds: int | None = None) -> dict[str, Any]:
     """The CV summary of the finished folds under `out` (`folds` from `out/config.json` if not given)."""
+    return _collect(out, folds)[0]
+
+
+def _collect(out: str, folds: int | None) -> tuple[dict[str, Any], dict[str, np.ndarray] | None]:
+    """`cv_report`, and the finished folds' OOF rows merged (None: no fold has finished)."""
     if folds is None:
         path = os.path.join(out, "config.json")
         if not os.path.exists(path):
@@ -93,7 +98,7 @@ def cv_report(out: str, folds: int | None = None) -> dict[str, Any]:
     missing = [k for k in range(folds) if k not in done]
     report: dict[str, Any] = {"folds": folds, "done": done, "missing": missing}
     if not done:
-        return report
+        return report, None
     parts = [read_oof(os.path.join(fold_dir(out, k), OOF)) for k in done]
     num_classes = parts[0]["probs"].shape[1]
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
@@ -108,14 +113,12 @@ def cv_report(out: str, folds: int | None = None) -> dict[str, Any]:
                    "records": overall["count"], "per_fold": per_fold,
                    "fold_macro_f1_mean": float(f1s.mean()), "fold_macro_f1_std": float(f1s.std()),
                    "fold_accuracy_mean": float(accs.mean()), "fold_accuracy_std": float(accs.std())})
-    report["_rows"] = merged
-    return report
+    return report, merged
 
 
 def write_cv(out: str, folds: int | None = None) -> dict[str, Any]:
     """`out/oof.csv` (the finished folds' rows) and `out/cv.json`; returns the report."""
-    report = cv_report(out, folds)
-    rows = report.pop("_rows", None)
+    report, rows = _collect(out, folds)
     if rows is not None:
         artifacts.atomic_write(os.path.join(out, OOF), oof_csv(rows["id"], rows["fold"], rows["label"], rows["probs"]))
     artifacts.atomic_write(os.path.join(out, CV), json.dumps(report, indent=2) + "\n")
@@ -163,12 +166,12 @@ def ensemble_report(outs: list[str], weights: list[float] | None = None) -> dict
     order = np.argsort(first["id"])
     mixed = np.zeros_like(first["probs"])
     for (path, run), w in zip(runs, weights):
-        if sorted(run["id"]) != sorted(first["id"]):
+        by_id = np.argsort(run["id"])
+        if not np.array_equal(run["id"][by_id], first["id"][order]):
             raise ValueError(f"{path} and {first_path} hold different ids: an ensemble's OOF rows must cover "
                              "the same records")
         if run["probs"].shape[1] != first["probs"].shape[1]:
             raise ValueError(f"{path}: {run['probs'].shape[1]} classes, {first_path}: {first['probs'].shape[1]}")
-        by_id = np.argsort(run["id"])
         if not np.array_equal(run["label"][by_id], first["label"][order]):
             raise ValueError(f"{path} and {first_path} give some ids different labels")
         mixed[order] += w * run["probs"][by_id]
@@ -176,4 +179,4 @@ def ensemble_report(outs: list[str], weights: list[float] | None = None) -> dict
     members = [{"oof": path, "weight": w, **{k: v for k, v in scores(
         run["label"], run["pred"], mixed.shape[1]).items() if k != "count"}} for (path, run), w in zip(runs, weights)]
     return {"oof_macro_f1": result["macro_f1"], "oof_accuracy": result["accuracy"], "records": result["count"],
-            "members": members, "_probs": mixed, "_ids": first["id"]}
+            "members": members}

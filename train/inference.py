@@ -63,9 +63,8 @@ def ensemble_members(sources: str | Sequence[str], weights: Sequence[float] | No
             if not found:
                 raise FileNotFoundError(f"{source}: not a checkpoint, a run folder with best.msgpack, or a "
                                         "cross-validation folder with fold*/best.msgpack")
-        members += [(path, weight / len(found)) for path in found]
-    total = sum(w for _, w in members)
-    return [(path, w / total) for path, w in members]
+        members += [(path, weight / len(found)) for path in found]  # the weights already sum to 1
+    return members
 
 
 def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.csv", *, tta: str | None = None,

@@ -117,6 +117,8 @@ class Folds:
     """The records a cross-validation run splits, and the fold of each (`train.cv`)."""
 
     dataset: TFRecordDataset
+    ids: list[str]  # read once (each column reads every record): folds, folds.csv and OOF labels
+    labels: np.ndarray
     assignment: np.ndarray
 
     @classmethod
@@ -124,7 +126,8 @@ class Folds:
         dataset = _dataset(config.train)
         if len(dataset) == 0:
             raise ValueError(f"the train split {config.train!r} holds no records (its files are empty)")
-        return cls(dataset, cv.fold_assignment(dataset, config.folds, config.fold_seed))
+        ids, labels = dataset.column("id"), np.asarray(dataset.column("class"), dtype=np.int64)
+        return cls(dataset, ids, labels, cv.fold_assignment(dataset, ids, labels, config.folds, config.fold_seed))
 
     def split(self, fold: int) -> dict[str, TFRecordDataset]:
         return {"train": self.dataset.subset(np.flatnonzero(self.assignment != fold)),
@@ -155,8 +158,12 @@ def augment_source(config: TrainConfig) -> str | None:
     folder's copy once the run has one, so a resumed run trains with what it started with."""
     if config.augment is None or config.augment in RECIPES:
         return None
-    copy = os.path.join(config.out, AUGMENT_COPY + os.path.splitext(config.augment)[1])
+    copy = augment_copy(config)
     return copy if os.path.exists(copy) else config.augment
+
+
+def augment_copy(config: TrainConfig) -> str:
+    return os.path.join(config.out, AUGMENT_COPY + os.path.splitext(config.augment)[1])
 
 
 def training_augmentation(config: TrainConfig) -> Any:
@@ -292,10 +299,10 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None) -> R
     run.state = par.replicate(run.state)
     if distributed.is_main():
         artifacts.atomic_write(paths["config.json"], dumps(config))
-        source = augment_source(config)
-        if source is not None and not os.path.samefile(os.path.dirname(os.path.abspath(source)), config.out):
-            with open(source, "rb") as f:  # the pipeline trained with, beside the config that names it
-                artifacts.atomic_write(os.path.join(config.out, AUGMENT_COPY + os.path.splitext(source)[1]), f.read())
+        augment_file = augment_source(config)
+        if augment_file is not None and augment_file != augment_copy(config):
+            with open(augment_file, "rb") as f:  # the pipeline trained with, beside the config that names it
+                artifacts.atomic_write(augment_copy(config), f.read())
     if not resume and distributed.is_main() and os.path.isdir(paths[CHECKPOINTS]):
         # A new run in an old run's folder: its steps would stand beside (and above) this run's.
         import shutil
@@ -650,8 +657,8 @@ def fit_folds(config: TrainConfig, *, resume: bool = False, stop_after_epochs: i
     if distributed.is_main():
         os.makedirs(config.out, exist_ok=True)
         artifacts.atomic_write(os.path.join(config.out, "config.json"), dumps(config))
-        artifacts.atomic_write(os.path.join(config.out, cv.FOLDS), cv.folds_csv(
-            folds.dataset.column("id"), folds.dataset.column("class"), folds.assignment))
+        artifacts.atomic_write(os.path.join(config.out, cv.FOLDS),
+                               cv.folds_csv(folds.ids, folds.labels, folds.assignment))
     results: dict[int, FitResult] = {}
     last: FitResult | None = None
     for k in config.fold_numbers():
@@ -671,7 +678,6 @@ def fit_folds(config: TrainConfig, *, resume: bool = False, stop_after_epochs: i
     report = cv.write_cv(config.out, config.folds) if distributed.is_main() else None
     distributed.barrier("torch2flax: cv written")  # the others read what process 0 wrote
     report = report if report is not None else cv.cv_report(config.out, config.folds)
-    report.pop("_rows", None)
     if distributed.is_main() and progress:
         tqdm.write(cv.summary(report))
     files = [os.path.join(config.out, name) for name in ("config.json", cv.FOLDS, cv.OOF, cv.CV)]
@@ -687,7 +693,7 @@ def write_oof(config: TrainConfig, folds: Folds, fold: int, *, progress: bool) -
     from torch2flax.train.inference import predict_dataset
 
     held_out = folds.split(fold)["val"]
-    labels = held_out.column("class")
+    labels = folds.labels[folds.assignment == fold]  # the held-out records, in the same order
     ids, probs = predict_dataset(os.path.join(config.out, "best.msgpack"), held_out, tta=config.tta,
                                  batch_size=config.batch_size, num_workers=config.num_workers,
                                  parallel=config.parallel, num_devices=config.num_devices, dtype=config.dtype,
