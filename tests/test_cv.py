@@ -135,12 +135,20 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
 
     # Ensembles: a CV folder predicts with every fold's best checkpoint, sharing its weight; the
     # OOF rows of several runs, weighted, give the ensemble's CV score before submitting.
+    from torch2flax.train import predict
     from torch2flax.train.cv import ensemble_report
-    from torch2flax.train.inference import ensemble_members
+    from torch2flax.train.inference import RUN_TTA, Member, ensemble_members
 
-    members = ensemble_members([str(out), str(out / "fold1")], weights=[3, 1])
-    assert members == [(str(out / f"fold{k}" / "best.msgpack"), w) for k, w in ((0, 0.25), (1, 0.25), (2, 0.25))] + [
-        (str(out / "fold1" / "best.msgpack"), 0.25)]
+    members = ensemble_members([str(out), str(out / "fold1")], weights=[3, 1], tta=[RUN_TTA, "none"])
+    assert members == [Member(str(out / f"fold{k}" / "best.msgpack"), 0.25, RUN_TTA) for k in range(3)] + [
+        Member(str(out / "fold1" / "best.msgpack"), 0.25, None)]
+    # Unless told otherwise a member predicts with its run's TTA: these folds ran with --tta hflip.
+    kw = dict(batch_size=16, num_workers=0, num_devices=1, progress=False)
+    own = predict(str(out / "fold0"), globs[1], str(tmp_path / "own.csv"), **kw).probs
+    np.testing.assert_array_equal(own, predict(str(out / "fold0"), globs[1], str(tmp_path / "h.csv"), tta="hflip",
+                                               **kw).probs)
+    assert not np.allclose(own, predict(str(out / "fold0"), globs[1], str(tmp_path / "n.csv"), tta=None,
+                                        **kw).probs, rtol=0, atol=1e-6)
     other = tmp_path / "other_oof.csv"
     from torch2flax.train.cv import oof_csv
 
@@ -164,11 +172,13 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
     remove_unless_failed(request, out, failed)
 
 
-def test_a_fold_killed_partway_resumes_from_its_own_folder(labelled, tmp_path):
-    """`torch2flax train --train A B --folds 3 --fold 1 --checkpoint-every 1`, SIGKILLed in epoch 2 of 2,
-    leaves fold 1 without OOF rows; `--resume OUT/fold1` finishes that fold (same split) from its newest
-    checkpoint and writes them. The fold trains with MixUp and CutMix (`train.mix`, in the compiled
-    step) and an albumentations pipeline file."""
+def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
+    """`torch2flax train --train A B --folds 3 --fold 1 --checkpoint-every 1`, SIGKILLed in epoch 2 of 2
+    (it dies at once; the newest committed checkpoint stands), leaves fold 1 without OOF rows;
+    `--resume OUT/fold1` finishes that fold (same split) from its newest checkpoint, ending where the
+    uninterrupted fold ends (loss rel 1e-6, weights and OOF probabilities 1e-6), and writes its rows.
+    The fold trains with MixUp and CutMix (`train.mix`, in the compiled step: their draws resume
+    too) and an albumentations pipeline file (its per-sample seeding too)."""
     import signal
     import subprocess
     import sys
@@ -186,7 +196,8 @@ def test_a_fold_killed_partway_resumes_from_its_own_folder(labelled, tmp_path):
                       A.CoarseDropout(p=0.5)]), str(augment), data_format="yaml")
     argv = ["train", "--train", *globs, "--augment", str(augment), "--folds", "3", "--fold", "1", "--init",
             _init(root), "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
-            "--crop-pct", "1.0", "--batch-size", "16", "--epochs", "2", "--num-workers", "0", "--num-devices", "1",
+            "--crop-pct", "1.0", "--scale-min", "0.5", "--batch-size", "16", "--epochs", "2", "--lr", "2e-3",
+            "--warmup-epochs", "0.5", "--num-workers", "0", "--num-devices", "1",
             "--out", str(out), "--quiet", "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.8",
             "--checkpoint-every", "1"]
     proc = subprocess.Popen([sys.executable, "-c", PACED_CLI, *argv], stdout=subprocess.PIPE,
@@ -219,3 +230,33 @@ def test_a_fold_killed_partway_resumes_from_its_own_folder(labelled, tmp_path):
         assert {r["id"] for r in csv.DictReader(f)} == held_out
     report = json.loads((out / "cv.json").read_text())
     assert report["done"] == [1] and report["missing"] == [0, 2]
+
+    # The uninterrupted fold, in this process (the resume's compiled steps reused).
+    import jax
+
+    from torch2flax.train import fit
+    from torch2flax.train.checkpoint import load_checkpoint
+
+    ref = tmp_path / "ref"
+    straight = fit(_config(globs, root, ref, fold=1, augment=str(augment), epochs=2, mixup=0.2, cutmix=1.0,
+                           mix_prob=0.8), progress=False)
+    for row, want in zip(rows, straight.folds[1].history, strict=True):
+        assert float(row["train_loss"]) == pytest.approx(want["train_loss"], rel=1e-6)
+        assert float(row["val_macro_f1"]) == pytest.approx(want["val_macro_f1"], abs=1e-9)
+    for a, b in zip(*(jax.tree_util.tree_leaves(load_checkpoint(d / "fold1")[1]) for d in (out, ref)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
+    oof = [np.loadtxt(d / "fold1" / "oof.csv", delimiter=",", skiprows=1, usecols=range(4, 4 + NUM_CLASSES))
+           for d in (out, ref)]
+    np.testing.assert_allclose(oof[0], oof[1], atol=1e-6, rtol=0)
+
+
+def test_member_tta_modes_are_one_for_all_or_one_per_checkpoint():
+    from torch2flax.train.inference import RUN_TTA, member_ttas
+
+    assert member_ttas(RUN_TTA, 3) == [RUN_TTA] * 3 and member_ttas(None, 2) == [None, None]
+    assert member_ttas(["hflip"], 2) == ["hflip", "hflip"]  # the CLI's `--tta hflip` for two checkpoints
+    assert member_ttas(["hflip", "none"], 2) == ["hflip", None]
+    with pytest.raises(ValueError, match="2 TTA modes for 3 checkpoints"):
+        member_ttas(["hflip", "none"], 3)
+    with pytest.raises(ValueError, match="unknown tta 'vflip'"):
+        member_ttas("vflip", 1)

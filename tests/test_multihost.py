@@ -2,7 +2,8 @@
 1 process x 8 devices with the same global batch and seed.
 
 One launch per process covers train (pmap, stopped after epoch 1), `--resume` (epoch 2,
-the compiled steps reused), predict (jit layout: global `NamedSharding` arrays), through
+the compiled steps reused), predict (jit layout: global `NamedSharding` arrays), `--folds 2
+--fold all` (the folds, their out-of-fold rows and the CV report), through
 `torch2flax.cli.main`, and then a dead peer: process 1 kills itself while process 0 resumes a
 copy of the epoch-1 run, so process 0 waits for it in a collective and must exit with an
 error within the peer timeout (a second launch for that scenario cost ~50 s). The 1 x 8
@@ -55,10 +56,11 @@ for step in json.loads(sys.argv[1]):
             sys.exit(rc or 1)
     elif "sigterm_in_epoch" in step:
         from torch2flax.train import trainer
-        real, when = trainer.host_batches, step["sigterm_in_epoch"]
-        def sending(loader, bad):
+        # Bound now (the driver's names are globals, rebound by a later step); it fires once.
+        def sending(loader, bad, real=trainer.host_batches, when=step["sigterm_in_epoch"], sent=[]):
             for i, batch in enumerate(real(loader, bad)):
-                if getattr(loader, "train", False) and loader.epoch == when and i == 0:
+                if getattr(loader, "train", False) and loader.epoch == when and i == 0 and not sent:
+                    sent.append(True)
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch
         trainer.host_batches = sending
@@ -88,6 +90,12 @@ def _train_args(globs, out, **overrides):
     return dict(train=globs["train"], val=globs["val"], init=globs["init"], num_classes=NUM_CLASSES, model="resnet18",
                 image_size=SIZE, crop_pct=1.0, scale_min=0.5, batch_size=32, epochs=2, lr=2e-3,
                 warmup_epochs=0.5, num_workers=0, seed=0, out=str(out), **overrides)
+
+
+def _fold_args(globs, out):
+    """`--folds 2 --fold all` on the 64 training records, one epoch a fold (32 records: one step)."""
+    args = {k: v for k, v in _train_args(globs, out).items() if k != "val"}
+    return {**args, "epochs": 1, "folds": 2, "fold": "all"}
 
 
 def _argv(command, values):
@@ -173,7 +181,7 @@ def runs(flowers, tmp_path_factory, request):
 
     _, globs = flowers
     failed, tmp = request.session.testsfailed, tmp_path_factory.mktemp("multihost")
-    out, ref_out, dead = tmp / "run", tmp / "ref", tmp / "dead"
+    out, ref_out, dead, cv = tmp / "run", tmp / "ref", tmp / "dead", tmp / "cv"
     test = {"test": globs["test"], "batch_size": 16, "num_workers": 0}
     predicted = tmp / "predicted"  # process 0's marker: its predict is over, process 1 may die
     commands = [
@@ -185,6 +193,13 @@ def runs(flowers, tmp_path_factory, request):
         {"argv": ["train", "--resume", str(out), "--quiet"]},
         {"argv": _argv("predict", {"checkpoint": out / "best.msgpack", "out": tmp / "jit.csv", "parallel": "jit",
                                    "probs": tmp / "jit.npy", **test}) + ["--quiet"]},
+        # Cross-validation across the processes: every process assigns the folds itself; process 0
+        # writes folds.csv, each fold's OOF rows (gathered from both) and the CV report. Process 1
+        # alone gets SIGTERM in fold 0's only epoch: both stop after it, before its OOF rows; the
+        # resume writes them and trains fold 1.
+        {"sigterm_in_epoch": 0, "process": 1},
+        {"argv": _argv("train", _fold_args(globs, cv)) + ["--quiet"], "rc": 143},
+        {"argv": ["train", "--resume", str(cv), "--quiet"]},
         {"touch": str(predicted), "process": 0},
         # The dead peer: process 1 dies, process 0 resumes the copy and waits for it in a collective.
         {"wait_for": str(predicted), "process": 1},
@@ -203,7 +218,7 @@ def runs(flowers, tmp_path_factory, request):
     for w in watchers:
         w.join()
     print(f"2 x 4 launch and 1 x 8 reference: {time.monotonic() - started:.0f} s")
-    yield dict(tmp=tmp, out=out, ref_out=ref_out, dead=dead, ref=ref, ref_pred=ref_pred, logs=logs,
+    yield dict(tmp=tmp, out=out, ref_out=ref_out, dead=dead, cv=cv, ref=ref, ref_pred=ref_pred, logs=logs,
                codes=[p.returncode for p in procs], exits=exits, hung=hung)
     remove_unless_failed(request, tmp, failed)  # three runs' checkpoints
 
@@ -247,6 +262,36 @@ def test_predict_on_two_processes_writes_the_one_process_submission(runs, flower
     assert (runs["tmp"] / "jit.csv").read_text() == ref_csv
     assert [line.split(",")[0] for line in ref_csv.splitlines()[1:]] == sets["test"].ids  # file order, once
     np.testing.assert_allclose(np.load(runs["tmp"] / "jit.npy"), runs["ref_pred"].probs, rtol=0, atol=1e-5)
+
+
+def test_folds_on_two_processes_are_the_one_process_folds_and_the_oof_rows_cover_every_record(runs, flowers):
+    """`train --folds 2 --fold all` on 2 processes, stopped by a signal to one process in fold 0's
+    last epoch and resumed: folds.csv is the assignment one process makes, each fold's OOF rows
+    (process 0 writes what both predicted) hold its held-out records once, and cv.json's macro F1 is
+    scikit-learn's on those rows."""
+    from sklearn.metrics import f1_score
+
+    from torch2flax.loaders import stratified_folds
+
+    sets, _ = flowers
+    for log in runs["logs"]:  # the plain run stopped and resumed, then the folds stopped and resumed
+        _steps_done(log, "train", [128 + signal.SIGTERM, 0] * 2)
+    cv = runs["cv"]
+    first = runs["logs"][0].read_text()
+    assert first.count(f"stopped by SIGTERM after epoch 1: wrote {cv / 'fold0'}") == 1, _tail(runs["logs"][0])
+    assert f"continue with: torch2flax train --resume {cv}\n" in first  # the folder of every fold
+    folds = stratified_folds(sets["train"].ids, sets["train"].labels, 2, seed=0)
+    with open(cv / "folds.csv") as f:
+        assert {r["id"]: int(r["fold"]) for r in csv.DictReader(f)} == dict(zip(sets["train"].ids, folds.tolist()))
+    with open(cv / "oof.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted(r["id"] for r in rows) == sorted(sets["train"].ids)  # every record once
+    truth = dict(zip(sets["train"].ids, zip(sets["train"].labels, folds.tolist())))
+    assert all((int(r["label"]), int(r["fold"])) == truth[r["id"]] for r in rows)
+    report = json.loads((cv / "cv.json").read_text())
+    assert report["done"] == [0, 1] and report["records"] == len(rows)
+    assert report["oof_macro_f1"] == pytest.approx(
+        f1_score([int(r["label"]) for r in rows], [int(r["pred"]) for r in rows], average="macro"), abs=1e-12)
 
 
 def _loader(dataset, batch_size, process_index, process_count, train):

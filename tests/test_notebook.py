@@ -1,7 +1,9 @@
-"""The loader from a notebook, from `python -`, and from a script without a main guard.
+"""The loader from a notebook, from `python -`, and from a script without a main guard, and the
+example notebook end to end.
 
 Each scenario defines its own transform in `__main__` (a notebook cell, stdin, the script) and
 loads one full training epoch with 2 forkserver workers; every id must come back exactly once.
+The notebook scenario runs in the example notebook's kernel, after its cells (one kernel start).
 """
 from __future__ import annotations
 
@@ -52,19 +54,6 @@ def _env() -> dict[str, str]:
     return single_device_env()
 
 
-def test_function_defined_in_a_jupyter_notebook_cell(flowers):
-    import nbformat
-    from nbclient import NotebookClient
-
-    files, ids = flowers
-    nb = nbformat.v4.new_notebook()
-    nb.cells = [nbformat.v4.new_code_cell(SETUP.format()), nbformat.v4.new_code_cell(FUNCTION),
-                nbformat.v4.new_code_cell(EPOCH.format(files=files))]
-    NotebookClient(nb, timeout=300, kernel_name="python3").execute()
-    out = "".join(o.get("text", "") for o in nb.cells[2].outputs if o.output_type == "stream")
-    assert sorted(_ids(out)) == sorted(ids)
-
-
 def test_lambda_fed_to_python_on_stdin(flowers):
     files, ids = flowers
     code = SETUP.format() + LAMBDA + EPOCH.format(files=files)
@@ -86,8 +75,9 @@ def test_script_without_a_main_guard(flowers, tmp_path):
     assert sorted(_ids(proc.stdout)) == sorted(ids)
 
 
-def test_the_example_notebook_runs_end_to_end(tmp_path):
-    """`examples/kaggle_flower.ipynb` on the built-in digits, one epoch at 32 px."""
+def test_the_example_notebook_runs_end_to_end(tmp_path, flowers):
+    """`examples/kaggle_flower.ipynb` on the built-in digits, one epoch at 32 px; then, in the same
+    kernel, a transform defined in a cell feeds 2 loader workers (the notebook scenario above)."""
     import csv
     import json
 
@@ -104,12 +94,17 @@ def test_the_example_notebook_runs_end_to_end(tmp_path):
         EPOCHS, IMAGE_SIZE, BATCH_SIZE, MODEL, LR, FOLDS = 1, 32, 64, "resnet18", 2e-3, 2
         MODEL_KWARGS = {{"layers": [1, 1, 1, 1]}}  # a reduced resnet18: the demo test trains the full one
         """)
+    files, ids = flowers
+    extra = [nbformat.v4.new_code_cell(c) for c in (SETUP.format(), FUNCTION, EPOCH.format(files=files))]
+    nb.cells += extra
     # One CPU device; the hub is declared offline, so the notebook's pretrained attempt fails at once.
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
                    ).execute(env={**_env(), "HF_HUB_OFFLINE": "1"})
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.output_type == "error"]
     assert not errors
+    out = "".join(o.get("text", "") for o in extra[-1].outputs if o.output_type == "stream")
+    assert sorted(_ids(out)) == sorted(ids)
     install = next(c for c in nb.cells if c.cell_type == "code")
     # stdout: a kernel without ipywidgets also prints tqdm's "IProgress not found" warning (stderr)
     # when albumentations imports huggingface_hub's tqdm.auto.

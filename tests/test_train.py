@@ -320,7 +320,7 @@ def jax_leaves(tree):
 def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference, tmp_path, capsys):
     """`predict --checkpoint A B --weights 3 1`: the trained reduced resnet18 (native, 32 px) and
     timm's test_efficientnet (exported graph, 48 px); each member predicts with its own eval
-    transform and size, and the probabilities are the weighted mean of the members' probs.npy."""
+    transform, size and TTA, and the probabilities are the weighted mean of the members' probs.npy."""
     import torch
 
     import torch2flax
@@ -337,11 +337,13 @@ def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference
     effnet = str(tmp_path / "effnet48.msgpack")
     save_checkpoint(effnet, module, variables, TrainCheckpoint(epoch=0, data=DataSpec(48, 1.0)))
     common = dict(batch_size=16, num_workers=0, progress=False)
-    for name, ckpt in (("a", best), ("b", effnet)):
-        predict(ckpt, globs["test"], str(tmp_path / f"{name}.csv"), probs=str(tmp_path / f"{name}.npy"), **common)
-    assert main(["predict", "--checkpoint", best, effnet, "--weights", "3", "1", "--test", globs["test"],
-                 "--out", str(tmp_path / "ens.csv"), "--probs", str(tmp_path / "ens.npy"), "--batch-size", "16",
-                 "--num-workers", "0", "--quiet"]) == 0
+    for name, ckpt, tta in (("a", best, "hflip"), ("b", effnet, None)):
+        predict(ckpt, globs["test"], str(tmp_path / f"{name}.csv"), probs=str(tmp_path / f"{name}.npy"), tta=tta,
+                **common)
+    # One TTA mode per member.
+    assert main(["predict", "--checkpoint", best, effnet, "--weights", "3", "1", "--tta", "hflip", "none",
+                 "--test", globs["test"], "--out", str(tmp_path / "ens.csv"), "--probs", str(tmp_path / "ens.npy"),
+                 "--batch-size", "16", "--num-workers", "0", "--quiet"]) == 0
     a, b, ens = (np.load(tmp_path / f"{n}.npy") for n in ("a", "b", "ens"))
     assert not np.allclose(a, b, atol=1e-2)  # two different models
     np.testing.assert_allclose(ens, 0.75 * a + 0.25 * b, rtol=0, atol=1e-6)
@@ -504,12 +506,13 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(flo
     _assert_equals_straight(artifacts_history(out), out, straight_result, straight)
 
 
-@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+# SIGKILL (the process dies at once; the newest committed checkpoint stands) is the same scenario
+# on a cross-validation fold: tests/test_cv.py::test_a_fold_killed_partway_resumes_exactly.
+@pytest.mark.parametrize("sig", ["SIGTERM"])
 def test_a_train_process_signalled_mid_epoch_resumes_exactly(flowers, one_device, tmp_path, sig):
-    """A `torch2flax train --checkpoint-every 1` process gets SIGTERM (it finishes the step, writes
-    the checkpoint at that step and exits 143 within seconds) or SIGKILL (it dies at once; the
-    newest committed checkpoint stands) in epoch 2; `--resume` then ends where the uninterrupted
-    run ends (loss rel 1e-6, weights 1e-6)."""
+    """A `torch2flax train --checkpoint-every 1` process gets SIGTERM in epoch 2: it finishes the
+    step, writes the checkpoint at that step and exits 143 within seconds; `--resume` then ends
+    where the uninterrupted run ends (loss rel 1e-6, weights 1e-6)."""
     import signal
     import sys
     import time

@@ -121,10 +121,15 @@ def depthwise_conv(
     (strided slice) x (per-channel tap weight).
 
     Same result as `lax.conv_general_dilated(..., feature_group_count=C)`. XLA fuses the taps
-    into one elementwise loop (and the gradients into pads and per-tap reductions) instead of
-    its grouped-convolution emitter, whose backward pass is as slow as a dense convolution's
-    (jax-ml/jax#13800, GPU; #23713, CPU). Measurements: docs/benchmarks.md.
+    into one elementwise loop instead of its grouped-convolution emitter, whose backward pass is
+    as slow as a dense convolution's (jax-ml/jax#13800, GPU; #23713, CPU). The gradient is
+    written by hand (`_depthwise_bwd`): autodiff of the tap sum pads the output gradient once
+    per tap, while the input gradient is one tap sum again. Measurements: docs/benchmarks.md.
     """
+    return _depthwise(x, kernel, tuple(strides), tuple(map(tuple, padding)), tuple(dilation))
+
+
+def _depthwise_taps(x: Array, kernel: Array, strides, padding, dilation) -> Array:
     xp, out_hw = _padded(x, kernel.shape[:2], strides, padding, dilation)
     acc = jnp.promote_types(x.dtype, jnp.float32)  # bf16 inputs: sum the taps in float32, as convolutions do
     out = None
@@ -132,6 +137,46 @@ def depthwise_conv(
         y = window.astype(acc) * kernel[i, j, 0].astype(acc)
         out = y if out is None else out + y
     return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _depthwise(x: Array, kernel: Array, strides, padding, dilation) -> Array:
+    return _depthwise_taps(x, kernel, strides, padding, dilation)
+
+
+def _depthwise_fwd(x, kernel, strides, padding, dilation):
+    return _depthwise_taps(x, kernel, strides, padding, dilation), (x, kernel)
+
+
+def _depthwise_bwd(strides, padding, dilation, res, g):
+    """Kernel gradient: per tap, the sum over batch and map of (window x g). Input gradient: g
+    spread to its strided positions (interior zeros), padded by the kernel's reach and summed
+    over the flipped taps, then the convolution's padding cut off."""
+    x, kernel = res
+    (kh, kw), (sh, sw), (dh, dw) = kernel.shape[:2], strides, dilation
+    xp, out_hw = _padded(x, (kh, kw), strides, padding, dilation)
+    acc = jnp.promote_types(x.dtype, jnp.float32)
+    g = g.astype(acc)
+    dk = jnp.stack([jnp.sum(window.astype(acc) * g, axis=(0, 1, 2))
+                    for _, _, window in kernel_taps(xp, (kh, kw), out_hw, strides, dilation)])
+    reach = ((kh - 1) * dh, (kw - 1) * dw)
+    # Rows/columns of xp past the last tap's reach get no gradient (a stride that does not divide).
+    tail = tuple(xp.shape[1 + a] - ((out_hw[a] - 1) * strides[a] + 1) for a in (0, 1))
+    spread = lax.pad(g, jnp.zeros((), acc), ((0, 0, 0), (reach[0], tail[0], sh - 1), (reach[1], tail[1], sw - 1),
+                                              (0, 0, 0)))
+    dxp = None
+    for i in range(kh):
+        for j in range(kw):
+            top, left = reach[0] - i * dh, reach[1] - j * dw
+            window = lax.slice(spread, (0, top, left, 0), (g.shape[0], top + xp.shape[1], left + xp.shape[2], g.shape[3]))
+            y = window * kernel[i, j, 0].astype(acc)
+            dxp = y if dxp is None else dxp + y
+    (top, _), (left, _) = padding
+    dx = lax.slice(dxp, (0, top, left, 0), (dxp.shape[0], top + x.shape[1], left + x.shape[2], dxp.shape[3]))
+    return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 def conv2d(

@@ -16,7 +16,7 @@ _HELP = {
              "trains in OUT/fold{I}, writes out-of-fold predictions, and OUT/oof.csv and cv.json gather them",
     "fold": "the fold to run, 0..K-1, or 'all' (default): each in turn",
     "fold_seed": "folds depend only on (record id, label, K, this seed)",
-    "tta": "test-time augmentation of the out-of-fold predictions (hflip)",
+    "tta": "test-time augmentation of the out-of-fold predictions (hflip); `predict` uses it for this run's checkpoints",
     "model": "timm model name (see `torch2flax list`)", "pretrained": "start from timm's pretrained weights",
     "checkpoint": "start from a timm state dict (.pth/.pt/.bin/.safetensors)",
     "init": "start from a torch2flax .msgpack", "out": "output folder",
@@ -128,7 +128,9 @@ def register(subparsers) -> None:
                    help="one weight per --checkpoint (default equal; a CV folder's folds share its weight)")
     q.add_argument("--test", required=True, help="glob of test TFRecord files")
     q.add_argument("--out", default="submission.csv", help="CSV to write (id,label)")
-    q.add_argument("--tta", choices=("hflip",), default=None, help="test-time augmentation")
+    q.add_argument("--tta", nargs="+", choices=("hflip", "none"), default=None, metavar="MODE",
+                   help="test-time augmentation, hflip or none: one for every --checkpoint or one each "
+                   "(default: what each checkpoint's run used for its out-of-fold predictions)")
     q.add_argument("--probs", help="also save class probabilities to this .npy")
     q.add_argument("--batch-size", type=int, default=64)
     q.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
@@ -266,10 +268,10 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_predict(args: argparse.Namespace) -> int:
     main_process = _start_distributed(args)
-    from torch2flax.train.inference import predict
+    from torch2flax.train.inference import RUN_TTA, predict
 
-    result = predict(args.checkpoint, args.test, args.out, tta=args.tta, probs=args.probs, weights=args.weights,
-                     batch_size=args.batch_size, image_size=args.image_size,
+    result = predict(args.checkpoint, args.test, args.out, tta=args.tta or RUN_TTA, probs=args.probs,
+                     weights=args.weights, batch_size=args.batch_size, image_size=args.image_size,
                      num_workers=args.num_workers, parallel=args.parallel, dtype=args.dtype,
                      progress=not args.quiet)
     if main_process:

@@ -74,7 +74,7 @@ class TrainConfig:
     folds: int = 0  # K; 0: `train` and `val` as given
     fold: int | str = "all"  # 0..K-1, or "all": every fold in turn
     fold_seed: int = 0  # folds depend only on (record id, label, folds, fold_seed)
-    tta: str | None = None  # test-time augmentation of the out-of-fold predictions: "hflip"
+    tta: str | None = None  # TTA of the out-of-fold predictions ("hflip"), and `predict`'s for this run
 
     def __post_init__(self) -> None:
         for name in ("checkpoint_every", "time_limit"):  # YAML reads `500` or `3600` as numbers

@@ -40,14 +40,45 @@ def submission_csv(ids: np.ndarray, labels: np.ndarray) -> str:
     return buf.getvalue()
 
 
-def ensemble_members(sources: str | Sequence[str], weights: Sequence[float] | None = None) -> list[tuple[str, float]]:
-    """`(checkpoint, weight)` of every member: a `.msgpack` is one; a run folder is its
-    `best.msgpack`; a cross-validation folder is every finished fold's `best.msgpack`, sharing its
-    weight equally. Weights default to 1 each and are normalised to sum to 1."""
+# `tta=RUN_TTA`: each checkpoint predicts with the test-time augmentation its run's out-of-fold
+# predictions used (its config's `tta`; none for a model file), as it does with its image size.
+RUN_TTA = "run"
+TTA_MODES = (None, "hflip")
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model of an ensemble: its checkpoint, its share of the probabilities and its TTA."""
+
+    checkpoint: str
+    weight: float
+    tta: str | None = RUN_TTA
+
+
+def member_ttas(tta: str | None | Sequence[str | None], count: int) -> list[str | None]:
+    """One TTA mode per source: a single mode (or `RUN_TTA`) for all, or one per source;
+    "none" is accepted for None (the CLI's spelling)."""
+    ttas = [tta] * count if tta is None or isinstance(tta, str) else list(tta)
+    if len(ttas) == 1 and count > 1:
+        ttas *= count
+    if len(ttas) != count:
+        raise ValueError(f"{len(ttas)} TTA modes for {count} checkpoints: give one, or one per checkpoint")
+    ttas = [None if t == "none" else t for t in ttas]
+    for t in ttas:
+        if t not in (*TTA_MODES, RUN_TTA):
+            raise ValueError(f"unknown tta {t!r}: expected none, hflip or {RUN_TTA!r} (the checkpoint's own)")
+    return ttas
+
+
+def ensemble_members(sources: str | Sequence[str], weights: Sequence[float] | None = None,
+                     tta: str | None | Sequence[str | None] = RUN_TTA) -> list[Member]:
+    """Every member: a `.msgpack` is one; a run folder is its `best.msgpack`; a cross-validation
+    folder is every finished fold's `best.msgpack`, sharing its weight equally. Weights default to 1
+    each and are normalised to sum to 1; `tta` is one mode for all or one per source."""
     sources = [sources] if isinstance(sources, (str, os.PathLike)) else list(sources)
     weights = ensemble_weights(weights, len(sources), "checkpoint")
     members = []
-    for source, weight in zip(sources, weights):
+    for source, weight, mode in zip(sources, weights, member_ttas(tta, len(sources))):
         source = os.fspath(source)
         if not os.path.exists(source):
             raise FileNotFoundError(f"no checkpoint at {source!r}")
@@ -63,23 +94,25 @@ def ensemble_members(sources: str | Sequence[str], weights: Sequence[float] | No
             if not found:
                 raise FileNotFoundError(f"{source}: not a checkpoint, a run folder with best.msgpack, or a "
                                         "cross-validation folder with fold*/best.msgpack")
-        members += [(path, weight / len(found)) for path in found]  # the weights already sum to 1
+        members += [Member(path, weight / len(found), mode) for path in found]  # the weights already sum to 1
     return members
 
 
-def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.csv", *, tta: str | None = None,
+def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.csv", *,
+            tta: str | None | Sequence[str | None] = RUN_TTA,
             probs: str | None = None, batch_size: int = 64, image_size: int | None = None,
             crop_pct: float | None = None, num_workers: int | str = "auto", parallel: str = "pmap",
             num_devices: int | None = None, dtype: str = "float32", weights: Sequence[float] | None = None,
             progress: bool = True) -> PredictResult:
     """Predict every record of `test` (in file order) and write `id,label` to `out`.
 
-    Image size and centre crop default to what the checkpoint was validated with.
+    Image size and centre crop default to what the checkpoint was validated with, and `tta` to
+    what its run's out-of-fold predictions used (`RUN_TTA`; None: no TTA, "hflip": mirrored too).
 
     Several checkpoints (or run folders, or cross-validation folders: see `ensemble_members`)
-    make an ensemble: each member predicts with its own eval transform and image size (and
-    `tta`), and the probabilities are averaged with `weights` (default equal), so backbones,
-    backends and image sizes mix.
+    make an ensemble: each member predicts with its own eval transform, image size and TTA
+    (`tta` one mode for all, or one per checkpoint), and the probabilities are averaged with
+    `weights` (default equal), so backbones, backends and image sizes mix.
 
     Multi-host: every process runs `predict` with the same arguments (`batch_size` is the
     global batch) and predicts its slice of each batch; process 0 gathers the rows and
@@ -91,13 +124,13 @@ def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.c
     if len(dataset) == 0:
         raise ValueError(f"{test}: the test set holds no records; nothing to predict")
     ids, prob = None, 0.0
-    for member, weight in ensemble_members(checkpoint, weights):
+    for member in ensemble_members(checkpoint, weights, tta):
         member_ids, member_prob = predict_dataset(
-            member, dataset, tta=tta, batch_size=batch_size, image_size=image_size, crop_pct=crop_pct,
+            member.checkpoint, dataset, tta=member.tta, batch_size=batch_size, image_size=image_size, crop_pct=crop_pct,
             num_workers=num_workers, parallel=parallel, num_devices=num_devices, dtype=dtype, progress=progress,
             source=test)
         ids = member_ids if ids is None else ids
-        prob = prob + weight * member_prob.astype(np.float64)
+        prob = prob + member.weight * member_prob.astype(np.float64)
     prob = np.asarray(prob, dtype=np.float32)
     labels = prob.argmax(-1)
     files = [out] + ([probs] if probs else [])
@@ -119,17 +152,19 @@ def predict_program(par_key: tuple, module: Any, mean: tuple, std: tuple, dtype:
         predict_step, module=module, mean=mean, std=std, dtype=COMPUTE_DTYPES[dtype], tta=tta))
 
 
-def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | None = None, batch_size: int = 64,
+def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | None = RUN_TTA, batch_size: int = 64,
                     image_size: int | None = None, crop_pct: float | None = None,
                     num_workers: int | str = "auto", parallel: str = "pmap", num_devices: int | None = None,
                     dtype: str = "float32", progress: bool = True,
                     source: str = "the dataset") -> tuple[np.ndarray, np.ndarray]:
     """`(ids, probabilities)` of every record of `dataset`, in dataset order, from `checkpoint`
-    with its eval transform (the dataset's own transform is replaced). Multi-host: every process
-    calls it and gets every row."""
+    with its eval transform (the dataset's own transform is replaced) and `tta` (`RUN_TTA`: its
+    run's). Multi-host: every process calls it and gets every row."""
     progress = progress and distributed.is_main()
     module, variables, saved = load_checkpoint(checkpoint)
     data = saved.data if saved is not None else None  # None: a plain model file
+    if tta == RUN_TTA:
+        tta = saved.config.get("tta") if saved is not None else None
     size = image_size or (data.image_size if data else int(module.pretrained_cfg["input_size"][-1]))
     crop = crop_pct if crop_pct is not None else (data.crop_pct if data else float(module.pretrained_cfg["crop_pct"]))
     par = Parallel(parallel, select_devices(num_devices))

@@ -618,8 +618,10 @@ def stop_line(run: Run, reason: str) -> str:
     total = len(run.train_loader)
     where = (f"after epoch {epoch}" if batch == 0 else
              f"at step {epoch * total + batch} (epoch {epoch + 1}, batch {batch} of {total})")
+    # A fold's run resumes through its cross-validation folder: the stopped fold, then the rest.
+    out = os.path.dirname(os.path.normpath(run.config.out)) if run.config.folds else run.config.out
     return (f"stopped by {reason} {where}: wrote {run.checkpoints.latest()}; "
-            f"continue with: torch2flax train --resume {run.config.out}")
+            f"continue with: torch2flax train --resume {out}")
 
 
 def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | None = None,
@@ -722,12 +724,13 @@ def fit_run(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int
                 if row is None:
                     break
                 images_per_sec = row["images_per_sec"] or images_per_sec
-                if epoch + 1 < end:
-                    if schedule.out_of_time():
-                        stop.request("time limit")
-                    agree(stop)
-                    if stop.requested:
-                        break
+                if epoch + 1 < end and schedule.out_of_time():
+                    stop.request("time limit")
+                # After the last epoch too: a signal one process got in it is every process's, so
+                # all return the same `stopped` (fit_folds then skips the same OOF step everywhere).
+                agree(stop)
+                if stop.requested:
+                    break
         finally:
             run.checkpoints.close()  # the save in flight is committed (or its error raised) here
     if stop.requested and distributed.is_main():
