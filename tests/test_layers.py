@@ -48,8 +48,10 @@ def test_conv_paths_agree_in_value_and_gradient(case):
     np.testing.assert_allclose(y_mm, ref, rtol=1e-5, atol=1e-5)
 
 
+# Unit stride takes the hand-written gradient (an even kernel with uneven padding too); strides, autodiff.
 @pytest.mark.parametrize("k,s,pad,d", [(3, 1, ((1, 1), (1, 1)), 1), (5, 2, ((2, 2), (2, 2)), 1),
-                                       (3, 1, ((2, 2), (2, 2)), 2), (3, 2, ((0, 1), (0, 1)), 1)])
+                                       (3, 1, ((2, 2), (2, 2)), 2), (3, 2, ((0, 1), (0, 1)), 1),
+                                       (4, 1, ((1, 2), (2, 1)), 1)])
 def test_depthwise_path_equals_grouped_convolution(k, s, pad, d):
     import jax
     import jax.numpy as jnp

@@ -122,11 +122,16 @@ def depthwise_conv(
 
     Same result as `lax.conv_general_dilated(..., feature_group_count=C)`. XLA fuses the taps
     into one elementwise loop instead of its grouped-convolution emitter, whose backward pass is
-    as slow as a dense convolution's (jax-ml/jax#13800, GPU; #23713, CPU). The gradient is
-    written by hand (`_depthwise_bwd`): autodiff of the tap sum pads the output gradient once
-    per tap, while the input gradient is one tap sum again. Measurements: docs/benchmarks.md.
+    as slow as a dense convolution's (jax-ml/jax#13800, GPU; #23713, CPU). At unit stride the
+    gradient is written by hand (`_depthwise_bwd`): autodiff of the tap sum pads the output
+    gradient once per tap, while the input gradient is one tap sum of the gradient padded once.
+    Strided layers keep autodiff (the hand version's zero-spread gradient ran slower there).
+    Measurements: docs/benchmarks.md.
     """
-    return _depthwise(x, kernel, tuple(strides), tuple(map(tuple, padding)), tuple(dilation))
+    strides, padding, dilation = tuple(strides), tuple(map(tuple, padding)), tuple(dilation)
+    if strides == (1, 1):
+        return _depthwise(x, kernel, padding, dilation)
+    return _depthwise_taps(x, kernel, strides, padding, dilation)
 
 
 def _depthwise_taps(x: Array, kernel: Array, strides, padding, dilation) -> Array:
@@ -139,31 +144,27 @@ def _depthwise_taps(x: Array, kernel: Array, strides, padding, dilation) -> Arra
     return out.astype(x.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _depthwise(x: Array, kernel: Array, strides, padding, dilation) -> Array:
-    return _depthwise_taps(x, kernel, strides, padding, dilation)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x: Array, kernel: Array, padding, dilation) -> Array:
+    return _depthwise_taps(x, kernel, (1, 1), padding, dilation)
 
 
-def _depthwise_fwd(x, kernel, strides, padding, dilation):
-    return _depthwise_taps(x, kernel, strides, padding, dilation), (x, kernel)
+def _depthwise_fwd(x, kernel, padding, dilation):
+    return _depthwise_taps(x, kernel, (1, 1), padding, dilation), (x, kernel)
 
 
-def _depthwise_bwd(strides, padding, dilation, res, g):
+def _depthwise_bwd(padding, dilation, res, g):
     """Kernel gradient: per tap, the sum over batch and map of (window x g). Input gradient: g
-    spread to its strided positions (interior zeros), padded by the kernel's reach and summed
-    over the flipped taps, then the convolution's padding cut off."""
+    padded by the kernel's reach and summed over the flipped taps, the convolution's padding cut off."""
     x, kernel = res
-    (kh, kw), (sh, sw), (dh, dw) = kernel.shape[:2], strides, dilation
-    xp, out_hw = _padded(x, (kh, kw), strides, padding, dilation)
+    (kh, kw), (dh, dw) = kernel.shape[:2], dilation
+    xp, out_hw = _padded(x, (kh, kw), (1, 1), padding, dilation)
     acc = jnp.promote_types(x.dtype, jnp.float32)
     g = g.astype(acc)
     dk = jnp.stack([jnp.sum(window.astype(acc) * g, axis=(0, 1, 2))
-                    for _, _, window in kernel_taps(xp, (kh, kw), out_hw, strides, dilation)])
+                    for _, _, window in kernel_taps(xp, (kh, kw), out_hw, (1, 1), dilation)])
     reach = ((kh - 1) * dh, (kw - 1) * dw)
-    # Rows/columns of xp past the last tap's reach get no gradient (a stride that does not divide).
-    tail = tuple(xp.shape[1 + a] - ((out_hw[a] - 1) * strides[a] + 1) for a in (0, 1))
-    spread = lax.pad(g, jnp.zeros((), acc), ((0, 0, 0), (reach[0], tail[0], sh - 1), (reach[1], tail[1], sw - 1),
-                                              (0, 0, 0)))
+    spread = jnp.pad(g, ((0, 0), (reach[0],) * 2, (reach[1],) * 2, (0, 0)))  # xp's size + the reach
     dxp = None
     for i in range(kh):
         for j in range(kw):
