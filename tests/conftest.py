@@ -63,10 +63,10 @@ _LONGEST_FIRST = ("test_export.py", "test_train.py", "test_multihost.py", "test_
 _SLOW = (
     "tests/test_finetune.py", "tests/test_multihost.py", "tests/test_demo.py", "tests/test_notebook.py",
     "tests/test_cross_stack.py", "tests/test_packaging.py",
-    "tests/test_train.py::test_cli_train", "tests/test_train.py::test_fit_", "tests/test_train.py::test_one_device",
+    "tests/test_train.py::test_fit_", "tests/test_train.py::test_one_device",
     "tests/test_train.py::test_jit_layout", "tests/test_train.py::test_resume", "tests/test_train.py::test_non_finite",
     "tests/test_train.py::test_predict", "tests/test_train.py::test_interrupted", "tests/test_train.py::test_slow_input",
-    "tests/test_train.py::test_sigterm", "tests/test_train.py::test_a_time_limit", "tests/test_train.py::test_skip_bad",
+    "tests/test_train.py::test_a_time_limit", "tests/test_train.py::test_skip_bad",
     "tests/test_train.py::test_a_save_cut_short", "tests/test_train.py::test_a_train_process_signalled", "tests/test_train.py::test_predict_ensembles", "tests/test_cv.py::test_fold_all", "tests/test_cv.py::test_a_fold_killed",
     "tests/test_export.py::test_eval_parity[", "tests/test_export.py::test_train_step_parity[",
     "tests/test_export.py::test_full_size",

@@ -13,7 +13,6 @@ import pytest
 
 from tests.helpers import (
     PACED_CLI,
-    console_script,
     remove_unless_failed,
     save_reduced_resnet18,
     write_flower_splits,
@@ -97,36 +96,6 @@ def reference(flowers, tmp_path_factory, request):
     result = fit(_config(globs, out, num_devices=8), progress=False)
     yield result, _params(out)
     remove_unless_failed(request, out, failed)  # ~80 MB of checkpoints
-
-
-def test_cli_train_equals_the_api_run_and_writes_artifacts(flowers, one_device, tmp_path):
-    """`torch2flax train` in a fresh process, with 2 loader workers, reproduces the in-process
-    1-device run (same config, no workers) and writes every artifact. Learning itself is
-    held to a bar in `test_fit_on_one_device_learns`; here, equality is the check."""
-    _, globs = flowers
-    ref_result, ref_out = one_device
-    ref_params = _params(ref_out)
-    out = tmp_path / "run"
-    cmd = [console_script(), "train", "--train", globs["train"], "--val", globs["val"],
-           "--model", "resnet18", "--init", _init(globs["train"]), "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE),
-           "--crop-pct", "1.0", "--scale-min", "0.5", "--batch-size", "32", "--epochs", "2", "--lr", "2e-3",
-           "--warmup-epochs", "0.5", "--num-workers", "2", "--num-devices", "1", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # conftest's XLA_FLAGS
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "wrote to" in proc.stdout and "best validation macro F1" in proc.stdout
-    first = proc.stdout.splitlines()[0]  # the doctor's summary comes first: versions, devices, warnings
-    assert first.startswith("doctor: jax ") and " cpu x8 (1 process) " in first and " warning" in first, first
-    for name in ("config.json", "metrics.csv", "curves.png", "best.msgpack"):
-        assert (out / name).stat().st_size > 0, name
-    assert sorted(os.listdir(out / "checkpoints")) == ["16", "8"]  # both epochs' ends: the newest 2 kept
-    with open(out / "metrics.csv") as f:
-        rows = list(csv.DictReader(f))
-    assert [int(r["epoch"]) for r in rows] == [0, 1]
-    for row, ref in zip(rows, ref_result.history, strict=True):
-        assert float(row["train_loss"]) == pytest.approx(ref["train_loss"], rel=1e-6)
-        assert float(row["val_macro_f1"]) == pytest.approx(ref["val_macro_f1"], abs=1e-9)
-    assert _rel_diff(_params(out), ref_params) < 1e-6
-    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -445,74 +414,14 @@ def _assert_equals_straight(history, out, straight_result, straight_out):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
-def _signal_in_epoch_2(monkeypatch, sig):
-    """Send `sig` to this process as the 5th training batch of the second epoch is loaded."""
-    from torch2flax.train import trainer
-
-    real = trainer.host_batches
-
-    def sending(loader, bad):
-        for i, batch in enumerate(real(loader, bad)):
-            if getattr(loader, "train", False) and loader.epoch == 1 and i == 4:
-                os.kill(os.getpid(), sig)
-            yield batch
-
-    monkeypatch.setattr(trainer, "host_batches", sending)
-
-
-def test_sigterm_stops_after_the_step_with_a_checkpoint_that_resumes_exactly(flowers, one_device, tmp_path,
-                                                                              monkeypatch, capsys):
-    """`torch2flax train --checkpoint-every 3` gets SIGTERM in epoch 2: it finishes the step, writes
-    last.msgpack with the loader position, says so and exits 143; `--resume` then ends exactly
-    where the uninterrupted run ends."""
-    import signal
-
-    from torch2flax.cli import main
-    from torch2flax.train import trainer
-    from torch2flax.train.checkpoint import load_checkpoint
-
-    _, globs = flowers
-    straight_result, straight = one_device
-    out = tmp_path / "run"
-    saves = []
-    real_save = trainer.save_checkpoints
-
-    def save(run, state, epoch, improved, **kw):
-        saves.append((epoch, kw.get("batch", 0)))
-        return real_save(run, state, epoch, improved, **kw)
-
-    monkeypatch.setattr(trainer, "save_checkpoints", save)
-    _signal_in_epoch_2(monkeypatch, signal.SIGTERM)
-    config = _config(globs, out, num_devices=1)
-    argv = ["train", "--train", globs["train"], "--val", globs["val"], "--init", config.init, "--model", "resnet18",
-            "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0", "--scale-min", "0.5",
-            "--batch-size", "32", "--epochs", "2", "--lr", "2e-3", "--warmup-epochs", "0.5", "--num-workers", "0",
-            "--num-devices", "1", "--out", str(out), "--checkpoint-every", "3", "--quiet"]
-    assert main(argv) == 128 + signal.SIGTERM
-    _, _, saved = load_checkpoint(out)
-    assert saved.epoch == 0 and 0 < saved.batch < 8 and saved.partial["steps"] == saved.batch, saved
-    assert saves[:3] == [(-1, 3), (-1, 6), (0, 0)]  # global steps 3 and 6, then the end of epoch 1
-    assert saves[-1] == (0, saved.batch)
-    # Orbax keeps the newest 2 (--keep-checkpoints), written in the background (the default).
-    steps = [str(8 * (epoch + 1) + batch) for epoch, batch in saves]  # 3, 6, 8, 9, then the stop's
-    assert sorted(os.listdir(out / "checkpoints"), key=int) == steps[-2:]
-    stdout = capsys.readouterr().out
-    assert (f"stopped by SIGTERM at step {8 + saved.batch} (epoch 2, batch {saved.batch} of 8): wrote "
-            f"{out / 'checkpoints' / str(8 + saved.batch)}; continue with: torch2flax train --resume {out}") in stdout
-    assert f"wrote to {out}" in stdout
-    monkeypatch.undo()
-
-    assert main(["train", "--resume", str(out), "--quiet"]) == 0
-    _assert_equals_straight(artifacts_history(out), out, straight_result, straight)
-
-
-# SIGKILL (the process dies at once; the newest committed checkpoint stands) is the same scenario
-# on a cross-validation fold: tests/test_cv.py::test_a_fold_killed_partway_resumes_exactly.
-@pytest.mark.parametrize("sig", ["SIGTERM"])
-def test_a_train_process_signalled_mid_epoch_resumes_exactly(flowers, one_device, tmp_path, sig):
-    """A `torch2flax train --checkpoint-every 1` process gets SIGTERM in epoch 2: it finishes the
-    step, writes the checkpoint at that step and exits 143 within seconds; `--resume` then ends
-    where the uninterrupted run ends (loss rel 1e-6, weights 1e-6)."""
+def test_a_train_process_signalled_mid_epoch_resumes_exactly(flowers, one_device, tmp_path):
+    """`torch2flax train` in a fresh process, with 2 loader workers and `--checkpoint-every 3`, gets
+    SIGTERM from outside in epoch 2: it checkpointed at global steps 3, 6, the end of epoch 1 (8)
+    and 9; it finishes the step, writes the checkpoint at that step, says so and exits 143 within
+    seconds. `--resume` (in this process, no workers) then ends where the uninterrupted in-process
+    run (no workers) ends, loss rel 1e-6 and weights 1e-6, with every artifact written. SIGKILL (the
+    newest committed checkpoint stands) is the same scenario on a fold:
+    tests/test_cv.py::test_a_fold_killed_partway_resumes_exactly."""
     import signal
     import sys
     import time
@@ -526,32 +435,40 @@ def test_a_train_process_signalled_mid_epoch_resumes_exactly(flowers, one_device
     argv = ["train", "--train", globs["train"], "--val", globs["val"], "--init", _init(globs["train"]),
             "--model", "resnet18", "--num-classes", str(NUM_CLASSES), "--image-size", str(SIZE), "--crop-pct", "1.0",
             "--scale-min", "0.5", "--batch-size", "32", "--epochs", "2", "--lr", "2e-3", "--warmup-epochs", "0.5",
-            "--num-workers", "0", "--num-devices", "1", "--out", str(out), "--checkpoint-every", "1", "--quiet"]
+            "--num-workers", "2", "--num-devices", "1", "--out", str(out), "--checkpoint-every", "3",
+            "--keep-checkpoints", "10"]
     proc = subprocess.Popen([sys.executable, "-c", PACED_CLI, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True)  # conftest's XLA_FLAGS: 8 devices, 1 used
 
-    def newest() -> int:
-        found = latest_step_dir(out / "checkpoints")
-        return int(os.path.basename(found)) if found else 0
+    def steps() -> list[int]:
+        return sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) \
+            if (out / "checkpoints").is_dir() else []
 
     deadline = time.monotonic() + 300
-    while newest() < 11 and proc.poll() is None and time.monotonic() < deadline:
+    while latest_step_dir(out / "checkpoints") is None or 9 not in steps():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
         time.sleep(0.02)
-    assert proc.poll() is None, proc.communicate()[1][-3000:]  # still in epoch 2 (steps 9-16)
-    sent = time.monotonic()
-    proc.send_signal(getattr(signal, sig))
+    sent = time.monotonic()  # in epoch 2 (steps 9-16), paced at 0.25 s a batch
+    proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=120)
     took = time.monotonic() - sent
-    step = newest()
-    assert 11 <= step < 16, (step, stderr[-2000:])
-    if sig == "SIGTERM":
-        assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
-        assert f"stopped by SIGTERM at step {step} (epoch 2, batch {step - 8} of 8)" in stdout, stdout
-        assert took < 20, took  # one paced step, the save, and the interpreter's exit
-    else:
-        assert proc.returncode == -signal.SIGKILL
-    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    written = steps()
+    step = written[-1]
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert written == [3, 6, 8, 9, step] and 10 <= step < 16, (written, stderr[-2000:])
+    assert took < 20, took  # one paced step, the save, and the interpreter's exit
+    assert (f"stopped by SIGTERM at step {step} (epoch 2, batch {step - 8} of 8): wrote "
+            f"{out / 'checkpoints' / str(step)}; continue with: torch2flax train --resume {out}") in stdout, stdout
+    assert f"wrote to {out}" in stdout
+    first = stdout.splitlines()[0]  # the doctor's summary comes first: versions, devices, warnings
+    assert first.startswith("doctor: jax ") and " cpu x8 (1 process) " in first and " warning" in first, first
+
+    assert main(["train", "--resume", str(out), "--num-workers", "0", "--quiet"]) == 0
     _assert_equals_straight(artifacts_history(out), out, straight_result, straight)
+    assert steps()[-2:] == [15, 16]  # the cadence goes on from the resumed step; the end of epoch 2
+    for name in ("config.json", "metrics.csv", "curves.png", "best.msgpack"):
+        assert (out / name).stat().st_size > 0, name
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def artifacts_history(out):
