@@ -358,6 +358,24 @@ def test_slow_input_prints_the_data_wait_hint_once(flowers, tmp_path, capsys, mo
             "workers: raise --num-workers") in hints[0]
 
 
+def test_curves_leave_the_users_matplotlib_backend_alone(tmp_path):
+    """A notebook's inline backend stays on after `fit` draws curves.png (no `matplotlib.use`)."""
+    import matplotlib
+
+    from torch2flax.train.artifacts import plot_curves
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # any backend but Agg stands in for the notebook's
+    try:
+        rows = [{"epoch": e, "train_loss": 1.0 / (e + 1), "val_loss": 1.1 / (e + 1), "val_macro_f1": 0.3 * e}
+                for e in range(3)]
+        plot_curves(str(tmp_path / "curves.png"), rows)
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_data_wait_hint_wording_and_bar():
     """The hint's decision and advice (a real fast run measured waits of 0.0% and 2.3% with 2
     workers at batch 64: `benchmarks/loader.py` measures the pipeline, not this suite)."""

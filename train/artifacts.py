@@ -44,14 +44,19 @@ def append_bad_images_csv(path: str, epoch: int, rows: Sequence[tuple[str, str]]
 
 
 def plot_curves(path: str, rows: Sequence[dict]) -> None:
-    """Loss (train and validation) and validation macro F1 per epoch."""
-    import matplotlib
+    """Loss (train and validation) and validation macro F1 per epoch.
 
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    Drawn on a `Figure` with its own Agg canvas, not through pyplot: no global figure state and no
+    `matplotlib.use`, which in a notebook would switch the user's inline backend off. Fixed
+    margins instead of `tight_layout`, which draws the figure a second time (every epoch)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     epochs = [r["epoch"] + 1 for r in rows]
-    fig, (ax_loss, ax_f1) = plt.subplots(1, 2, figsize=(9, 3.5))
+    fig = Figure(figsize=(9, 3.5))
+    FigureCanvasAgg(fig)
+    ax_loss, ax_f1 = fig.subplots(1, 2)
+    fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], marker="o", label="validation")
     ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
@@ -60,8 +65,6 @@ def plot_curves(path: str, rows: Sequence[dict]) -> None:
     ax_f1.set(xlabel="epoch", ylabel="macro F1", title="Validation macro F1", ylim=(0, 1.02))
     for ax in (ax_loss, ax_f1):
         ax.grid(alpha=0.3)
-    fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
     atomic_write(path, buf.getvalue())

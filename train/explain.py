@@ -183,10 +183,10 @@ def write_gradcam(checkpoint: str, images: str, out: str, *, layer: str | None =
     size (PNG "Title": predicted and true class) and `grid.png`. Returns (files, layer)."""
     import os
 
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    # A Figure with its own Agg canvas, not pyplot: `matplotlib.use` would switch a notebook's
+    # inline backend off (as in `artifacts.plot_curves`).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from PIL import Image, PngImagePlugin
 
     from torch2flax.loaders import normalize_on_device
@@ -228,7 +228,9 @@ def write_gradcam(checkpoint: str, images: str, out: str, *, layer: str | None =
         files.append(path)
     cols = min(len(samples), 4)
     rows = -(-len(samples) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.4 * rows), squeeze=False)
+    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, s, h, t in zip(axes.flat, samples, heat, titles):
@@ -239,5 +241,4 @@ def write_gradcam(checkpoint: str, images: str, out: str, *, layer: str | None =
     fig.tight_layout()
     grid = os.path.join(out, "grid.png")
     fig.savefig(grid, dpi=100)
-    plt.close(fig)
     return [*files, grid], layer
