@@ -9,6 +9,7 @@ time of `jax.grad` of a sum over the layer's output (forward + backward), and th
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import jax
@@ -60,9 +61,9 @@ def main(argv: list[str] | None = None) -> None:
         x = jnp.asarray(rng.standard_normal((args.batch, size, size, ch), dtype=np.float32))
         w = jnp.asarray(rng.standard_normal((k, k, 1, ch), dtype=np.float32))
         strides, pad = (s, s), ((k // 2, k // 2), (k // 2, k // 2))
-        fns = (lambda x, w: layers.depthwise_conv(x, w, strides, pad),
-               lambda x, w: layers._depthwise_taps(x, w, strides, pad, (1, 1)),  # no custom VJP: autodiff
-               lambda x, w: _grouped(x, w, strides, pad))
+        fns = (functools.partial(layers.depthwise_conv, strides=strides, padding=pad),
+               functools.partial(layers._depthwise_taps, strides=strides, padding=pad, dilation=(1, 1)),  # autodiff
+               functools.partial(_grouped, strides=strides, padding=pad))
         results = [_time(fn, x, w, args.repeats) for fn in fns]
         totals += [r[1] for r in results]
         cells = " | ".join(f"{c:.2f} s / {r * 1e3:.1f} ms" for c, r in results)
