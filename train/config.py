@@ -13,6 +13,9 @@ from torch2flax.backend import backend_names
 DEFAULT_MODEL = "resnet18"
 
 
+TTA_MODES = (None, "hflip")  # test-time augmentation: none, or the mirrored images too
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs; saved to `out/config.json` so a run can resume."""
@@ -118,7 +121,7 @@ class TrainConfig:
                     raise ValueError(f"config.{name}={getattr(self, name)!r}: {e}") from None
 
     def _check_folds(self) -> None:
-        if self.tta not in (None, "hflip"):
+        if self.tta not in TTA_MODES:
             raise ValueError(f"config.tta={self.tta!r}: expected None or 'hflip'")
         if isinstance(self.fold, str) and self.fold.strip().isdigit():
             self.fold = int(self.fold)

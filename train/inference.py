@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import load_checkpoint
+from torch2flax.train.config import TTA_MODES
 from torch2flax.train.cv import ensemble_weights
 from torch2flax.train.parallel import Parallel, select_devices
 from torch2flax.train.steps import COMPUTE_DTYPES, predict_step
@@ -43,7 +44,6 @@ def submission_csv(ids: np.ndarray, labels: np.ndarray) -> str:
 # `tta=RUN_TTA`: each checkpoint predicts with the test-time augmentation its run's out-of-fold
 # predictions used (its config's `tta`; none for a model file), as it does with its image size.
 RUN_TTA = "run"
-TTA_MODES = (None, "hflip")
 
 
 @dataclass(frozen=True)
