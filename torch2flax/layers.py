@@ -154,8 +154,9 @@ def _depthwise_fwd(x, kernel, padding, dilation):
 
 
 def _depthwise_bwd(padding, dilation, res, g):
-    """Kernel gradient: per tap, the sum over batch and map of (window x g). Input gradient: g
-    padded by the kernel's reach and summed over the flipped taps, the convolution's padding cut off."""
+    """Kernel gradient: per tap, the sum over batch and map of (window x g). Input gradient: the
+    same tap sum over g padded by the kernel's reach, with the kernel flipped (the padded input's
+    gradient), the convolution's padding cut off."""
     x, kernel = res
     (kh, kw), (dh, dw) = kernel.shape[:2], dilation
     xp, out_hw = _padded(x, (kh, kw), (1, 1), padding, dilation)
@@ -163,15 +164,8 @@ def _depthwise_bwd(padding, dilation, res, g):
     g = g.astype(acc)
     dk = jnp.stack([jnp.sum(window.astype(acc) * g, axis=(0, 1, 2))
                     for _, _, window in kernel_taps(xp, (kh, kw), out_hw, (1, 1), dilation)])
-    reach = ((kh - 1) * dh, (kw - 1) * dw)
-    spread = jnp.pad(g, ((0, 0), (reach[0],) * 2, (reach[1],) * 2, (0, 0)))  # xp's size + the reach
-    dxp = None
-    for i in range(kh):
-        for j in range(kw):
-            top, left = reach[0] - i * dh, reach[1] - j * dw
-            window = lax.slice(spread, (0, top, left, 0), (g.shape[0], top + xp.shape[1], left + xp.shape[2], g.shape[3]))
-            y = window * kernel[i, j, 0].astype(acc)
-            dxp = y if dxp is None else dxp + y
+    reach = ((kh - 1) * dh,) * 2, ((kw - 1) * dw,) * 2
+    dxp = _depthwise_taps(g, kernel[::-1, ::-1], (1, 1), reach, dilation)  # xp's size
     (top, _), (left, _) = padding
     dx = lax.slice(dxp, (0, top, left, 0), (dxp.shape[0], top + x.shape[1], left + x.shape[2], dxp.shape[3]))
     return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
