@@ -496,8 +496,9 @@ def artifacts_history(out):
 
 
 def test_a_time_limit_stops_mid_epoch_with_status_0_and_resumes_exactly(flowers, one_device, tmp_path, monkeypatch):
-    """A fake clock that moves 0.5 s per reading: the 14 s limit ends the run in epoch 2, leaving room
-    for another step and a checkpoint; the resumed run (without a limit) is the straight run."""
+    """A fake clock that moves 0.5 s per reading: the 18 s limit ends the run in epoch 2, leaving room
+    for another step and a checkpoint (batch 3 of 8; the write is timed on the same fake clock, so the
+    machine's real write time cannot move the stop); the resumed run (without a limit) is the straight run."""
     import functools
     import itertools
 
@@ -510,7 +511,7 @@ def test_a_time_limit_stops_mid_epoch_with_status_0_and_resumes_exactly(flowers,
     ticks = itertools.count(0.0, 0.5)
     monkeypatch.setattr(trainer, "Schedule", functools.partial(Schedule, clock=lambda: next(ticks)))
     # Synchronous saves, one kept: the same exact resume as the background saves above.
-    result = fit(_config(globs, tmp_path, num_devices=1, time_limit="14s", async_checkpoints=False,
+    result = fit(_config(globs, tmp_path, num_devices=1, time_limit="18s", async_checkpoints=False,
                          keep_checkpoints=1), progress=False)
     assert (result.stopped, result.exit_status, len(result.history)) == ("time limit", 0, 1)
     _, _, saved = load_checkpoint(tmp_path)

@@ -20,6 +20,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -196,15 +197,18 @@ class TrainingCheckpoints:
     """
 
     def __init__(self, directory: str | os.PathLike, *, keep: int = 2, asynchronous: bool = True,
-                 measure_write: bool = False):
+                 measure_write: bool = False, clock: Callable[[], float] = time.perf_counter):
         import orbax.checkpoint as ocp
 
         self.directory = os.path.abspath(directory)
         self.asynchronous = asynchronous
         # Seconds one checkpoint takes to write, for a time limit's margin: every synchronous save,
         # or with `measure_write` the first asynchronous one (waited on once, since an
-        # asynchronous save returns before its write is done).
+        # asynchronous save returns before its write is done). `clock` is the time limit's own
+        # clock, so that the margin is measured in one time base (and a test's fake clock is
+        # not mixed with this machine's real write time).
         self.write_seconds = 0.0
+        self._clock = clock
         self._measure = measure_write
         self._closed = False
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -220,14 +224,14 @@ class TrainingCheckpoints:
 
         if train.step in self._manager.all_steps():  # a stop right after a save: that one stands
             return os.path.join(self.directory, str(train.step))
-        started = time.perf_counter()
+        started = self._clock()
         arrays, meta = _split(module, variables, train)
         arrays = jax.tree_util.tree_map(np.array, arrays)
         self._manager.save(train.step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta)))
         if not self.asynchronous or (self._measure and not self.write_seconds):
             self.wait()
-            self.write_seconds = time.perf_counter() - started
+            self.write_seconds = self._clock() - started
         return os.path.join(self.directory, str(train.step))
 
     def wait(self) -> None:

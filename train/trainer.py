@@ -243,7 +243,8 @@ class Run:
     position: tuple[int, int] = (0, 0)  # (epoch, batch) of the last checkpoint written
 
 
-def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None) -> Run:
+def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None,
+          clock: Callable[[], float] = time.monotonic) -> Run:
     """Devices, model (fresh or resumed), loaders, optimiser, compiled steps.
 
     Multi-host: process 0 writes the files (every process takes part in an Orbax save, which
@@ -312,7 +313,7 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None) -> R
     distributed.barrier("torch2flax: run folder ready")
     run.checkpoints = TrainingCheckpoints(paths[CHECKPOINTS], keep=config.keep_checkpoints,
                                           asynchronous=config.async_checkpoints,
-                                          measure_write=config.time_limit is not None)
+                                          measure_write=config.time_limit is not None, clock=clock)
     return run
 
 
@@ -714,7 +715,7 @@ def fit_run(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int
     with StopRequests() as stop:
         schedule = Schedule(Every.parse(config.checkpoint_every) if config.checkpoint_every else None,
                             parse_duration(config.time_limit) if config.time_limit else None)
-        run = setup(config, resume=resume, folds=folds)
+        run = setup(config, resume=resume, folds=folds, clock=schedule.clock)
         run.position = (run.start_epoch, run.start_batch)
         end = config.epochs if stop_after_epochs is None else min(config.epochs, run.start_epoch + stop_after_epochs)
         images_per_sec = 0.0
