@@ -214,16 +214,19 @@ def torn_writes(monkeypatch, torn_at: int) -> list:
 
 
 def save_reduced_resnet18(path, num_classes: int, seed: int = 0):
-    """A randomly initialised (seeded, timm's own init) resnet18 with one block per stage, saved as a
+    """A randomly initialised (seeded, timm's own init) resnet18 with one block per stage and a
+    quarter of the width (timm's `layers=` and `channels=`: 0.3 M parameters), saved as a
     torch2flax model file: the training tests start from it with `init=` / `--init`, the same
-    training loop as a full resnet18 at a fraction of the compile time and checkpoint size (the
-    full-size model trains in the demo and notebook tests). Returns `path`."""
+    native ResNet training loop as a full resnet18 (every layer kind, a projection shortcut in
+    every stage) at a fraction of its step, compile and checkpoint time (the full-size model
+    trains in the demo test). Returns `path`."""
     import torch
 
     import torch2flax
 
     torch.manual_seed(seed)
-    torch2flax.save(path, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1], num_classes=num_classes))
+    torch2flax.save(path, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1], channels=(16, 32, 64, 128),
+                                                 num_classes=num_classes))
     return path
 
 

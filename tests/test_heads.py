@@ -258,8 +258,9 @@ def flowers(tmp_path_factory):
 
 
 def test_mlp_head_trains_saves_loads_and_predicts(small, flowers, tmp_path):
-    """From a reduced resnet18 file with its 1000-class classifier: the trainer drops the
-    classifier, adds the MLP head and learns; `best.msgpack` loads and predicts."""
+    """From a reduced resnet18 file (test_train.py's quarter-width model) with its 1000-class
+    classifier: the trainer drops the classifier, adds the MLP head and learns; `best.msgpack`
+    loads and predicts."""
     import torch2flax
     from torch2flax.heads import HeadModel, MLPHead
     from torch2flax.train import TrainConfig, fit, predict
@@ -269,7 +270,7 @@ def test_mlp_head_trains_saves_loads_and_predicts(small, flowers, tmp_path):
 
     torch.manual_seed(0)
     init = tmp_path / "r18_l1111.msgpack"
-    torch2flax.save(init, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1]))  # 1000 classes
+    torch2flax.save(init, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1], channels=(16, 32, 64, 128)))
     out = tmp_path / "run"
     config = TrainConfig(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES, init=str(init),
                          head="mlp:64,dropout=0.1", image_size=SIZE, crop_pct=1.0, scale_min=0.5,

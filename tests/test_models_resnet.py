@@ -42,8 +42,10 @@ def _flavours() -> list[str]:
 
 
 FLAVOURS = _flavours()
-# (name, layers override or None for full depth)
+NARROW = (16, 32, 64, 128)  # timm's `channels=`: the training tests' quarter-width model
+# (name, layers override or None for full depth[, channels override])
 MODELS = [pytest.param((n, REDUCED), id=f"{n}-l1111") for n in FLAVOURS] + [
+    pytest.param(("resnet18", REDUCED, NARROW), id="resnet18-l1111-narrow"),
     pytest.param(("resnet50", None), id="resnet50-full")]
 
 
@@ -54,7 +56,7 @@ def _bound(ref: np.ndarray) -> float:
 class Pair:
     """A timm model, its conversion, and one jitted eval function reused across input sizes."""
 
-    def __init__(self, name: str, layers: tuple[int, ...] | None):
+    def __init__(self, name: str, layers: tuple[int, ...] | None, channels: tuple[int, ...] | None = None):
         import jax
         import timm
         import torch
@@ -66,9 +68,12 @@ class Pair:
         torch.manual_seed(0)
         self.name = name
         kwargs = {"layers": layers} if layers else {}
+        if channels:
+            kwargs["channels"] = channels
         self.timm = randomize_batchnorm(timm.create_model(name, pretrained=False, **kwargs), seed=1).eval()
         self.module, self.variables = convert(self.timm)
         assert self.module.layers == tuple(layers or get_entry(name).kwargs["layers"])
+        assert self.module.channels == (channels or (64, 128, 256, 512))
         self.shapes, layers_by_path = flax_layers(self.module)
         self.rules = build_rules(self.timm, layers_by_path, get_entry(name).torch_module_types)
         module = self.module
@@ -89,9 +94,10 @@ def pair(request):
     return Pair(*request.param)
 
 
-@pytest.mark.parametrize("name", _registered())
+@pytest.mark.parametrize("name", [*_registered(), "resnet50@narrow"])
 def test_structure_of_every_registered_name(name):
-    """Every torch tensor of the full-size timm model has one Flax leaf of the converted shape."""
+    """Every torch tensor of the full-size timm model has one Flax leaf of the converted shape
+    (`@narrow`: with timm's `channels=` too, which a bottleneck multiplies by its expansion)."""
     import jax
     import timm
     import torch
@@ -99,9 +105,13 @@ def test_structure_of_every_registered_name(name):
     from torch2flax.converter import build_rules, flax_kwargs_from_timm, flax_layers
     from torch2flax.models import create_model, get_entry
 
+    name, narrow = name.split("@")[0], name.endswith("@narrow")
     with torch.device("meta"):  # shapes only: no memory, no init FLOPs
-        model = timm.create_model(name, pretrained=False)
-    module = create_model(name, **flax_kwargs_from_timm(model))
+        model = timm.create_model(name, pretrained=False, **({"channels": NARROW} if narrow else {}))
+    module = create_model(name, **flax_kwargs_from_timm(model), **get_entry(name).flax_kwargs(model))
+    assert module.channels == (NARROW if narrow else (64, 128, 256, 512))
+    assert get_entry(name).timm_kwargs(module) == {"layers": list(module.layers),
+                                                   **({"channels": list(NARROW)} if narrow else {})}
     shapes, layers = flax_layers(module)
     rules = build_rules(model, layers, get_entry(name).torch_module_types)
     torch_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}

@@ -1,8 +1,9 @@
 """Training end to end on a small learnable Flower-schema set (CPU devices).
 
-The runs start from a reduced resnet18 (one block per stage, `init=` / `--init`): the same
-native ResNet training loop as the full model at about half its compile time and a third of
-its checkpoint bytes (the full-size resnet18 trains in the demo and notebook tests)."""
+The runs start from a reduced resnet18 (one block per stage, a quarter of the width: `init=` /
+`--init`, tests/helpers.py): the same native ResNet training loop as the full model at a
+fraction of its step, compile and checkpoint time (the full-size resnet18 trains in the demo
+test)."""
 import csv
 import functools
 import os
@@ -111,11 +112,12 @@ def one_device(flowers, tmp_path_factory, request):
 
 @pytest.mark.parametrize("mixing", [{}, {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}], ids=["plain", "mixup-cutmix"])
 def test_fit_on_one_device_learns(flowers, tmp_path, mixing):
-    """To the same bar with MixUp and CutMix on (their loss is against mixed targets: it falls less)."""
+    """To the same bar with MixUp and CutMix on (their loss is against mixed targets: it falls less).
+    lr 5e-3: the narrow test model learns the task in 4 epochs (measured: F1 1.0 from epoch 3)."""
     from torch2flax.train import fit
 
     _, globs = flowers
-    result = fit(_config(globs, tmp_path, num_devices=1, epochs=4, **mixing), progress=False)
+    result = fit(_config(globs, tmp_path, num_devices=1, epochs=4, lr=5e-3, **mixing), progress=False)
     assert len(result.history) == 4
     assert result.history[-1]["train_loss"] < (0.85 if mixing else 0.7) * result.history[0]["train_loss"]
     assert result.best_macro_f1 >= 0.9, result.history

@@ -124,8 +124,9 @@ def create_model(name: str, **kwargs: Any):
         cfg = pretrained_cfg_from_timm(cfg) if cfg is not None else PretrainedCfg()
     elif not isinstance(cfg, PretrainedCfg):
         cfg = PretrainedCfg(cfg)
-    if isinstance(kwargs.get("layers"), list):
-        kwargs["layers"] = tuple(kwargs["layers"])
+    for key in ("layers", "channels"):  # JSON (a saved model's config) has lists; module fields are hashable
+        if isinstance(kwargs.get(key), list):
+            kwargs[key] = tuple(kwargs[key])
     fields = {f.name for f in dataclasses.fields(entry.constructor)} - {"parent", "name"}
     unknown = sorted(set(kwargs) - fields)
     if unknown:

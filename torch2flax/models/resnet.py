@@ -203,6 +203,7 @@ class ResNet(nn.Module):
 
     block: str = "basic"
     layers: tuple[int, ...] = (2, 2, 2, 2)
+    channels: tuple[int, ...] = (64, 128, 256, 512)  # each stage's planes (timm's `channels=`)
     num_classes: int = 1000
     in_chans: int = 3
     global_pool: str = "avg"
@@ -242,10 +243,10 @@ class ResNet(nn.Module):
         self.bn1 = _bn(cfg, None)
         self.act1 = Activation(nn.relu)
         expansion = (Bottleneck if self.block == "bottleneck" else BasicBlock).expansion
-        if len(self.layers) != 4:
-            raise ValueError(f"ResNet needs 4 stages, got layers={self.layers}")
+        if len(self.layers) != 4 or len(self.channels) != 4:
+            raise ValueError(f"ResNet needs 4 stages, got layers={self.layers}, channels={self.channels}")
         total, idx, stages = sum(self.layers), 0, []
-        for i, (planes, n) in enumerate(zip((64, 128, 256, 512), self.layers)):
+        for i, (planes, n) in enumerate(zip(self.channels, self.layers)):
             stages.append(dict(cfg=cfg, planes=planes, num_blocks=n, stride=1 if i == 0 else 2,
                                in_features=inplanes, first_block_idx=idx, total_blocks=total))
             inplanes, idx = planes * expansion, idx + n
@@ -273,7 +274,7 @@ class ResNet(nn.Module):
         stem = self.stem_width * 2 if "deep" in self.stem_type else 64
         return [{"module": "act1", "num_chs": stem, "reduction": 2}] + [
             {"module": f"layer{i + 1}", "num_chs": planes * expansion, "reduction": 4 * 2 ** i}
-            for i, planes in enumerate((64, 128, 256, 512))]
+            for i, planes in enumerate(self.channels)]
 
     def no_weight_decay(self) -> frozenset[str]:
         """Top-level parameter names exempt from weight decay: none (timm's ResNet has no such set)."""
@@ -292,14 +293,19 @@ class ResNet(nn.Module):
 
 
 def flax_kwargs(model: Any) -> dict[str, Any]:
-    """Family-specific constructor arguments read from a timm ResNet (depths may be overridden
-    through timm's `layers=`, which is how the tests build reduced-depth twins)."""
-    return {"layers": tuple(len(getattr(model, f"layer{i}")) for i in range(1, 5))}
+    """Family-specific constructor arguments read from a timm ResNet (depths and widths may be
+    overridden through timm's `layers=` and `channels=`, which is how the tests build small twins)."""
+    stages = [getattr(model, f"layer{i}") for i in range(1, 5)]
+    # A stage's planes: its first block's output channels over the block's expansion (4 in a bottleneck).
+    channels = tuple(getattr(s[0], "conv3", s[0].conv2).out_channels // s[0].expansion for s in stages)
+    return {"layers": tuple(len(s) for s in stages), "channels": channels}
 
 
 def timm_kwargs(module: ResNet) -> dict[str, Any]:
-    """The timm `create_model` arguments that rebuild `module`'s depths (the inverse of `flax_kwargs`)."""
-    return {"layers": list(module.layers)}
+    """The timm `create_model` arguments that rebuild `module`'s depths and widths (the inverse of
+    `flax_kwargs`; `channels` only where it is not timm's default)."""
+    widths = {} if module.channels == ResNet.channels else {"channels": list(module.channels)}
+    return {"layers": list(module.layers), **widths}
 
 
 MODEL_CLASS = ResNet
