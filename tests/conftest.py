@@ -52,9 +52,9 @@ def pytest_configure(config):
 # The longest test files, longest first: with `--dist loadfile --no-loadscope-reorder` (Makefile)
 # pytest-xdist hands out files in collection order (by default it orders them by test count, which
 # sent the 2-test, 3-minute shell fine-tune file last: one worker ran it alone for 3 minutes).
-_LONGEST_FIRST = ("test_export.py", "test_train.py", "test_multihost.py", "test_finetune.py", "test_ops.py",
-                  "test_export_api.py", "test_notebook.py", "test_heads.py", "test_cv.py", "test_models_resnet.py",
-                  "test_demo.py", "test_explain.py", "test_layers.py")
+_LONGEST_FIRST = ("test_export.py", "test_train.py", "test_demo.py", "test_finetune.py", "test_multihost.py",
+                  "test_models_resnet.py", "test_notebook.py", "test_export_api.py", "test_heads.py", "test_ops.py",
+                  "test_cv.py", "test_explain.py", "test_io.py", "test_layers.py")
 
 
 # The slow tier (`-m slow`): subprocess and shell runs, fits, full-size models, and every exported

@@ -53,27 +53,24 @@ def test_wheel_carries_every_source_file_of_the_three_folders(wheel):
         assert not missing, f"{folder}/ files missing from the wheel under {package}/: {missing}"
 
 
-def test_user_train_and_loaders_modules_do_not_shadow_the_toolkit(tmp_path):
+def test_user_train_and_loaders_modules_do_not_shadow_the_toolkit_and_entry_points_resolve(tmp_path):
+    """In a fresh process, from a folder with a user's own train.py and loaders.py: the toolkit's
+    modules are imported, and the top-level names resolve to the subpackages' objects."""
     (tmp_path / "train.py").write_text("raise SystemExit('the user train.py was imported')\n")
     (tmp_path / "loaders.py").write_text("raise SystemExit('the user loaders.py was imported')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    code = ("from torch2flax.train import fit; from torch2flax.loaders import TFRecordDataset; "
-            "import torch2flax; assert torch2flax.fit is fit and torch2flax.TFRecordDataset is TFRecordDataset; "
-            "print(fit.__module__, TFRecordDataset.__module__)")
+    code = ("from torch2flax.train import fit, predict, TrainConfig; from torch2flax.loaders import TFRecordDataset, "
+            "make_loader; import torch2flax; assert torch2flax.fit is fit and torch2flax.TFRecordDataset is "
+            "TFRecordDataset; assert torch2flax.make_loader is make_loader and torch2flax.predict is predict; "
+            "assert torch2flax.TrainConfig is TrainConfig; print(fit.__module__, TFRecordDataset.__module__); "
+            "print(sorted(torch2flax.__all__))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["torch2flax.train.trainer", "torch2flax.loaders.tfrecord"]
+    modules, names = out.stdout.splitlines()
+    assert modules.split() == ["torch2flax.train.trainer", "torch2flax.loaders.tfrecord"]
+    for name in ("convert", "save", "load", "TFRecordDataset", "make_loader", "fit", "predict"):
+        assert f"'{name}'" in names
     out = subprocess.run([console_script(), "train", "--help"], cwd=tmp_path, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "usage: torch2flax train" in out.stdout and "--num-classes" in out.stdout
-
-
-def test_top_level_entry_points_resolve():
-    code = ("import torch2flax; from torch2flax.loaders import make_loader; from torch2flax.train import predict, TrainConfig; "
-            "assert torch2flax.make_loader is make_loader and torch2flax.predict is predict; "
-            "assert torch2flax.TrainConfig is TrainConfig; print(sorted(torch2flax.__all__))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    for name in ("convert", "save", "load", "TFRecordDataset", "make_loader", "fit", "predict"):
-        assert f"'{name}'" in out.stdout
