@@ -4,7 +4,9 @@ timm architectures through the exported-graph backend (random init: no hub here)
 fresh process as a user runs them, held to the training tests' learning bar (best validation
 macro F1 >= 0.9, last-epoch train loss under 0.7x the first) on a learnable Flower-schema set,
 and the ViT's best checkpoint predicts a submission with every test id (`predict` on an
-exported model is the same path whatever the architecture).
+exported model is the same path whatever the architecture). That `predict` runs in this process
+through the CLI's `main` with the export cache emptied first, so it rebuilds the graph from the
+checkpoint's config as a fresh process does, without a third interpreter start and its imports.
 timm's own test-sized models (`test_efficientnet`: BatchNorm, squeeze-excite, depthwise convs,
 drop-path; `test_vit`: no batch_stats, drop-path from the dropout stream, weight decay off for
 pos_embed/cls_token) run the same CLI path as their full-size families at a fraction of the
@@ -43,7 +45,7 @@ def _shell(*args):
     # 4x4 patches; measured: F1 1.0 from the first epoch, last train loss 0.46x the first.
     ("test_vit", 64, 2, 16, 1e-3, True),
 ])
-def test_train_then_predict_from_the_shell(flowers, tmp_path, model, size, epochs, batch, lr, predict):
+def test_train_then_predict_from_the_shell(flowers, tmp_path, capsys, model, size, epochs, batch, lr, predict):
     sets, globs = flowers
     train = globs["train"]
     out = tmp_path / "run"
@@ -62,10 +64,15 @@ def test_train_then_predict_from_the_shell(flowers, tmp_path, model, size, epoch
     if not predict:  # one `predict` run shows the submission path; each costs an export and a compile
         return
 
+    from torch2flax.cli import main
+    from torch2flax.export.model import CACHE
+
+    CACHE.clear()  # nothing of the model in this process: the graph is rebuilt from the checkpoint
     sub = tmp_path / "submission.csv"
-    stdout = _shell("predict", "--checkpoint", str(out / "best.msgpack"), "--test", globs["test"],
-                    "--out", str(sub), "--num-workers", "0", "--quiet")
-    assert str(sub) in stdout
+    assert main(["predict", "--checkpoint", str(out / "best.msgpack"), "--test", globs["test"],
+                 "--out", str(sub), "--num-workers", "0", "--quiet"]) == 0
+    assert str(sub) in capsys.readouterr().out
+    assert len(CACHE) == 1  # the model predict rebuilt
     with open(sub) as f:
         rows = list(csv.DictReader(f))
     assert [r["id"] for r in rows] == sets["test"].ids
