@@ -245,7 +245,8 @@ class Run:
 
 def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None,
           clock: Callable[[], float] = time.monotonic) -> Run:
-    """Devices, model (fresh or resumed), loaders, optimiser, compiled steps.
+    """Devices, model (fresh or resumed), loaders, optimiser, compiled steps (`clock`: the time
+    limit's clock, which also times the checkpoint writes).
 
     Multi-host: process 0 writes the files (every process takes part in an Orbax save, which
     writes from process 0); every process reads the checkpoint it resumes from, so `config.out`
