@@ -213,6 +213,10 @@ def torn_writes(monkeypatch, torn_at: int) -> list:
     return opened
 
 
+# timm kwargs of the training tests' reduced resnet18: one block per stage, a quarter of the width.
+REDUCED_RESNET18 = {"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}
+
+
 def save_reduced_resnet18(path, num_classes: int, seed: int = 0):
     """A randomly initialised (seeded, timm's own init) resnet18 with one block per stage and a
     quarter of the width (timm's `layers=` and `channels=`: 0.3 M parameters), saved as a
@@ -225,8 +229,7 @@ def save_reduced_resnet18(path, num_classes: int, seed: int = 0):
     import torch2flax
 
     torch.manual_seed(seed)
-    torch2flax.save(path, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1], channels=(16, 32, 64, 128),
-                                                 num_classes=num_classes))
+    torch2flax.save(path, *torch2flax.convert("resnet18", num_classes=num_classes, **REDUCED_RESNET18))
     return path
 
 

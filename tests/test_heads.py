@@ -9,7 +9,7 @@ import flax.linen as nn  # conftest has set XLA_FLAGS already: importing jax her
 import numpy as np
 import pytest
 
-from tests.helpers import write_flower_splits
+from tests.helpers import REDUCED_RESNET18, write_flower_splits
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -270,7 +270,7 @@ def test_mlp_head_trains_saves_loads_and_predicts(small, flowers, tmp_path):
 
     torch.manual_seed(0)
     init = tmp_path / "r18_l1111.msgpack"
-    torch2flax.save(init, *torch2flax.convert("resnet18", layers=[1, 1, 1, 1], channels=(16, 32, 64, 128)))
+    torch2flax.save(init, *torch2flax.convert("resnet18", **REDUCED_RESNET18))  # 1000 classes
     out = tmp_path / "run"
     config = TrainConfig(train=globs["train"], val=globs["val"], num_classes=NUM_CLASSES, init=str(init),
                          head="mlp:64,dropout=0.1", image_size=SIZE, crop_pct=1.0, scale_min=0.5,

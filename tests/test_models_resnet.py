@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.helpers import randomize_batchnorm
+from tests.helpers import REDUCED_RESNET18, randomize_batchnorm
 
 EVAL_SIZES = [(64, 64), (97, 75)]
 TOL = 1e-4
@@ -42,7 +42,7 @@ def _flavours() -> list[str]:
 
 
 FLAVOURS = _flavours()
-NARROW = (16, 32, 64, 128)  # timm's `channels=`: the training tests' quarter-width model
+NARROW = tuple(REDUCED_RESNET18["channels"])  # timm's `channels=`: the training tests' quarter-width model
 # (name, layers override or None for full depth[, channels override])
 MODELS = [pytest.param((n, REDUCED), id=f"{n}-l1111") for n in FLAVOURS] + [
     pytest.param(("resnet18", REDUCED, NARROW), id="resnet18-l1111-narrow"),

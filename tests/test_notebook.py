@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from tests.helpers import single_device_env, write_flower_tfrecords
+from tests.helpers import REDUCED_RESNET18, single_device_env, write_flower_tfrecords
 
 NUM_RECORDS = 32
 
@@ -92,8 +92,7 @@ def test_the_example_notebook_runs_end_to_end(tmp_path, flowers):
         # (overridden by the test suite: tiny settings)
         WORK = {str(tmp_path)!r}
         EPOCHS, IMAGE_SIZE, BATCH_SIZE, MODEL, LR, FOLDS = 1, 32, 64, "resnet18", 2e-3, 2
-        # A reduced resnet18 (one block per stage, a quarter of the width): the demo test trains the full one.
-        MODEL_KWARGS = {{"layers": [1, 1, 1, 1], "channels": [16, 32, 64, 128]}}
+        MODEL_KWARGS = {REDUCED_RESNET18!r}  # the training tests' reduced resnet18: the demo trains the full one
         """)
     files, ids = flowers
     extra = [nbformat.v4.new_code_cell(c) for c in (SETUP.format(), FUNCTION, EPOCH.format(files=files))]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Sequence
+from typing import Any
 
 from torch2flax.utils import atomic_write
 
@@ -43,18 +44,23 @@ def append_bad_images_csv(path: str, epoch: int, rows: Sequence[tuple[str, str]]
     atomic_write(path, buf.getvalue())
 
 
-def plot_curves(path: str, rows: Sequence[dict]) -> None:
-    """Loss (train and validation) and validation macro F1 per epoch.
-
-    Drawn on a `Figure` with its own Agg canvas, not through pyplot: no global figure state and no
-    `matplotlib.use`, which in a notebook would switch the user's inline backend off. Fixed
-    margins instead of `tight_layout`, which draws the figure a second time (every epoch)."""
+def agg_figure(figsize: tuple[float, float]) -> Any:
+    """A matplotlib `Figure` on its own Agg canvas, for files: not through pyplot, so no global
+    figure state and no `matplotlib.use`, which in a notebook would switch the user's inline
+    backend off."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    epochs = [r["epoch"] + 1 for r in rows]
-    fig = Figure(figsize=(9, 3.5))
+    fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_curves(path: str, rows: Sequence[dict]) -> None:
+    """Loss (train and validation) and validation macro F1 per epoch (`agg_figure`). Fixed
+    margins instead of `tight_layout`, which draws the figure a second time (every epoch)."""
+    epochs = [r["epoch"] + 1 for r in rows]
+    fig = agg_figure((9, 3.5))
     ax_loss, ax_f1 = fig.subplots(1, 2)
     fig.subplots_adjust(left=0.08, right=0.98, bottom=0.14, top=0.9, wspace=0.25)
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], marker="o", label="train")

@@ -183,13 +183,10 @@ def write_gradcam(checkpoint: str, images: str, out: str, *, layer: str | None =
     size (PNG "Title": predicted and true class) and `grid.png`. Returns (files, layer)."""
     import os
 
-    # A Figure with its own Agg canvas, not pyplot: `matplotlib.use` would switch a notebook's
-    # inline backend off (as in `artifacts.plot_curves`).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
     from PIL import Image, PngImagePlugin
 
     from torch2flax.loaders import normalize_on_device
+    from torch2flax.train.artifacts import agg_figure
     from torch2flax.train.checkpoint import load_checkpoint
 
     module, variables, saved = load_checkpoint(checkpoint)
@@ -228,8 +225,7 @@ def write_gradcam(checkpoint: str, images: str, out: str, *, layer: str | None =
         files.append(path)
     cols = min(len(samples), 4)
     rows = -(-len(samples) // cols)
-    fig = Figure(figsize=(2.2 * cols, 2.4 * rows))
-    FigureCanvasAgg(fig)
+    fig = agg_figure((2.2 * cols, 2.4 * rows))  # not pyplot: a notebook's backend stays as it is
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
