@@ -1,20 +1,23 @@
 # What a newcomer types after `git clone`: `make demo` and `make test`.
-# `make test` runs the suite on the upper end of the supported range (constraints.txt),
-# `make test-oldest` on the lower end, Kaggle's TPU image (constraints-oldest.txt); CI runs both.
-# Each venv is created on first use and reinstalled only when the package metadata changes.
+# `make test` runs the suite on this machine's Python 3.11 with today's releases (constraints.txt).
+# The platforms users train on are pin sets in platforms/ (Kaggle's TPU image, Colab's TPU and GPU
+# runtimes, the newest releases on Python 3.13), each a venv of its own made by .ci/stack:
+# `make test-platform STACK=newest` (TIER=core for the fast tier plus parity and training).
+# CI (.ci/run) runs them all.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
-OLD_VENV  := .venv-oldest
-OLD_PY    := $(OLD_VENV)/bin/python
-OLD_STAMP := $(OLD_VENV)/.installed
-# `make wheelhouse PLATFORM=my-freeze.txt` builds for another platform's pins (`pip freeze` there).
-PLATFORM   ?= constraints-oldest.txt
+STACK ?= newest
+TIER  ?= full
+# `make wheelhouse PLATFORM=platforms/kaggle-tpu.txt` builds Kaggle's offline install for the Python
+# its first line names (3.12 there); PYTHON_VERSION=... overrides it.
+PLATFORM   ?= platforms/kaggle-tpu.txt
+PYTHON_VERSION ?= $(shell sed -n 's/^\# python: *//p' $(PLATFORM) | head -n 1)
 WHEELHOUSE ?= wheelhouse
 PYTEST = -m pytest -n auto --maxprocesses 4 --dist loadfile --no-loadscope-reorder --durations=15
 
-.PHONY: demo test test-fast test-oldest install install-oldest wheelhouse clean
+.PHONY: demo test test-fast test-oldest test-platform install install-oldest wheelhouse clean
 
 $(STAMP): setup.cfg pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,26 +26,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PY) -m pip install --progress-bar off -c constraints.txt -e ".[dev,demo]"
 	touch $(STAMP)
 
-# The lower end, installed the way a user meets it: the platform's packages first (as Kaggle's
-# image has them), then torch2flax on top, offline from a wheelhouse, which must change none of them.
-$(OLD_STAMP): setup.cfg pyproject.toml constraints-oldest.txt .ci/platform_pip.py
-	rm -rf $(OLD_VENV) build/wheelhouse-oldest
-	$(PYTHON) -m venv $(OLD_VENV)
-	$(OLD_PY) -m pip install --quiet --progress-bar off --upgrade pip
-	$(OLD_PY) -m pip install --progress-bar off -r constraints-oldest.txt
-	# `pip install --dry-run` of torch2flax: fails if jax, jaxlib, libtpu, flax, optax, torch,
-	# torchvision or numpy would change.
-	$(OLD_PY) .ci/platform_pip.py check ".[dev,demo]"
-	$(OLD_PY) .ci/platform_pip.py wheelhouse --platform constraints-oldest.txt --out build/wheelhouse-oldest
-	# No index at all (PIP_CONFIG_FILE=/dev/null drops any configured mirror or find-links).
-	PIP_CONFIG_FILE=/dev/null $(OLD_PY) -m pip install --no-index --find-links build/wheelhouse-oldest torch2flax
-	$(OLD_PY) -m pip install --progress-bar off -e ".[dev,demo]"
-	$(OLD_PY) .ci/platform_pip.py same constraints-oldest.txt
-	touch $(OLD_STAMP)
-
 install: $(STAMP)
 
-install-oldest: $(OLD_STAMP)
+install-oldest:
+	.ci/stack kaggle-tpu install
 
 demo: $(STAMP)
 	$(VENV)/bin/torch2flax demo
@@ -57,15 +44,20 @@ test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n auto --maxprocesses 4 --dist load -m "not slow and not cross_stack" -q
 
-# Also the cross-stack tests: model files written here load on the upper stack and back.
-# XLA's default optimisation everywhere here (tests/conftest.py compiles most of `make test` without it).
-test-oldest: $(OLD_STAMP) $(STAMP)
-	TORCH2FLAX_TEST_XLA_DEFAULTS=1 TORCH2FLAX_OTHER_PYTHON=$(abspath $(PY)) $(OLD_PY) $(PYTEST)
+# A platform's stack (platforms/$(STACK).txt), installed as its users meet it: the platform's
+# packages first, then torch2flax offline from a wheelhouse, which must change none of them.
+test-platform:
+	.ci/stack $(STACK) test $(TIER)
+
+# The lower end, Kaggle's TPU image, with the cross-stack tests (model files written there load
+# here and back) and XLA's default optimisation (tests/conftest.py compiles most of `make test` without it).
+test-oldest: $(STAMP)
+	TORCH2FLAX_TEST_XLA_DEFAULTS=1 TORCH2FLAX_OTHER_PYTHON=$(abspath $(PY)) .ci/stack kaggle-tpu test $(TIER)
 
 # torch2flax's wheel plus the wheels of what the platform lacks, for an offline install (a Kaggle
-# dataset): pip install --no-index --find-links DIR torch2flax. Build it with the platform's Python.
+# dataset): pip install --no-index --find-links DIR torch2flax. Built for the platform's Python, from here.
 wheelhouse:
-	$(PYTHON) .ci/platform_pip.py wheelhouse --platform $(PLATFORM) --out $(WHEELHOUSE)
+	$(PYTHON) .ci/platform_pip.py wheelhouse --platform $(PLATFORM) --out $(WHEELHOUSE) --python-version $(PYTHON_VERSION)
 
 clean:
-	rm -rf $(VENV) $(OLD_VENV) runs .pytest_cache build $(WHEELHOUSE)
+	rm -rf $(VENV) .venv-* runs .pytest_cache build $(WHEELHOUSE)

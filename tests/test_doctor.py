@@ -3,7 +3,9 @@
 JAX itself is real here (conftest: 8 CPU devices); what the tests fake is what surrounds it:
 installed distributions, device files, /dev/shm, cgroup files and the start method.
 """
+import dataclasses
 import json
+import platform
 import sys
 from importlib import metadata
 from types import SimpleNamespace
@@ -12,9 +14,10 @@ import pytest
 
 from torch2flax.train import doctor as d
 
-PACKAGE_NAMES = ("Python", "jax", "jaxlib", "libtpu", "flax", "optax", "torch", "torchvision", "timm",
-                 "albumentations", "numpy", "opencv")
+PACKAGE_NAMES = ("Python", "jax", "jaxlib", "libtpu", "flax", "optax", "orbax-checkpoint", "grain", "torch",
+                 "torchvision", "timm", "albumentations", "numpy", "scipy", "opencv")
 JAX_VERSION = metadata.version("jax")
+PYTHON = platform.python_version()
 BIG_SHM = SimpleNamespace(f_frsize=4096, f_blocks=(1 << 40) // 4096, f_bavail=(1 << 40) // 4096)  # 1 TiB
 
 
@@ -33,7 +36,18 @@ def _row(text, name):
 
 
 def _fake_glob(nodes):
-    return lambda pattern: [n for n in nodes if n.startswith(pattern.split("[")[0])]
+    return lambda pattern: [n for n in nodes if n.startswith(pattern.split("[")[0])
+                            and n[len(pattern.split("[")[0]):][:1].isdigit()]
+
+
+def _on_tpu(monkeypatch, libtpu, requires):
+    """JAX on 4 TPU chips (/dev/accel0-3) with `libtpu` installed and jax's metadata requiring `requires`."""
+    monkeypatch.setattr(d, "_jax_runtime", lambda: dict(
+        backend="tpu", device_kinds=["TPU v5 lite"] * 4, local_device_count=4, process_count=1,
+        process_index=0, matmul_precision=None))
+    monkeypatch.setattr(d, "_glob", _fake_glob([f"/dev/accel{i}" for i in range(4)]))
+    monkeypatch.setattr(d, "_dist_version", _fake_dists({"libtpu": libtpu, "libtpu-nightly": None}))
+    monkeypatch.setattr(d, "_dist_requires", lambda name: requires if name == "jax" else [])
 
 
 @pytest.fixture
@@ -42,6 +56,7 @@ def healthy(monkeypatch):
     monkeypatch.setattr(d, "_dist_version", _fake_dists({"libtpu": None, "libtpu-nightly": None}))
     monkeypatch.setattr(d, "_glob", _fake_glob([]))
     monkeypatch.setattr(d, "_exists", lambda path: False)
+    monkeypatch.setattr(d, "_importable", lambda name: False)
     monkeypatch.setattr(d, "_statvfs", lambda path: BIG_SHM)
     monkeypatch.setattr(d, "_start_method", lambda: ("forkserver", True))
     return monkeypatch
@@ -54,7 +69,11 @@ def test_healthy_environment_has_no_warnings(healthy):
     assert (report.process_count, report.process_index) == (1, 0)
     assert report.versions["jax"] == JAX_VERSION and report.versions["libtpu"] is None
     assert report.shm_free == 1 << 40 and report.gpu_present is False
+    assert (report.platform, report.platform_key, report.accelerator_type) == ("other", "other", None)
+    assert report.tpu_host is False and report.libtpu_pair_ok is None
     text = d.format_report(report)
+    assert text.splitlines()[:2] == [f"platform: other (Python {PYTHON})", "versions"]
+    assert "jax/libtpu" not in text  # not a TPU host: no pairing line
     for name in PACKAGE_NAMES:
         assert _row(text, name) == (report.versions[name] or "not installed"), name
     assert _row(text, "backend") == "cpu" and _row(text, "devices") == "8 x cpu"
@@ -68,21 +87,167 @@ def test_libtpu_without_tpu_names_both_versions(healthy):
     what = report.warnings[0].what
     assert f"jax {JAX_VERSION}" in what and "libtpu 0.0.17" in what
     assert "no TPU device" in what  # no /dev/accel*: this machine has no TPU at all
+    assert report.tpu_host is False and "jax/libtpu" not in d.format_report(report)
 
 
 def test_libtpu_mismatch_on_a_tpu_machine(healthy):
     # A TPU is attached but JAX sees none, and this jax pins another libtpu: one warning (not also
-    # "JAX on CPU with a TPU present"), naming the pin and the matching install command.
+    # "libtpu without TPU" or "JAX on CPU with a TPU present"), naming the pin and the install command.
     healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": "0.0.17", "libtpu-nightly": None}))
     healthy.setattr(d, "_glob", _fake_glob(["/dev/accel0", "/dev/accel1"]))
     healthy.setattr(d, "_dist_requires", lambda name: ['libtpu==0.0.42.*; extra == "tpu"'] if name == "jax" else [])
     healthy.setattr(d, "_exists", lambda path: path == "/tmp/libtpu_lockfile")
     report = d.collect(env={})
     assert report.gpu_present and report.accelerator_nodes == ["/dev/accel0", "/dev/accel1"]
+    assert (report.platform, report.tpu_host, report.libtpu_pair_ok) == ("Cloud TPU VM", True, False)
     [w] = report.warnings
-    assert w.key == "libtpu without TPU"
-    assert f"jax {JAX_VERSION} expects libtpu 0.0.42.*" in w.what and "/tmp/libtpu_lockfile exists" in w.what
+    assert w.key == "jax/libtpu mismatch"
+    assert w.what == (f"jax {JAX_VERSION} pairs with libtpu 0.0.42.* (jax[tpu]=={JAX_VERSION}), but libtpu 0.0.17 "
+                      "is installed; JAX sees no TPU (backend: cpu): the mismatch, or another process holds it "
+                      "(/tmp/libtpu_lockfile exists)")
     assert f'pip install "jax[tpu]=={JAX_VERSION}"' in w.fix and "pip install -U" not in w.fix
+    assert "sudo lsof" in w.fix and "Factory reset" not in w.fix  # a Cloud TPU VM: no image to reset
+
+
+def test_libtpu_that_matches_but_tpu_unseen_blames_another_process(healthy):
+    healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": "0.0.42.1", "libtpu-nightly": None}))
+    healthy.setattr(d, "_glob", _fake_glob(["/dev/vfio/0"]))
+    healthy.setattr(d, "_dist_requires", lambda name: ['libtpu==0.0.42.*; extra == "tpu"'] if name == "jax" else [])
+    report = d.collect(env={})
+    assert report.libtpu_pair_ok is True
+    [w] = report.warnings
+    assert w.key == "libtpu without TPU" and "another process most likely holds the TPU" in w.what
+    assert "pip install" not in w.fix and "sudo lsof" in w.fix  # nothing to install: the pair is right
+
+
+@pytest.mark.parametrize("env, paths, module, nodes, key", [
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, (), False, [], "kaggle"),
+    ({"KAGGLE_URL_BASE": "https://www.kaggle.com"}, (), False, [], "kaggle"),
+    ({"KAGGLE_DATA_PROXY_TOKEN": "t"}, (), False, [], "kaggle"),
+    ({}, ("/kaggle/input",), False, [], "kaggle"),
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Batch"}, (), False, ["/dev/vfio/0"], "kaggle"),  # Kaggle's TPU: still Kaggle
+    ({"COLAB_RELEASE_TAG": "release-colab_20250101"}, (), False, [], "colab"),
+    ({"COLAB_GPU": "1"}, (), False, [], "colab"),
+    ({"COLAB_TPU_ADDR": "grpc://10.0.0.2:8470"}, (), False, [], "colab"),
+    ({"COLAB_BACKEND_VERSION": "next"}, (), False, [], "colab"),
+    ({}, (), True, [], "colab"),  # google.colab importable
+    ({"COLAB_GPU": "0"}, ("/kaggle/input",), False, [], "colab"),  # an environment variable beats a folder
+    ({}, (), False, ["/dev/accel0"], "cloud-tpu-vm"),
+    ({}, (), False, ["/dev/vfio/0", "/dev/vfio/1"], "cloud-tpu-vm"),
+    ({"TPU_ACCELERATOR_TYPE": "v5litepod-8"}, (), False, [], "cloud-tpu-vm"),
+    ({"TPU_WORKER_ID": "0"}, (), False, [], "cloud-tpu-vm"),
+    ({}, (), False, ["/dev/vfio/vfio", "/dev/nvidia0"], "other"),  # /dev/vfio/vfio alone is no TPU
+])
+def test_platform_recognised(healthy, env, paths, module, nodes, key):
+    healthy.setattr(d, "_exists", lambda path: path in paths)
+    healthy.setattr(d, "_importable", lambda name: module and name == "google.colab")
+    healthy.setattr(d, "_glob", _fake_glob(nodes))
+    report = d.collect(env=env)
+    assert (report.platform_key, report.platform) == (key, d.PLATFORMS[key])
+    assert report.accelerator_type == env.get("TPU_ACCELERATOR_TYPE")
+
+
+def test_platform_and_python_in_report_summary_and_json(healthy):
+    report = d.collect(env={"COLAB_RELEASE_TAG": "r"})
+    assert d.format_report(report).splitlines()[0] == f"platform: Colab (Python {PYTHON})"
+    assert f" cpu x8 (1 process) | platform: Colab (Python {PYTHON}) | torch" in d.summary_line(report)
+    report = d.collect(env={"TPU_ACCELERATOR_TYPE": "v5litepod-8"})
+    assert d.format_report(report).splitlines()[0] == f"platform: Cloud TPU VM v5litepod-8 (Python {PYTHON})"
+    data = json.loads(json.dumps(dataclasses.asdict(report)))
+    assert (data["platform"], data["platform_key"], data["accelerator_type"]) == ("Cloud TPU VM", "cloud-tpu-vm",
+                                                                                  "v5litepod-8")
+    assert data["versions"]["Python"] == PYTHON
+
+
+def test_importable_does_not_import():
+    assert "tabnanny" not in sys.modules  # the stdlib module this checks is one nothing here imports
+    assert d._importable("tabnanny") is True and "tabnanny" not in sys.modules
+    assert d._importable("no_such_package_t2f.colab") is False  # a missing parent: False, not ImportError
+
+
+def test_tpu_host_with_the_paired_libtpu(healthy):
+    _on_tpu(healthy, "0.0.42.1", ['jaxlib==1; extra == "tpu"', 'libtpu==0.0.42.*; extra == "tpu"'])
+    report = d.collect(env={"KAGGLE_KERNEL_RUN_TYPE": "Interactive"})
+    assert (report.platform, report.backend, report.devices) == ("Kaggle", "tpu", [("TPU v5 lite", 4)])
+    assert (report.tpu_host, report.libtpu_expected, report.libtpu_pair_ok) == (True, "0.0.42.*", True)
+    assert report.warnings == []
+    assert _row(d.format_report(report), "jax/libtpu") == (
+        f"jax {JAX_VERSION} pairs with libtpu 0.0.42.* (jax[tpu]=={JAX_VERSION}); installed: libtpu 0.0.42.1 — ok")
+    assert d.summary_line(report).endswith("| 0 warnings")
+
+
+@pytest.mark.parametrize("env, undo, other_undo", [
+    ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, "Run > Factory reset", "Disconnect and delete runtime"),
+    ({"COLAB_RELEASE_TAG": "r"}, "Runtime > Disconnect and delete runtime", "Factory reset"),
+    ({}, None, "never upgrade jax by hand"),  # a Cloud TPU VM: no image pairs them
+])
+def test_tpu_host_with_a_mismatched_libtpu(healthy, env, undo, other_undo):
+    _on_tpu(healthy, "0.0.21.1", ['libtpu==0.0.23; extra == "tpu"'])
+    report = d.collect(env=env)
+    assert (report.tpu_host, report.libtpu_expected, report.libtpu_pair_ok) == (True, "0.0.23", False)
+    [w] = report.warnings
+    assert w.key == "jax/libtpu mismatch"
+    assert w.what == f"jax {JAX_VERSION} pairs with libtpu 0.0.23 (jax[tpu]=={JAX_VERSION}), but libtpu 0.0.21.1 is installed"
+    assert w.fix.startswith(f'Install the libtpu this jax pairs with, without moving jax: `pip install "jax[tpu]=={JAX_VERSION}"`.')
+    if undo:
+        assert "never upgrade jax by hand" in w.fix and undo in w.fix
+    assert other_undo not in w.fix and "sudo lsof" not in w.fix  # JAX sees the TPU: nothing holds it
+    assert _row(d.format_report(report), "jax/libtpu") == (
+        f"jax {JAX_VERSION} pairs with libtpu 0.0.23 (jax[tpu]=={JAX_VERSION}); installed: libtpu 0.0.21.1 — mismatch")
+    assert d.summary_line(report).endswith("| 1 warning: jax/libtpu mismatch — run torch2flax doctor")
+    data = json.loads(json.dumps(dataclasses.asdict(report)))
+    assert (data["libtpu_expected"], data["libtpu_pair_ok"], data["tpu_host"]) == ("0.0.23", False, True)
+
+
+@pytest.mark.parametrize("env,platform,libtpu", [({"COLAB_RELEASE_TAG": "r"}, "Colab", "0.0.21.1"),
+                                                  ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, "Kaggle", "0.0.17")])
+def test_the_pair_a_platform_ships_is_named_and_not_warned_about(healthy, monkeypatch, env, platform, libtpu):
+    # Colab's runtime ships jax 0.7.2 with libtpu 0.0.21.1, Kaggle's image with 0.0.17; jax[tpu]==0.7.2 pins 0.0.23.
+    monkeypatch.setitem(d.SHIPPED_PAIRS, platform.lower(), {(JAX_VERSION, libtpu)})
+    _on_tpu(healthy, libtpu, ['libtpu==0.0.23; extra == "tpu"'])
+    report = d.collect(env=env)
+    assert (report.libtpu_pair_ok, report.libtpu_shipped, report.warnings) == (False, True, [])
+    assert _row(d.format_report(report), "jax/libtpu") == (
+        f"jax {JAX_VERSION} pairs with libtpu 0.0.23 (jax[tpu]=={JAX_VERSION}); installed: libtpu {libtpu} — "
+        f"not jax[tpu]'s pin, but the pair {platform} ships")
+    # The same libtpu under another jax is a user's upgrade: warned about.
+    monkeypatch.setitem(d.SHIPPED_PAIRS, platform.lower(), {("0.0.0", libtpu)})
+    assert [w.key for w in d.collect(env=env).warnings] == ["jax/libtpu mismatch"]
+
+
+def test_tpu_host_whose_jax_names_no_libtpu(healthy):
+    _on_tpu(healthy, "0.0.23", ['jaxlib<=0.7.2,>=0.7.2', 'numpy>=1.26'])  # a jax without the tpu extra
+    report = d.collect(env={})
+    assert (report.platform_key, report.libtpu_expected, report.libtpu_pair_ok) == ("cloud-tpu-vm", None, None)
+    assert report.warnings == []  # nothing to compare is no mismatch
+    assert _row(d.format_report(report), "jax/libtpu") == (
+        f"jax {JAX_VERSION} pairs with libtpu unknown (jax's metadata names no libtpu for its tpu extra); "
+        "installed: libtpu 0.0.23 — unknown")
+
+
+def test_tpu_host_without_libtpu(healthy):
+    # JAX on CPU next to a TPU and no libtpu: the pairing line says "missing", the one warning names the pin.
+    healthy.setattr(d, "_glob", _fake_glob(["/dev/accel0"]))
+    healthy.setattr(d, "_dist_requires", lambda name: ['libtpu==0.0.42.*; extra == "tpu"'] if name == "jax" else [])
+    report = d.collect(env={"COLAB_RELEASE_TAG": "r"})
+    assert (report.platform, report.tpu_host, report.libtpu_expected, report.libtpu_pair_ok) == (
+        "Colab", True, "0.0.42.*", None)
+    assert _row(d.format_report(report), "jax/libtpu") == (
+        f"jax {JAX_VERSION} pairs with libtpu 0.0.42.* (jax[tpu]=={JAX_VERSION}); installed: no libtpu — missing")
+    [w] = report.warnings
+    assert w.key == "JAX on CPU with a TPU present" and "libtpu is not installed" in w.what
+    assert f'libtpu this jax pins (libtpu 0.0.42.*): `pip install "jax[tpu]=={JAX_VERSION}"`' in w.fix
+
+
+def test_libtpu_on_kaggle_without_a_tpu(healthy):
+    # libtpu installed on Kaggle makes a TPU host (the pairing line shows) even where no TPU is attached;
+    # a mismatch there is said, and so is the missing TPU.
+    healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": "0.0.21.1", "libtpu-nightly": None}))
+    healthy.setattr(d, "_dist_requires", lambda name: ['libtpu==0.0.23; extra == "tpu"'] if name == "jax" else [])
+    report = d.collect(env={"KAGGLE_URL_BASE": "https://www.kaggle.com"})
+    assert (report.platform, report.tpu_host, report.gpu_present) == ("Kaggle", True, False)
+    assert [w.key for w in report.warnings] == ["jax/libtpu mismatch", "libtpu without TPU"]
+    assert _row(d.format_report(report), "jax/libtpu").endswith("installed: libtpu 0.0.21.1 — mismatch")
 
 
 def test_small_shm(healthy):
@@ -190,7 +355,8 @@ def test_torch_cuda_without_importing_torch(monkeypatch, version, requires, inst
 
 def test_summary_line(healthy):
     line = d.summary_line(d.collect(env={}))
-    assert "\n" not in line and line.startswith(f"doctor: jax {JAX_VERSION} cpu x8 (1 process) | torch ")
+    assert "\n" not in line
+    assert line.startswith(f"doctor: jax {JAX_VERSION} cpu x8 (1 process) | platform: other (Python {PYTHON}) | torch ")
     assert line.endswith("| 0 warnings")
     healthy.setattr(d, "_dist_version", _fake_dists({"libtpu": "0.0.17", "libtpu-nightly": None}))
     healthy.setattr(d, "_statvfs", lambda path: SimpleNamespace(f_frsize=1000, f_blocks=64_000, f_bavail=64_000))
@@ -208,10 +374,11 @@ def test_cli_json_and_text(healthy, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["backend"] == "cpu" and data["devices"] == [["cpu", 8]]
     assert data["versions"]["jax"] == JAX_VERSION and (data["batch_size"], data["num_workers"]) == (64, 1)
+    assert (data["platform"], data["tpu_host"], data["libtpu_pair_ok"]) == ("other", False, None)
     healthy.setattr(d, "_start_method", lambda: ("fork", False))
     assert main(["doctor"]) == 0  # warnings are advice: still exit 0
     out = capsys.readouterr().out
-    assert out.startswith("versions\n") and "warnings (1)" in out and "     fix: Use torch2flax.make_loader" in out
+    assert out.startswith(f"platform: other (Python {PYTHON})\nversions\n") and "warnings (1)" in out and "     fix: Use torch2flax.make_loader" in out
 
 
 def test_notebook_entry_point(healthy, capsys):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import textwrap
 
 import pytest
 
@@ -76,8 +75,11 @@ def test_script_without_a_main_guard(flowers, tmp_path):
 
 
 def test_the_example_notebook_runs_end_to_end(tmp_path, flowers):
-    """`examples/kaggle_flower.ipynb` on the built-in digits, one epoch at 32 px; then, in the same
-    kernel, a transform defined in a cell feeds 2 loader workers (the notebook scenario above)."""
+    """`examples/kaggle_flower.ipynb` on the built-in digits through its own preset switch
+    (TORCH2FLAX_PRESET=smoke: the reduced resnet18, one epoch at 32 px, 2 folds), its cells as they
+    are; then, in the same kernel, a transform defined in a cell feeds 2 loader workers (the notebook
+    scenario above)."""
+    import ast
     import csv
     import json
 
@@ -88,18 +90,15 @@ def test_the_example_notebook_runs_end_to_end(tmp_path, flowers):
     nb = nbformat.read(path, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert len(params) == 1, "the notebook's settings cell is tagged 'parameters'"
-    params[0].source += textwrap.dedent(f"""
-        # (overridden by the test suite: tiny settings)
-        WORK = {str(tmp_path)!r}
-        EPOCHS, IMAGE_SIZE, BATCH_SIZE, MODEL, LR, FOLDS = 1, 32, 64, "resnet18", 2e-3, 2
-        MODEL_KWARGS = {REDUCED_RESNET18!r}  # the training tests' reduced resnet18: the demo trains the full one
-        """)
+    work = tmp_path / "runs" / "notebook"  # the notebook's WORK off Kaggle, relative to the kernel's cwd
     files, ids = flowers
+    # After the notebook's cells: the model settings it chose, then the loader scenario.
+    settings = nbformat.v4.new_code_cell('print("MODEL_KWARGS", repr(MODEL_KWARGS))')
     extra = [nbformat.v4.new_code_cell(c) for c in (SETUP.format(), FUNCTION, EPOCH.format(files=files))]
-    nb.cells += extra
+    nb.cells += [settings, *extra]
     # One CPU device; the hub is declared offline, so the notebook's pretrained attempt fails at once.
     NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}},
-                   ).execute(env={**_env(), "HF_HUB_OFFLINE": "1"})
+                   ).execute(env=single_device_env(TORCH2FLAX_PRESET="smoke", HF_HUB_OFFLINE="1"))
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if o.output_type == "error"]
     assert not errors
@@ -111,16 +110,24 @@ def test_the_example_notebook_runs_end_to_end(tmp_path, flowers):
     first = "".join(o.get("text", "") for o in install.get("outputs", [])
                     if o.output_type == "stream" and o.get("name") == "stdout")
     assert first.startswith("doctor: jax ") and " cpu x1 (1 process) " in first, first  # the doctor comes first
+    # The settings cell names the device and the preset it chose, and every later cell ran with it.
+    chosen = "".join(o.get("text", "") for o in params[0].get("outputs", [])
+                     if o.output_type == "stream" and o.get("name") == "stdout")
+    assert chosen.splitlines() == [
+        f"device: cpu x1 -> preset 'smoke': resnet18 {REDUCED_RESNET18} at 32 px, 1 epoch, 2 folds, batch 64"
+        " (set TORCH2FLAX_PRESET=full for the competition settings)"], chosen
+    (line,) = [o["text"] for o in settings.outputs if o.output_type == "stream"]
+    assert line.startswith("MODEL_KWARGS ") and ast.literal_eval(line[13:]) == REDUCED_RESNET18, line
     images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
               if "image/png" in o.get("data", {})]
     assert images, "the training curves are shown inline"
-    with open(tmp_path / "submission.csv") as f:
+    with open(work / "submission.csv") as f:
         rows = list(csv.reader(f))
     assert rows[0] == ["id", "label"] and len(rows) > 100
     assert all(0 <= int(label) < 10 for _, label in rows[1:])
     assert len({i for i, _ in rows[1:]}) == len(rows) - 1
     # The cross-validation cells: 2 folds, their out-of-fold score, and the fold ensemble's submission.
-    report = json.loads((tmp_path / "cv2" / "cv.json").read_text())
+    report = json.loads((work / "cv2" / "cv.json").read_text())
     assert report["done"] == [0, 1] and 0.0 <= report["oof_macro_f1"] <= 1.0
-    with open(tmp_path / "submission_cv.csv") as f:
+    with open(work / "submission_cv.csv") as f:
         assert [r[0] for r in list(csv.reader(f))[1:]] == [i for i, _ in rows[1:]]  # the same test ids, in order

@@ -3,11 +3,12 @@
 Most failures on Kaggle and Colab come from the environment, not the code: a jax that does not
 match the image's libtpu, JAX silently on CPU next to a GPU, a 64 MB Docker /dev/shm under
 loader workers, torch and JAX both grabbing GPU memory, a DataLoader forked from a process that
-runs JAX's threads. `collect` gathers the facts and turns those into warnings that say what to do;
-`format_report` and `summary_line` print them.
+runs JAX's threads. `collect` gathers the facts (the platform too: Kaggle, Colab, a Cloud TPU VM)
+and turns those into warnings that say what to do; `format_report` and `summary_line` print them.
 
-Every probe of the outside world (installed distributions, JAX, files under /dev, /proc and
-/sys) goes through a small module-level function so that tests can patch it.
+Every probe of the outside world (installed distributions, importable modules, JAX, files under
+/dev, /proc, /sys and /kaggle) goes through a small module-level function so that tests can patch
+it; environment variables come from `collect`'s `env`.
 
 Notebook::
 
@@ -17,6 +18,7 @@ Notebook::
 from __future__ import annotations
 
 import glob
+import importlib.util
 import math
 import multiprocessing as mp
 import os
@@ -33,8 +35,9 @@ __all__ = ["DoctorWarning", "Report", "collect", "doctor", "format_report", "sum
 # Distributions reported, in order; the first of a tuple that is installed gives the version.
 PACKAGES: dict[str, tuple[str, ...]] = {
     "jax": ("jax",), "jaxlib": ("jaxlib",), "libtpu": ("libtpu", "libtpu-nightly"), "flax": ("flax",),
-    "optax": ("optax",), "torch": ("torch",), "torchvision": ("torchvision",), "timm": ("timm",),
-    "albumentations": ("albumentations",), "numpy": ("numpy",),
+    "optax": ("optax",), "orbax-checkpoint": ("orbax-checkpoint",), "grain": ("grain",), "torch": ("torch",),
+    "torchvision": ("torchvision",), "timm": ("timm",), "albumentations": ("albumentations",),
+    "numpy": ("numpy",), "scipy": ("scipy",),
     "opencv": ("opencv-python-headless", "opencv-python", "opencv-contrib-python-headless", "opencv-contrib-python"),
 }
 # Environment variables that change what JAX does with the devices; shown when set.
@@ -45,6 +48,16 @@ PREFETCH_FACTOR = 2  # make_loader's default
 # shared-memory slots) for the whole run.
 LOADERS = 2
 _TPU_LOCKFILE = "/tmp/libtpu_lockfile"
+# Platforms recognised: stable key -> display name.
+PLATFORMS = {"kaggle": "Kaggle", "colab": "Colab", "cloud-tpu-vm": "Cloud TPU VM", "other": "other"}
+# Environment variables each platform sets in its notebooks' kernels.
+KAGGLE_ENV = ("KAGGLE_KERNEL_RUN_TYPE", "KAGGLE_URL_BASE", "KAGGLE_DATA_PROXY_TOKEN")
+COLAB_ENV = ("COLAB_RELEASE_TAG", "COLAB_GPU", "COLAB_TPU_ADDR", "COLAB_BACKEND_VERSION")
+TPU_VM_ENV = ("TPU_ACCELERATOR_TYPE", "TPU_WORKER_ID")
+# (jax, libtpu) pairs a platform ships although jax[tpu] pins another libtpu: they run on that
+# platform's TPUs, and are no user's upgrade, so they get no warning. Colab's TPU runtime
+# (googlecolab/backend-info, 2026-08-19); Kaggle's TPU image forces libtpu 0.0.17 for torch_xla 2.8.
+SHIPPED_PAIRS = {"colab": {("0.7.2", "0.0.21.1")}, "kaggle": {("0.7.2", "0.0.17")}}
 
 
 @dataclass
@@ -61,7 +74,13 @@ class Report:
     """Facts about this environment (`collect`); JSON-able with `dataclasses.asdict`. Sizes are bytes,
     None where the platform does not tell."""
 
+    platform: str  # display name: "Kaggle", "Colab", "Cloud TPU VM" or "other"
+    platform_key: str  # its key in PLATFORMS: "kaggle", "colab", "cloud-tpu-vm", "other"
+    accelerator_type: str | None  # TPU_ACCELERATOR_TYPE, e.g. "v5litepod-8"; None: not told
     versions: dict[str, str | None]
+    libtpu_expected: str | None  # the libtpu jax[tpu]==<jax> pins (e.g. "0.0.42.*"); None: jax names none
+    libtpu_pair_ok: bool | None  # installed libtpu is that one; None: no libtpu, or no pin to compare
+    libtpu_shipped: bool  # not that one, but the pair this platform ships (SHIPPED_PAIRS)
     backend: str  # jax.default_backend(), or "unavailable" where JAX failed to start
     devices: list[tuple[str, int]]  # (device_kind, count) over every process's devices
     local_device_count: int
@@ -70,6 +89,7 @@ class Report:
     matmul_precision: str | None  # None: JAX's default
     torch_cuda: str | None  # CUDA version torch was built for; None: a CPU/ROCm build or no torch
     gpu_present: bool  # an accelerator (GPU or TPU) is attached, whether or not JAX uses it
+    tpu_host: bool  # a TPU is attached or in use, or libtpu is installed on Kaggle/Colab/a Cloud TPU VM
     accelerator_nodes: list[str]  # the device files that say so
     cpus_affinity: int
     cpu_quota: float | None  # cgroup CPU limit in CPUs; None: no limit
@@ -136,6 +156,14 @@ def _torch_cuda() -> str | None:
         if m and _dist_version(m.group(1)) is not None:
             return f"{m.group(2)}.{m.group(3)}"
     return None
+
+
+def _importable(name: str) -> bool:
+    """Whether module `name` can be imported, without importing it (its parent packages are)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing or broken, or a module without __spec__
+        return False
 
 
 def _glob(pattern: str) -> list[str]:
@@ -227,6 +255,25 @@ def _shm_needed(workers: int, slot_bytes: int) -> int:
     return LOADERS * workers * slots_per_worker(PREFETCH_FACTOR, workers) * slot_bytes if workers else 0
 
 
+def recognise_platform(env: Mapping[str, str], tpu_attached: bool) -> str:
+    """The key in PLATFORMS of the platform this runs on, from `env` and the files and modules it has."""
+    # Environment variables first: the platforms' kernels set them, whereas /kaggle/input and google.colab
+    # can turn up elsewhere (a Docker image copied from Kaggle's, a pip-installed google-colab).
+    if any(k in env for k in KAGGLE_ENV):
+        return "kaggle"
+    if any(k in env for k in COLAB_ENV):
+        return "colab"
+    if _exists("/kaggle/input"):
+        return "kaggle"
+    if _importable("google.colab"):
+        return "colab"
+    return "cloud-tpu-vm" if tpu_attached or any(k in env for k in TPU_VM_ENV) else "other"
+
+
+def _sees_tpu(backend: str, device_kinds: list[str]) -> bool:
+    return backend == "tpu" or any("tpu" in kind.lower() for kind in device_kinds)
+
+
 def _size(n: float | None) -> str:
     if n is None:
         return "unknown"
@@ -281,11 +328,19 @@ def collect(*, batch_size: int = 128, image_size: int = 224, num_workers: int | 
     slot_bytes = _slot_bytes(local_batch, image_size)
     shm_needed = _shm_needed(workers, slot_bytes)
 
+    tpu_attached = bool(tpu_nodes) or _sees_tpu(jax_rt["backend"], jax_rt["device_kinds"])
+    platform_key = recognise_platform(env, tpu_attached)
+    libtpu, pin = versions["libtpu"], _expected_libtpu()
     report = Report(
-        versions=versions, backend=jax_rt["backend"], devices=list(kinds.items()),
+        platform=PLATFORMS[platform_key], platform_key=platform_key,
+        accelerator_type=env.get("TPU_ACCELERATOR_TYPE") or None, versions=versions, libtpu_expected=pin,
+        libtpu_pair_ok=_matches(libtpu, pin) if libtpu and pin else None,
+        libtpu_shipped=(versions["jax"], libtpu) in SHIPPED_PAIRS.get(platform_key, ()),
+        backend=jax_rt["backend"], devices=list(kinds.items()),
         local_device_count=jax_rt["local_device_count"], process_count=jax_rt["process_count"],
         process_index=jax_rt["process_index"], matmul_precision=jax_rt["matmul_precision"],
-        torch_cuda=_torch_cuda(), gpu_present=bool(gpu_nodes or tpu_nodes), accelerator_nodes=gpu_nodes + tpu_nodes,
+        torch_cuda=_torch_cuda(), gpu_present=bool(gpu_nodes or tpu_nodes),
+        tpu_host=tpu_attached or bool(libtpu and platform_key != "other"), accelerator_nodes=gpu_nodes + tpu_nodes,
         cpus_affinity=cpus, cpu_quota=_cpu_quota(), memory_total=memory_total, memory_available=memory_available,
         shm_total=shm_total, shm_free=shm_free, start_method=start_method, start_method_explicit=explicit,
         batch_size=batch_size, image_size=image_size, num_workers=workers, num_workers_reason=reason,
@@ -312,27 +367,41 @@ def _check(r: Report, gpu_nodes: list[str], tpu_nodes: list[str], slot_bytes: in
     jax_v, libtpu = r.versions["jax"], r.versions["libtpu"]
     platforms = r.environment.get("JAX_PLATFORMS")
     unset = f" Unset JAX_PLATFORMS={platforms}." if platforms and r.backend == "cpu" else ""
-    has_tpu = any("tpu" in kind.lower() for kind, _ in r.devices)
+    has_tpu = _sees_tpu(r.backend, [kind for kind, _ in r.devices])
     usable = r.backend != "unavailable"  # where JAX failed to start, that warning says it all
+    lockfile = f" ({_TPU_LOCKFILE} exists)" if tpu_nodes and _exists(_TPU_LOCKFILE) else ""
+    held = ("A TPU held by an earlier notebook process is freed by restarting the runtime; "
+            "`sudo lsof -w /dev/accel* /dev/vfio/*` names the holder.")
 
-    # a) libtpu without a TPU.
-    if usable and libtpu and not has_tpu:
+    # a) jax and libtpu of different releases on a TPU host: JAX then sees no TPU, or fails in a compile.
+    mismatch = r.tpu_host and r.libtpu_pair_ok is False and not r.libtpu_shipped
+    if mismatch:
+        what = (f"jax {jax_v} pairs with libtpu {r.libtpu_expected} (jax[tpu]=={jax_v}), but libtpu {libtpu} "
+                "is installed")
+        unseen = usable and not has_tpu and bool(tpu_nodes)
+        if unseen:
+            what += f"; JAX sees no TPU (backend: {r.backend}): the mismatch, or another process holds it{lockfile}"
+        fix = f"Install the libtpu this jax pairs with, without moving jax: `pip install \"jax[tpu]=={jax_v}\"`."
+        fix += {"kaggle": " On Kaggle never upgrade jax by hand: the image pairs jax with libtpu; Run > Factory "
+                          "reset undoes an upgrade.",
+                "colab": " On Colab never upgrade jax by hand: the runtime pairs jax with libtpu; Runtime > "
+                         "Disconnect and delete runtime undoes an upgrade."}.get(r.platform_key, "")
+        out.append(DoctorWarning("jax/libtpu mismatch", what, fix + (" " + held if unseen else "") + unset))
+
+    # b) libtpu without a TPU (an attached TPU that a mismatch explains is (a)'s).
+    if usable and libtpu and not has_tpu and not (mismatch and tpu_nodes):
         what = f"libtpu {libtpu} is installed but jax {jax_v} sees no TPU (backend: {r.backend})"
         if tpu_nodes:
-            pin = _expected_libtpu()
-            if pin and not _matches(libtpu, pin):
-                what += f": jax {jax_v} expects libtpu {pin}, or another process holds the TPU"
-            elif pin:
+            if r.libtpu_pair_ok:
                 what += f": libtpu matches jax {jax_v}'s pin, so another process most likely holds the TPU"
             else:
                 what += f": jax {jax_v} may not match libtpu {libtpu}, or another process holds the TPU"
-            if _exists(_TPU_LOCKFILE):
-                what += f" ({_TPU_LOCKFILE} exists)"
-            fix = (f"Install the libtpu this jax pins: `pip install \"jax[tpu]=={jax_v}\"`, but on Kaggle/Colab "
-                   "never upgrade jax by hand (the image pairs jax with libtpu; undo it with Kaggle's Run > "
-                   "Factory reset or Colab's Runtime > Disconnect and delete runtime). A TPU held by an earlier "
-                   "notebook process is freed by restarting the runtime; `sudo lsof -w /dev/accel* /dev/vfio/*` "
-                   "names the holder." + unset)
+            what += lockfile
+            install = "" if r.libtpu_pair_ok else (  # a matching pair needs no install
+                f"Install the libtpu this jax pins: `pip install \"jax[tpu]=={jax_v}\"`, but on Kaggle/Colab never "
+                "upgrade jax by hand (the image pairs jax with libtpu; undo it with Kaggle's Run > Factory reset or "
+                "Colab's Runtime > Disconnect and delete runtime). ")
+            fix = install + held + unset
         else:
             what += ", and no TPU device (/dev/accel*, /dev/vfio/N) is attached"
             fix = ("Pick a TPU accelerator (Kaggle: Settings > Accelerator; Colab: Runtime > Change runtime type), "
@@ -340,7 +409,7 @@ def _check(r: Report, gpu_nodes: list[str], tpu_nodes: list[str], slot_bytes: in
                    "TPU VM, run the container with --privileged." + unset)
         out.append(DoctorWarning("libtpu without TPU", what, fix))
 
-    # b) JAX on CPU next to an accelerator (a TPU with libtpu installed is (a)'s case).
+    # c) JAX on CPU next to an accelerator (a TPU with libtpu installed is (a)'s or (b)'s case).
     if r.backend == "cpu" and gpu_nodes:
         hidden = r.environment.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1")
         plugin = next(((d, v) for d in ("jax-cuda13-plugin", "jax-cuda12-plugin") if (v := _dist_version(d))), None)
@@ -354,13 +423,14 @@ def _check(r: Report, gpu_nodes: list[str], tpu_nodes: list[str], slot_bytes: in
             "NVIDIA driver >= 580; `nvidia-smi` shows the driver), then restart; "
             "`JAX_PLATFORMS=cuda python -c 'import jax; jax.devices()'` prints why it does not load." + unset))
     elif r.backend == "cpu" and tpu_nodes and not libtpu:
+        pinned = f" (libtpu {r.libtpu_expected})" if r.libtpu_expected else ""
         out.append(DoctorWarning(
             "JAX on CPU with a TPU present",
             f"JAX {jax_v} runs on the CPU although a TPU is attached ({tpu_nodes[0]}): libtpu is not installed",
-            f"Install the libtpu this jax pins: `pip install \"jax[tpu]=={jax_v}\"`, then restart the runtime; on "
-            "Kaggle/Colab choose the TPU image instead of installing by hand." + unset))
+            f"Install the libtpu this jax pins{pinned}: `pip install \"jax[tpu]=={jax_v}\"`, then restart the "
+            "runtime; on Kaggle/Colab choose the TPU image instead of installing by hand." + unset))
 
-    # c) /dev/shm under the loader workers' shared-memory slots.
+    # d) /dev/shm under the loader workers' shared-memory slots.
     if r.shm_free is not None and r.shm_needed > r.shm_free:
         from torch2flax.loaders.loader import slots_per_worker
 
@@ -376,7 +446,7 @@ def _check(r: Report, gpu_nodes: list[str], tpu_nodes: list[str], slot_bytes: in
             f"give /dev/shm more room: `docker run --shm-size={math.ceil(r.shm_needed / 2**30) + 1}g`, "
             "or `sudo mount -o remount,size=8G /dev/shm`."))
 
-    # d) torch's CUDA and JAX on one GPU. Either variable already set means the user has split it.
+    # e) torch's CUDA and JAX on one GPU. Either variable already set means the user has split it.
     split = {"XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE"} & set(r.environment)
     if r.backend in ("gpu", "cuda") and r.torch_cuda and not split:
         out.append(DoctorWarning(
@@ -387,7 +457,7 @@ def _check(r: Report, gpu_nodes: list[str], tpu_nodes: list[str], slot_bytes: in
             "and keep torch on the CPU in DataLoader workers, or install the CPU torch build: "
             "`pip install torch --index-url https://download.pytorch.org/whl/cpu`."))
 
-    # e) fork: harmless for make_loader, which starts its own workers with forkserver.
+    # f) fork: harmless for make_loader, which starts its own workers with forkserver.
     if r.start_method == "fork":
         origin = "set by set_start_method" if r.start_method_explicit else "the platform's default"
         out.append(DoctorWarning(
@@ -406,13 +476,33 @@ def _devices_text(r: Report) -> str:
     return ", ".join(f"{count} x {kind}" for kind, count in r.devices) or "none"
 
 
+def _platform_text(r: Report) -> str:
+    kind = f" {r.accelerator_type}" if r.accelerator_type else ""
+    return f"{r.platform}{kind} (Python {r.versions['Python']})"
+
+
+def _pairing_text(r: Report) -> str:
+    """Whether the installed libtpu is the one the installed jax was released with."""
+    jax_v, libtpu = r.versions["jax"], r.versions["libtpu"]
+    if jax_v is None:
+        return "jax not installed"
+    pin = (f"{r.libtpu_expected} (jax[tpu]=={jax_v})" if r.libtpu_expected
+           else "unknown (jax's metadata names no libtpu for its tpu extra)")
+    verdict = "missing" if not libtpu else {True: "ok", False: "mismatch", None: "unknown"}[r.libtpu_pair_ok]
+    if r.libtpu_shipped:
+        verdict = f"not jax[tpu]'s pin, but the pair {r.platform} ships"
+    return f"jax {jax_v} pairs with libtpu {pin}; installed: {f'libtpu {libtpu}' if libtpu else 'no libtpu'} — {verdict}"
+
+
 def format_report(report: Report) -> str:
-    """The report as text: versions, JAX, host, warnings (each with a `fix:` line)."""
+    """The report as text: platform, versions, JAX, host, warnings (each with a `fix:` line)."""
     r = report
-    rows: list[tuple[str, str] | str] = ["versions"]
+    rows: list[tuple[str, str] | str] = [f"platform: {_platform_text(r)}", "versions"]
     rows += [(name, v or "not installed") for name, v in r.versions.items()]
     local = f" ({r.local_device_count} on this process)" if r.process_count > 1 else ""
-    rows += ["JAX", ("backend", r.backend), ("devices", _devices_text(r) + local),
+    rows += ["JAX", ("backend", r.backend)]
+    rows += [("jax/libtpu", _pairing_text(r))] if r.tpu_host else []  # on a TPU host always, ok or not
+    rows += [("devices", _devices_text(r) + local),
              ("processes", f"{r.process_count} (this is process {r.process_index})"),
              ("matmul precision", r.matmul_precision or "default"),
              ("torch CUDA build", (r.torch_cuda or "no (CPU build)") if r.versions["torch"] else "no torch")]
@@ -444,7 +534,7 @@ def summary_line(report: Report) -> str:
     if not r.versions["torch"]:
         torch = "no torch"
     host = f"{r.cpus_affinity} CPUs, {_size(r.memory_total)} RAM, /dev/shm {_size(r.shm_free)}"
-    line = f"doctor: jax {r.versions['jax']} {r.backend} x{n} ({procs}) | {torch} | {host} | "
+    line = f"doctor: jax {r.versions['jax']} {r.backend} x{n} ({procs}) | platform: {_platform_text(r)} | {torch} | {host} | "
     if not r.warnings:
         return line + "0 warnings"
     keys = "; ".join(w.key for w in r.warnings)
