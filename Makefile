@@ -36,6 +36,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/torch2flax doctor
 	$(PY) $(PYTEST) -m "not cross_stack"
 
 # The edit-test loop: every module's unit tests, without subprocess runs, fits or full-size models

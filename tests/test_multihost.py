@@ -115,7 +115,11 @@ def _launch(tmp_path, commands, *, num_processes=2, peer_timeout=PEER_TIMEOUT):
     port = _free_port()
     # 4 devices each; any other XLA flags as the in-process reference has them.
     flags = os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
-    env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
+    # No persistent compilation cache (tests/conftest.py sets one for every other subprocess): on jax
+    # 0.12.1 two CPU processes that load their programs from a warm cache hang in the first collective
+    # (the launch timed out at 240 s each time; with fresh compiles it passes in ~50 s, 2026-12-07).
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env = {**env, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu",
            "TORCH2FLAX_COORDINATOR": f"127.0.0.1:{port}", "TORCH2FLAX_NUM_PROCESSES": str(num_processes),
            "TORCH2FLAX_PEER_TIMEOUT": str(peer_timeout)}
     procs, logs = [], []
