@@ -59,6 +59,8 @@ def healthy(monkeypatch):
     monkeypatch.setattr(d, "_importable", lambda name: False)
     monkeypatch.setattr(d, "_statvfs", lambda path: BIG_SHM)
     monkeypatch.setattr(d, "_start_method", lambda: ("forkserver", True))
+    # No platform's own pair: on Colab's stack the installed jax 0.7.2 would make a test's libtpu one.
+    monkeypatch.setattr(d, "SHIPPED_PAIRS", {})
     return monkeypatch
 
 
@@ -201,9 +203,9 @@ def test_tpu_host_with_a_mismatched_libtpu(healthy, env, undo, other_undo):
 
 @pytest.mark.parametrize("env,platform,libtpu", [({"COLAB_RELEASE_TAG": "r"}, "Colab", "0.0.21.1"),
                                                   ({"KAGGLE_KERNEL_RUN_TYPE": "Interactive"}, "Kaggle", "0.0.17")])
-def test_the_pair_a_platform_ships_is_named_and_not_warned_about(healthy, monkeypatch, env, platform, libtpu):
+def test_the_pair_a_platform_ships_is_named_and_not_warned_about(healthy, env, platform, libtpu):
     # Colab's runtime ships jax 0.7.2 with libtpu 0.0.21.1, Kaggle's image with 0.0.17; jax[tpu]==0.7.2 pins 0.0.23.
-    monkeypatch.setitem(d.SHIPPED_PAIRS, platform.lower(), {(JAX_VERSION, libtpu)})
+    healthy.setitem(d.SHIPPED_PAIRS, platform.lower(), {(JAX_VERSION, libtpu)})
     _on_tpu(healthy, libtpu, ['libtpu==0.0.23; extra == "tpu"'])
     report = d.collect(env=env)
     assert (report.libtpu_pair_ok, report.libtpu_shipped, report.warnings) == (False, True, [])
@@ -211,7 +213,7 @@ def test_the_pair_a_platform_ships_is_named_and_not_warned_about(healthy, monkey
         f"jax {JAX_VERSION} pairs with libtpu 0.0.23 (jax[tpu]=={JAX_VERSION}); installed: libtpu {libtpu} — "
         f"not jax[tpu]'s pin, but the pair {platform} ships")
     # The same libtpu under another jax is a user's upgrade: warned about.
-    monkeypatch.setitem(d.SHIPPED_PAIRS, platform.lower(), {("0.0.0", libtpu)})
+    healthy.setitem(d.SHIPPED_PAIRS, platform.lower(), {("0.0.0", libtpu)})
     assert [w.key for w in d.collect(env=env).warnings] == ["jax/libtpu mismatch"]
 
 
