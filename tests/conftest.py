@@ -100,8 +100,8 @@ _FAST = ("tests/test_export.py::test_eval_parity[efficientnet_b0]",)
 # Without them programs compile ~40% faster (an exported ConvNeXt's training step: 15 s -> 9 s)
 # and compute the same IEEE results (XLA's fast-math stays off); training runs pay in step time,
 # but the whole suite is faster (docs/benchmarks.md). Set before jax is imported, so the CLI
-# subprocesses the tests start compile the same way. `make test-oldest` sets
-# TORCH2FLAX_TEST_XLA_DEFAULTS=1: CI also runs every test as users compile it.
+# subprocesses the tests start compile the same way. TORCH2FLAX_TEST_XLA_DEFAULTS=1 runs every test
+# as users compile it (no CI stack sets it since 2026-12-07: the Makefile's test-oldest says why).
 # Unoptimised, XLA:CPU's older elemental emitters also compile about twice as fast as its MLIR
 # fusion emitters (that ConvNeXt step: 6.8 s -> 3.0 s) for slower loops (a 4-epoch fit's steps:
 # ~1.5x); over the suite, 30 s less of `make test` (2026-12-06).
