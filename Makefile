@@ -34,16 +34,22 @@ install-oldest:
 demo: $(STAMP)
 	$(VENV)/bin/torch2flax demo
 
+# The TPU compile tests (tests/test_tpu_check.py) load the libtpu this venv's jax pairs with,
+# downloaded once per machine and never installed into the venv (.ci/libtpu.py says why);
+# `.ci/libtpu.py extra` checks that `pip install torch2flax[tpu-check]` brings that libtpu, keeping jax.
+LIBTPU = TORCH2FLAX_TEST_LIBTPU=$$($(PYTHON) .ci/libtpu.py path $(VENV))
+
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/torch2flax doctor
-	$(PY) $(PYTEST) -m "not cross_stack"
+	$(PY) .ci/libtpu.py extra
+	$(LIBTPU) $(PY) $(PYTEST) -m "not cross_stack"
 
 # The edit-test loop: every module's unit tests, without subprocess runs, fits or full-size models
 # (the `slow` tier, listed in tests/conftest.py). Tests are spread one by one, not file by file.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n auto --maxprocesses 4 --dist load -m "not slow and not cross_stack" -q
+	$(LIBTPU) $(PY) -m pytest -n auto --maxprocesses 4 --dist load -m "not slow and not cross_stack" -q
 
 # A platform's stack (platforms/$(STACK).txt), installed as its users meet it: the platform's
 # packages first, then torch2flax offline from a wheelhouse, which must change none of them.

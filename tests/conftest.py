@@ -9,6 +9,15 @@ _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
 
+# The TPU compile tests' libtpu (tests/test_tpu_check.py). Where the stack installs a libtpu of its
+# own (Colab's 0.0.21.1, which crashes compiling for a topology with jax 0.7.2), jax loads that one
+# when it starts, and a plugin loads once per process: so the paired one is named before jax starts.
+if os.environ.get("TORCH2FLAX_TEST_LIBTPU"):
+    import importlib.util
+
+    if importlib.util.find_spec("libtpu") is not None:
+        os.environ.setdefault("TPU_LIBRARY_PATH", os.environ["TORCH2FLAX_TEST_LIBTPU"])
+
 import pytest  # noqa: E402
 
 DEVICE_COUNTS = (1, 8)
@@ -52,7 +61,7 @@ def pytest_configure(config):
 # The longest test files, longest first: with `--dist loadfile --no-loadscope-reorder` (Makefile)
 # pytest-xdist hands out files in collection order (by default it orders them by test count, which
 # sent the 2-test, 3-minute shell fine-tune file last: one worker ran it alone for 3 minutes).
-_LONGEST_FIRST = ("test_export.py", "test_train.py", "test_demo.py", "test_finetune.py", "test_multihost.py",
+_LONGEST_FIRST = ("test_export.py", "test_tpu_check.py", "test_train.py", "test_demo.py", "test_finetune.py", "test_multihost.py",
                   "test_models_resnet.py", "test_notebook.py", "test_export_api.py", "test_heads.py", "test_ops.py",
                   "test_cv.py", "test_explain.py", "test_io.py", "test_layers.py")
 
@@ -90,6 +99,11 @@ _SLOW = (
     "tests/test_models_resnet.py::test_train_step_loss_grads_and_batch_stats_match_timm[resnet50-full",
     "tests/test_convert.py::test_module_contract_fields_and_bfloat16",
     "tests/test_layers.py::test_conv_paths_agree_in_value_and_gradient[5x5x8x16x7x2x3x1x1]",
+    # TPU compiles (libtpu, 5-30 s each)
+    "tests/test_tpu_check.py::test_train_and_eval", "tests/test_tpu_check.py::test_jit_layout",
+    "tests/test_tpu_check.py::test_flops_match", "tests/test_tpu_check.py::test_memory_grows",
+    "tests/test_tpu_check.py::test_the_largest_batch",
+    "tests/test_tpu_check.py::test_cli_json",
 )
 # ...but one exported architecture stays in the fast tier.
 _FAST = ("tests/test_export.py::test_eval_parity[efficientnet_b0]",)
@@ -153,7 +167,7 @@ _CORE = (
     "tests/test_models_resnet.py::", "tests/test_export_api.py::", "tests/test_train.py::test_fit_",
     "tests/test_train.py::test_one_device", "tests/test_train.py::test_jit_layout",
     "tests/test_train.py::test_resume", "tests/test_train.py::test_predict", "tests/test_cv.py::test_fold_all",
-    "tests/test_heads.py::test_mlp_head", "tests/test_cross_stack.py::",
+    "tests/test_heads.py::test_mlp_head", "tests/test_cross_stack.py::", "tests/test_tpu_check.py::",
 )
 
 

@@ -60,6 +60,8 @@ def num_workers_arg(value: str) -> int | str:
 
 _OPTIONAL_TYPES["num_workers"] = num_workers_arg
 _HELP["num_workers"] = "loader worker processes, or 'auto' (default): usable CPUs less one, capped by memory"
+# train/tpu_check.TPUS' keys (that module imports jax: kept out of `--help`'s path).
+TPU_NAMES = ("v3-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v6e-1", "v6e-8")
 _CHOICES = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"), "parallel": ("pmap", "jit")}
 
 
@@ -116,6 +118,9 @@ def register(subparsers) -> None:
     p.add_argument("--stop-after-epochs", type=int, metavar="N",
                    help="end this invocation after N epochs; continue later with --resume")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--tpu-check", metavar="TPU", choices=sorted(TPU_NAMES),
+                   help="first compile this run's steps for that TPU (`torch2flax tpu-check`): stop if they do "
+                   "not fit, else print the HBM they take and train")
     _add_config_flags(p)
     _add_distributed_flags(p)
     p.set_defaults(func=run_train)
@@ -177,6 +182,23 @@ def register(subparsers) -> None:
                    "ensemble (out-of-fold probabilities averaged), to choose weights before submitting")
     c.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per OUT (default equal)")
     c.set_defaults(func=run_cv)
+
+    t = subparsers.add_parser(
+        "tpu-check", help="compile a run's train and eval steps for a TPU (here, without one): fit, HBM, FLOPs",
+        description="Compile the trainer's own train and eval steps for a TPU slice, on this machine (libtpu "
+        "describes the TPU; no TPU needed), and report whether they compile, HBM per device, the largest "
+        "global batch that compiles, FLOPs per image and a roofline bound. Nothing is trained or timed.")
+    t.add_argument("source", nargs="?", metavar="MODEL",
+                   help="a timm name, a torch2flax .msgpack file or a run folder (its config.json); "
+                   "or give --model / --init / --config")
+    t.add_argument("--tpu", default="v5e-8", choices=sorted(TPU_NAMES), help="the TPU slice (default %(default)s)")
+    t.add_argument("--no-search", dest="search", action="store_false",
+                   help="only the given batch: skip the search for the largest one (each try is a compile)")
+    t.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    t.add_argument("--quiet", action="store_true", help="no progress lines (one per compile)")
+    t.add_argument("--config", metavar="FILE", help="YAML/JSON run config (flags override it)")
+    _add_config_flags(t)
+    t.set_defaults(func=run_tpu_check)
 
     e = subparsers.add_parser("doctor", help="report versions, devices and host limits, and what will hurt a run",
                               description="Report package versions, JAX's devices, CPUs, memory and /dev/shm, "
@@ -246,6 +268,16 @@ def run_train(args: argparse.Namespace) -> int:
 
         print(summary_line(collect(batch_size=config.batch_size, image_size=config.image_size,
                                    num_workers=config.num_workers)), flush=True)
+    if args.tpu_check and main_process:
+        from torch2flax.train.tpu_check import format_report, tpu_check
+
+        report = tpu_check(config, args.tpu_check, search=False, log=lambda s: print(s, flush=True))
+        print(format_report(report), flush=True)
+        if not report.fits:
+            raise ValueError(f"--tpu-check {args.tpu_check}: " + (
+                f"the train step does not fit in HBM at --batch-size {config.batch_size}: lower it (or "
+                "--dtype bfloat16, --accum-steps)" if report.out_of_memory else
+                "the TPU compiler refused the train step (above)"))
     from torch2flax.train.trainer import fit
 
     result = fit(config, resume=bool(args.resume), stop_after_epochs=args.stop_after_epochs,
@@ -264,6 +296,48 @@ def run_train(args: argparse.Namespace) -> int:
               f"training {result.images_per_sec:.1f} images/s")
     print(f"wrote to {os.path.abspath(result.out)}: " + ", ".join(os.path.relpath(f, result.out) for f in result.files))
     return result.exit_status  # 128 + the signal after a SIGTERM/SIGINT stop (train.preemption)
+
+
+def tpu_check_config(args: argparse.Namespace) -> TrainConfig:
+    """The config `tpu-check` compiles: a run folder's config.json, or the flags (and --config)."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+             if getattr(args, f.name) is not None}
+    source = args.source
+    if source and os.path.isdir(source):
+        saved = os.path.join(source, "config.json")
+        if not os.path.exists(saved):
+            raise FileNotFoundError(f"{source}: not a run folder ({saved} not found)")
+        return TrainConfig.from_file(saved, **given)
+    if source and (source.endswith(".msgpack") or os.path.isfile(source)):
+        if not os.path.isfile(source):
+            raise FileNotFoundError(f"{source}: no such model file")
+        given["init"] = source
+    elif source:
+        given["model"] = source
+    if args.config:
+        return TrainConfig.from_file(args.config, **given)
+    if "model" not in given and "init" not in given:
+        raise ValueError("tpu-check: name a model (a timm name, a .msgpack file or a run folder)")
+    return TrainConfig.from_dict(given)
+
+
+def run_tpu_check(args: argparse.Namespace) -> int:
+    config = tpu_check_config(args)
+    if config.init is None and config.model is not None:
+        from torch2flax.timm_names import check_model_name
+
+        check_model_name(config.model)
+    from torch2flax.train.tpu_check import format_report, tpu_check
+
+    report = tpu_check(config, args.tpu, search=args.search,
+                       log=None if args.json or args.quiet else (lambda s: print(s, flush=True)))
+    if args.json:
+        import json
+
+        print(json.dumps(report.to_dict(), indent=2))
+    else:
+        print(format_report(report))
+    return 0 if report.fits else 1  # a script can branch on it; the report says why
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -289,7 +289,7 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None,
     no_decay = module.no_weight_decay()
     state = create_train_state(variables, make_optimizer(config, len(train_loader), no_decay),
                                seed=config.seed, ema=config.ema_decay > 0)
-    run = Run(config, par, module, state, train_loader, val_loader, *_steps(config, par, module),
+    run = Run(config, par, module, state, train_loader, val_loader, *build_steps(config, par, module),
               data=data, paths=paths, reinitialized=reinitialized)
     if saved is not None:
         run.state = saved.restore(state, source)
@@ -318,7 +318,8 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None,
     return run
 
 
-def _steps(config: TrainConfig, par: Parallel, module: Any) -> tuple[Callable, Callable]:
+def build_steps(config: TrainConfig, par: Parallel, module: Any) -> tuple[Callable, Callable]:
+    """`(train_step, eval_step)` of `config` for `par` (what `fit` runs; `tpu_check` compiles the same)."""
     dtype = COMPUTE_DTYPES[config.dtype]
     sync = AXIS if (par.layout == "pmap" and config.sync_bn) else None
     cfg = module.pretrained_cfg
