@@ -165,6 +165,44 @@ def run_coverage(args) -> None:
         print(row, flush=True)
         rows.append(row)
         _save(path, rows, _meta())
+        add_tpu_column(os.path.join(ROOT, "COVERAGE.md"), rows)
+
+
+TPU_COLUMN = "TPU v5e-8 bf16, HBM/chip at 32/chip"
+
+
+def _tpu_cell(r: dict[str, Any] | None) -> str:
+    if r is None:
+        return "not run"
+    if r["compiled"]:
+        return f"{r['hbm'] / GiB:.2f} GiB"
+    return f"NO: {r['error']}"[:120]
+
+
+def add_tpu_column(md: str, rows: list[dict[str, Any]]) -> None:
+    """COVERAGE.md's table with the TPU column last (added once, then rewritten): the rest of the
+    page, written by coverage.py and by hand, stays as it is."""
+    by_family = {r["family"]: r for r in rows}
+    with open(md) as f:
+        lines = f.read().splitlines()
+    out = []
+    for line in lines:
+        cells = line.split("|")
+        if line.startswith("| family |"):
+            if TPU_COLUMN not in line:
+                line = line + f" {TPU_COLUMN} |"
+        elif line.startswith("|---") and out and out[-1].startswith("| family |"):
+            if line.count("|") < out[-1].count("|"):
+                line = line + "---|"
+        elif line.startswith("| ") and len(cells) > 3 and out and any(o.startswith("| family |") for o in out):
+            family = cells[1].strip()
+            header = next(o for o in reversed(out) if o.startswith("| family |"))
+            if line.count("|") == header.count("|"):  # the column is there: rewrite it
+                line = "|".join(cells[:-2]) + "|"
+            line = line + f" {_tpu_cell(by_family.get(family))} |"
+        out.append(line)
+    with open(md, "w") as f:
+        f.write("\n".join(out) + "\n")
 
 
 # ----------------------------------------------------------------------------------------- compare

@@ -69,4 +69,12 @@ def export_timm(
         ep = torch.export.export(target, (x,), dynamic_shapes=dynamic)
     finally:
         model.train(was_training)
-    return ep.run_decompositions()
+    return ep.run_decompositions(decompositions())
+
+
+def decompositions() -> Any:
+    """torch.export's core-ATen table without `aten._safe_softmax`, which the interpreter lowers
+    whole (`ops.safe_softmax` says why)."""
+    table = torch.export.default_decompositions()
+    table.pop(torch.ops.aten._safe_softmax.default, None)
+    return table
