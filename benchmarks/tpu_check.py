@@ -272,19 +272,13 @@ def _reference(name: str, size: int):
     return module, variables
 
 
-def _plain_layers():
-    """`layers.depthwise_conv` as a grouped `lax.conv_general_dilated` and no small-map matmuls."""
-    from jax import lax
-
+def _layer_forms(depthwise: str, small_map: int) -> tuple[str, int]:
+    """Set how `layers.conv2d` lowers for the TPU (depthwise: "grouped" or "taps"; small_map: the
+    largest output map convolved as shifted matmuls, 0 for none); returns the previous settings."""
     from torch2flax import layers
 
-    def plain_depthwise(x, kernel, strides, padding, dilation=(1, 1)):
-        return lax.conv_general_dilated(x, kernel, tuple(strides), tuple(map(tuple, padding)),
-                                        rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                        feature_group_count=x.shape[-1])
-
-    saved = (layers.depthwise_conv, layers.SMALL_MAP_MAX_PIXELS)
-    layers.depthwise_conv, layers.SMALL_MAP_MAX_PIXELS = plain_depthwise, 0
+    saved = (layers.TPU_DEPTHWISE, layers.SMALL_MAP_MAX_PIXELS)
+    layers.TPU_DEPTHWISE, layers.SMALL_MAP_MAX_PIXELS = depthwise, small_map
     return saved
 
 
@@ -301,27 +295,29 @@ def run_compare(args) -> None:
         ("resnet50 224: plain Flax (flax examples)", lambda: _reference("resnet50", 224), 224),
         ("vit_small_patch16_224: exported", lambda: _ours("vit_small_patch16_224", 224, "export"), 224),
         ("vit_small_patch16_224: plain Flax", lambda: _reference("vit_small", 224), 224),
-        ("efficientnet_b0 224: exported, depthwise tap sums + hand VJP", lambda: _ours("efficientnet_b0", 224, "export"), 224),
-        ("efficientnet_b0 224: exported, depthwise lax.conv", ("plain", lambda: _ours("efficientnet_b0", 224, "export")), 224),
-        ("resnet50 96 (3x3 layer4): native, small-map matmuls", lambda: _ours("resnet50", 96, "native"), 96),
-        ("resnet50 96 (3x3 layer4): native, lax.conv", ("plain", lambda: _ours("resnet50", 96, "native")), 96),
+        ("efficientnet_b0 224: exported, depthwise tap sums + hand VJP", lambda: _ours("efficientnet_b0", 224, "export"),
+         224, ("taps", 9)),
+        ("efficientnet_b0 224: exported, depthwise lax.conv", lambda: _ours("efficientnet_b0", 224, "export"), 224,
+         ("grouped", 9)),
+        ("resnet50 96 (3x3 layer4): native, small-map matmuls", lambda: _ours("resnet50", 96, "native"), 96,
+         ("grouped", 9)),
+        ("resnet50 96 (3x3 layer4): native, lax.conv", lambda: _ours("resnet50", 96, "native"), 96, ("grouped", 0)),
     ]
-    for case, build, size in cases:
+    for case, build, size, *forms in cases:
         if case in done:
             continue
-        plain = isinstance(build, tuple)
-        saved = _plain_layers() if plain else None
+        saved = _layer_forms(*forms[0]) if forms else None
         try:
             from torch2flax.export.model import CACHE
 
             CACHE.clear()  # an exported graph traced with the other layer forms would be reused
-            module, variables = (build[1] if plain else build)()
+            module, variables = build()
             row = {"case": case, **compile_plain(module, variables, size, per_device)}
         except Exception as e:
             row = {"case": case, "compiled": False, "error": _short(f"{type(e).__name__}: {e}")}
         finally:
             if saved:
-                layers.depthwise_conv, layers.SMALL_MAP_MAX_PIXELS = saved
+                layers.TPU_DEPTHWISE, layers.SMALL_MAP_MAX_PIXELS = saved
         print(row, flush=True)
         rows.append(row)
         _save(path, rows, {**_meta(), "per_device": per_device, "tpu": "v5e-8"})
