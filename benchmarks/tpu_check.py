@@ -272,13 +272,13 @@ def _reference(name: str, size: int):
     return module, variables
 
 
-def _layer_forms(depthwise: str, small_map: int) -> tuple[str, int]:
-    """Set how `layers.conv2d` lowers for the TPU (depthwise: "grouped" or "taps"; small_map: the
-    largest output map convolved as shifted matmuls, 0 for none); returns the previous settings."""
+def _layer_forms(depthwise: str, small_map: str) -> tuple[str, str]:
+    """Set how `layers.conv2d` lowers for the TPU (depthwise: "grouped" or "taps"; small maps:
+    "conv" or "matmul"); returns the previous settings."""
     from torch2flax import layers
 
-    saved = (layers.TPU_DEPTHWISE, layers.SMALL_MAP_MAX_PIXELS)
-    layers.TPU_DEPTHWISE, layers.SMALL_MAP_MAX_PIXELS = depthwise, small_map
+    saved = (layers.TPU_DEPTHWISE, layers.TPU_SMALL_MAP)
+    layers.TPU_DEPTHWISE, layers.TPU_SMALL_MAP = depthwise, small_map
     return saved
 
 
@@ -296,12 +296,12 @@ def run_compare(args) -> None:
         ("vit_small_patch16_224: exported", lambda: _ours("vit_small_patch16_224", 224, "export"), 224),
         ("vit_small_patch16_224: plain Flax", lambda: _reference("vit_small", 224), 224),
         ("efficientnet_b0 224: exported, depthwise tap sums + hand VJP", lambda: _ours("efficientnet_b0", 224, "export"),
-         224, ("taps", 9)),
+         224, ("taps", "conv")),
         ("efficientnet_b0 224: exported, depthwise lax.conv", lambda: _ours("efficientnet_b0", 224, "export"), 224,
-         ("grouped", 9)),
+         ("grouped", "conv")),
         ("resnet50 96 (3x3 layer4): native, small-map matmuls", lambda: _ours("resnet50", 96, "native"), 96,
-         ("grouped", 9)),
-        ("resnet50 96 (3x3 layer4): native, lax.conv", lambda: _ours("resnet50", 96, "native"), 96, ("grouped", 0)),
+         ("grouped", "matmul")),
+        ("resnet50 96 (3x3 layer4): native, lax.conv", lambda: _ours("resnet50", 96, "native"), 96, ("grouped", "conv")),
     ]
     for case, build, size, *forms in cases:
         if case in done:
@@ -317,7 +317,7 @@ def run_compare(args) -> None:
             row = {"case": case, "compiled": False, "error": _short(f"{type(e).__name__}: {e}")}
         finally:
             if saved:
-                layers.TPU_DEPTHWISE, layers.SMALL_MAP_MAX_PIXELS = saved
+                layers.TPU_DEPTHWISE, layers.TPU_SMALL_MAP = saved
         print(row, flush=True)
         rows.append(row)
         _save(path, rows, {**_meta(), "per_device": per_device, "tpu": "v5e-8"})

@@ -35,6 +35,8 @@ SMALL_MAP_MAX_PIXELS = 9
 # Depthwise convolutions in a program lowered for a TPU: XLA's grouped convolution ("grouped"), or the
 # tap sums every other platform runs ("taps"; benchmarks/tpu_check.py compare sets it to measure them).
 TPU_DEPTHWISE = "grouped"
+# Small maps in a program lowered for a TPU: the plain convolution ("conv") or the shifted matmuls ("matmul").
+TPU_SMALL_MAP = "conv"
 
 
 def _pair(v: IntPair) -> tuple[int, int]:
@@ -112,6 +114,11 @@ def shifted_matmul_conv(
             y = jnp.einsum("bhwc,co->bhwo", window, kernel[i, j])
         out = y if out is None else out + y
     return out.reshape(b, ho, wo, cout)
+
+
+def _plain_conv(x: Array, kernel: Array, strides, padding, dilation, groups: int) -> Array:
+    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
+                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
 
 
 def _grouped_conv(x: Array, kernel: Array, strides, padding, dilation) -> Array:
@@ -217,12 +224,16 @@ def conv2d(
         return lax.platform_dependent(
             x, kernel, tpu=functools.partial(_grouped_conv, strides=strides, padding=padding, dilation=dilation),
             default=functools.partial(depthwise_conv, strides=strides, padding=padding, dilation=dilation))
-    if ho * wo <= limit:
+    plain = functools.partial(_plain_conv, strides=strides, padding=padding, dilation=dilation, groups=groups)
+    if ho * wo <= limit and TPU_SMALL_MAP == "matmul":
         return shifted_matmul_conv(x, kernel, strides, padding, dilation, groups)
-    return lax.conv_general_dilated(
-        x, kernel, strides, padding, rhs_dilation=dilation,
-        dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups,
-    )
+    if ho * wo <= limit:
+        # The shifted matmuls were chosen on XLA:CPU timings; lowered for a TPU the plain convolution is
+        # no worse (resnet50 at 96 px, whose layer4 maps are 3x3, bf16 train step on a v5e: 0.238 against
+        # 0.244 GB per image, 0.27 against 0.29 GiB of temporaries; docs/benchmarks.md).
+        return lax.platform_dependent(x, kernel, tpu=plain, default=functools.partial(
+            shifted_matmul_conv, strides=strides, padding=padding, dilation=dilation, groups=groups))
+    return plain(x, kernel)
 
 
 class Conv(nn.Module):
