@@ -160,6 +160,10 @@ REDUCTIONS = [
     case(A.linalg_vector_norm.default, torch.relu(X), 0, [1], id="0"),
     case(A._softmax.default, X, 1, False, grad=True),
     case(A._log_softmax.default, X, -1, False, grad=True),
+    case(A._safe_softmax.default, X, -1, grad=True),
+    # a fully masked row (all -inf) gives zeros, a partly masked one a softmax over the rest
+    case(A._safe_softmax.default, torch.where(torch.arange(5) < 2, -math.inf, X).index_fill(2, torch.tensor([1]),
+                                                                                          -math.inf), -1, id="masked"),
 ]
 
 SHAPES = [
