@@ -229,6 +229,7 @@ def test_memory_grows_with_the_batch(reports):
     assert large.state == small.state
 
 
+@pytest.mark.tpu_search
 def test_the_largest_batch_compiles_within_hbm_and_1_25x_does_not(libtpu, reduced):
     """On a v5e-1 (16 GiB): the batch the search reports compiles within HBM in an independent
     compile of the same step, whose HBM equals the report's, and 1.25x that batch is refused by the
