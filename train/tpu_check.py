@@ -38,6 +38,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from torch2flax.train.config import TrainConfig
+from torch2flax.train.parallel import AXIS, Parallel
 
 GiB = 1024**3
 
@@ -226,6 +227,7 @@ class Compiled:
     flops: float | None = None  # per device, per step
     bytes_accessed: float | None = None
     ops: dict[str, int] = field(default_factory=dict)  # layout work in the optimized HLO: transposes, copies
+    lowering_failed: bool = False  # the error came from lowering the step, before the TPU compiler
 
 
 def _is_oom(message: str) -> bool:
@@ -252,7 +254,11 @@ def _memory(compiled: Any) -> dict[str, int]:
 def compile_once(lower: Callable[[], Any], global_batch: int) -> Compiled:
     t0 = time.perf_counter()
     try:
-        compiled = lower().compile()
+        lowered = lower()
+    except Exception as e:  # the step could not be built for these devices (`lowering_failed`)
+        return Compiled(global_batch, False, str(e), False, time.perf_counter() - t0, lowering_failed=True)
+    try:
+        compiled = lowered.compile()
     except Exception as e:  # the compiler's verdict is the result (XlaRuntimeError/JaxRuntimeError by version)
         message = str(e)
         return Compiled(global_batch, False, message, _is_oom(message), time.perf_counter() - t0)
@@ -276,22 +282,26 @@ class StepBuilder:
     """Lowers the trainer's steps for a device set at any batch (the model is built once)."""
 
     def __init__(self, config: TrainConfig, devices: list[Any]):
-        from torch2flax.train.parallel import AXIS, Parallel
         from torch2flax.train.state import create_train_state, make_optimizer
-        from torch2flax.train.trainer import build_steps, init_model
+        from torch2flax.train.trainer import init_model
 
-        self.config = config
-        module, variables, _ = init_model(config)
-        tx = make_optimizer(config, 1000, module.no_weight_decay())  # steps/epoch: a constant of the schedule
+        self.module, variables, _ = init_model(config)
+        tx = make_optimizer(config, 1000, self.module.no_weight_decay())  # steps/epoch: a constant of the schedule
         # Shapes only: the optimiser state and the EMA copy are never materialised.
         self.state = jax.eval_shape(lambda v: create_train_state(v, tx, seed=config.seed, ema=config.ema_decay > 0),
                                     variables)
         self.state_bytes = {k: _nbytes(getattr(self.state, k)) for k in ("params", "opt_state", "batch_stats",
                                                                          "ema_params")}
-        self.par = Parallel(config.parallel, devices)
-        self.p_train, self.p_eval = build_steps(config, self.par, module)
-        self.axis = AXIS
-        self.module = module
+        self.devices = devices
+        self.use_layout(config, config.parallel)
+
+    def use_layout(self, config: TrainConfig, layout: str) -> None:
+        """The steps for `layout` ("pmap" or "jit"); the model and state stay."""
+        from torch2flax.train.trainer import build_steps
+
+        self.config = replace(config, parallel=layout)
+        self.par = Parallel(layout, self.devices)
+        self.p_train, self.p_eval = build_steps(self.config, self.par, self.module)
 
     def _args(self, global_batch: int, *, mask: bool) -> tuple[Any, Any]:
         n = len(self.par.devices)
@@ -304,7 +314,7 @@ class StepBuilder:
             batch = {k: jax.ShapeDtypeStruct((n, global_batch // n, *v.shape[1:]), v.dtype) for k, v in batch.items()}
             return _abstract(self.state, "pmap", n, None), batch
         replicated = NamedSharding(self.par.mesh, PartitionSpec())
-        split = NamedSharding(self.par.mesh, PartitionSpec(self.axis))
+        split = NamedSharding(self.par.mesh, PartitionSpec(AXIS))
         batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=split) for k, v in batch.items()}
         return _abstract(self.state, "jit", n, replicated), batch
 
@@ -329,9 +339,10 @@ def largest_batch(fits: Callable[[int], Compiled], start: int, devices: int, cap
     (relative) of the smallest that does not.
 
     Each try is a compile (minutes for a large model on a small host), so the next batch is
-    predicted: memory grows about linearly with the batch (activations), so a line through the
-    two largest batches that compiled, up to `capacity` (or the usable HBM libtpu names in its
-    out-of-memory message), gives the guess; before two points exist, the batch doubles or halves.
+    predicted: memory grows roughly linearly with the batch (activations), so a line through two
+    measured batches (`_predict`) up to `capacity` (or the usable HBM libtpu names in its
+    out-of-memory message) gives the guess, kept inside the bracket so that each try shrinks it;
+    before two points exist, the batch doubles or halves.
     """
     tried: list[Compiled] = []
     lo = hi = None  # per-device batches: lo compiles, hi does not
@@ -381,21 +392,27 @@ def _predict(tried: list[Compiled], limit: float, devices: int) -> int | None:
     return int((b0 + (limit - m0) / slope) // devices)
 
 
+_SIZE = r"([\d.]+)([GMK])"  # libtpu's sizes: "15.75G"
+
+
+def _bytes(match: re.Match, group: int = 1) -> float:
+    return float(match.group(group)) * {"G": GiB, "M": 1024**2, "K": 1024}[match.group(group + 1)]
+
+
 def _measured(t: Compiled, tried: list[Compiled]) -> float | None:
     """A try's per-device HBM: XLA's plan where it compiled, libtpu's count where it did not
     ("Used 20.00G of 15.75G hbm"; newer: "HLO temporaries (24.00G) exceeds available HBM", to which
     the non-temporary bytes of the nearest compiled batch are added)."""
     if t.fits:
         return t.memory.get("total")
-    units = {"G": GiB, "M": 1024**2, "K": 1024}
-    m = re.search(r"Used ([\d.]+)([GMK]) of", t.error or "")
+    m = re.search(rf"Used {_SIZE} of", t.error or "")
     if m:
-        return float(m.group(1)) * units[m.group(2)]
-    m = re.search(r"HLO temporaries \(([\d.]+)([GMK])\)", t.error or "")
+        return _bytes(m)
+    m = re.search(rf"HLO temporaries \({_SIZE}\)", t.error or "")
     fitted = [f for f in tried if f.fits and f.memory]
     if m and fitted:
         near = min(fitted, key=lambda f: abs(f.global_batch - t.global_batch))
-        return float(m.group(1)) * units[m.group(2)] + near.memory["total"] - near.memory["temp"]
+        return _bytes(m) + near.memory["total"] - near.memory["temp"]
     return None
 
 
@@ -408,10 +425,9 @@ class _CompileError(Exception):
 def _hbm_limit(tried: list[Compiled]) -> float | None:
     """The usable HBM libtpu reported in an out-of-memory message ("Used 20.00G of 15.75G hbm")."""
     for t in tried:
-        m = re.search(r"of ([\d.]+)([GM]) hbm|exceeds available HBM \(([\d.]+)([GM])\)", t.error or "")
+        m = re.search(rf"of {_SIZE} hbm|exceeds available HBM \({_SIZE}\)", t.error or "")
         if m:
-            value, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
-            return float(value) * (GiB if unit == "G" else 1024**2)
+            return _bytes(m, 1 if m.group(1) else 3)
     return None
 
 
@@ -482,21 +498,18 @@ def tpu_check(config: TrainConfig, tpu: str = "v5e-8", *, search: bool = True, e
         f"{source})")
     note = None
     builder = StepBuilder(config, devices)
-    if config.parallel == "pmap":
-        try:
-            builder.p_train.lower(*builder._args(config.batch_size, mask=False))
-        except Exception as e:  # pmap over a topology's devices is refused by some jax versions
-            note = (f"pmap could not be lowered for this topology ({type(e).__name__}: {_last_lines(str(e), 1)}); "
-                    "compiled the --parallel jit program instead (same step, NamedSharding over a mesh)")
-            builder = StepBuilder(replace(config, parallel="jit"), devices)
     first = builder.train(config.batch_size)
+    if first.lowering_failed and config.parallel == "pmap":  # pmap over a topology's devices: some jax refuse it
+        note = (f"pmap could not be lowered for this topology ({_last_lines(first.error, 1)}); "
+                "compiled the --parallel jit program instead (same step, NamedSharding over a mesh)")
+        builder.use_layout(config, "jit")
+        first = builder.train(config.batch_size)
     log(f"tpu-check: batch {config.batch_size}: " + ("compiled" if first.fits else "refused")
         + f" in {first.seconds:.0f} s")
     if first.error is not None and not first.out_of_memory:
         search = False  # not a memory question: the compiler's error is the answer
-    largest, tried = None, [first]
+    largest, cache = None, {first.global_batch: first}
     if search:
-        cache = {first.global_batch: first}
 
         def fits(global_batch: int) -> Compiled:
             if global_batch not in cache:
@@ -507,11 +520,11 @@ def tpu_check(config: TrainConfig, tpu: str = "v5e-8", *, search: bool = True, e
             return cache[global_batch]
 
         try:
-            largest, tried = largest_batch(fits, config.batch_size, len(devices), spec.hbm_gib * GiB,
-                                           tolerance=tolerance, max_per_device=max_per_device)
-        except _CompileError as e:
-            tried = [e.result]
-        tried = sorted(cache.values(), key=lambda t: t.global_batch)
+            largest, _ = largest_batch(fits, config.batch_size, len(devices), spec.hbm_gib * GiB,
+                                       tolerance=tolerance, max_per_device=max_per_device)
+        except _CompileError:
+            pass  # a batch the compiler refused for another reason than HBM: the search stops there
+    tried = sorted(cache.values(), key=lambda t: t.global_batch)
     ev = builder.eval(config.batch_size) if eval_step and first.fits else None
     n, per_device = len(devices), config.batch_size // len(devices)
     flops_img = first.flops / per_device if first.flops else None
