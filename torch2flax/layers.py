@@ -117,15 +117,11 @@ def shifted_matmul_conv(
 
 
 def _plain_conv(x: Array, kernel: Array, strides, padding, dilation, groups: int) -> Array:
-    return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=dilation,
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=groups)
-
-
-def _grouped_conv(x: Array, kernel: Array, strides, padding, dilation) -> Array:
-    """A depthwise convolution as XLA's grouped convolution (what TPUs run best)."""
+    """XLA's convolution (grouped where `groups` > 1); the kernel in the input's dtype, as the tap
+    sums compute a depthwise convolution."""
     return lax.conv_general_dilated(x, kernel.astype(x.dtype), tuple(strides), tuple(map(tuple, padding)),
                                     rhs_dilation=tuple(dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
-                                    feature_group_count=x.shape[-1])
+                                    feature_group_count=groups)
 
 
 def depthwise_conv(
@@ -207,32 +203,33 @@ def conv2d(
     Depthwise convolutions (one input channel per output channel) take `depthwise_conv`;
     others with output maps of at most `small_map_max_pixels` pixels (None:
     `SMALL_MAP_MAX_PIXELS`) take the shifted-matmul path. The choice is made at trace time
-    from static shapes.
+    from static shapes; in a program lowered for a TPU both take XLA's convolution
+    (`TPU_DEPTHWISE`, `TPU_SMALL_MAP`).
     """
     kh, kw = kernel.shape[:2]
     ho = conv_output_size(x.shape[1], kh, strides[0], padding[0], dilation[0])
     wo = conv_output_size(x.shape[2], kw, strides[1], padding[1], dilation[1])
     limit = SMALL_MAP_MAX_PIXELS if small_map_max_pixels is None else small_map_max_pixels
-    if groups > 1 and groups == x.shape[3] == kernel.shape[3] and TPU_DEPTHWISE == "taps":
-        return depthwise_conv(x, kernel, strides, padding, dilation)
+    shape = dict(strides=strides, padding=padding, dilation=dilation)
+    plain = functools.partial(_plain_conv, **shape, groups=groups)
     if groups > 1 and groups == x.shape[3] == kernel.shape[3]:
+        taps = functools.partial(depthwise_conv, **shape)
+        if TPU_DEPTHWISE == "taps":
+            return taps(x, kernel)
         # A platform choice, made when the program is lowered for its platform (only that branch is
         # lowered): the tap sums were chosen on XLA:CPU timings (and jax-ml/jax#13800 on GPU), but
         # XLA:TPU's grouped convolution is far leaner. efficientnet_b0's bf16 train step compiled for
         # a v5e, 32 images per chip: 0.51 against 0.94 GB of HBM traffic per image and 0.84 against
         # 2.41 GiB of temporaries, FLOPs equal (docs/benchmarks.md, "Compiled for a TPU").
-        return lax.platform_dependent(
-            x, kernel, tpu=functools.partial(_grouped_conv, strides=strides, padding=padding, dilation=dilation),
-            default=functools.partial(depthwise_conv, strides=strides, padding=padding, dilation=dilation))
-    plain = functools.partial(_plain_conv, strides=strides, padding=padding, dilation=dilation, groups=groups)
-    if ho * wo <= limit and TPU_SMALL_MAP == "matmul":
-        return shifted_matmul_conv(x, kernel, strides, padding, dilation, groups)
+        return lax.platform_dependent(x, kernel, tpu=plain, default=taps)
     if ho * wo <= limit:
+        matmuls = functools.partial(shifted_matmul_conv, **shape, groups=groups)
+        if TPU_SMALL_MAP == "matmul":
+            return matmuls(x, kernel)
         # The shifted matmuls were chosen on XLA:CPU timings; lowered for a TPU the plain convolution is
         # no worse (resnet50 at 96 px, whose layer4 maps are 3x3, bf16 train step on a v5e: 0.238 against
         # 0.244 GB per image, 0.27 against 0.29 GiB of temporaries; docs/benchmarks.md).
-        return lax.platform_dependent(x, kernel, tpu=plain, default=functools.partial(
-            shifted_matmul_conv, strides=strides, padding=padding, dilation=dilation, groups=groups))
+        return lax.platform_dependent(x, kernel, tpu=plain, default=matmuls)
     return plain(x, kernel)
 
 
