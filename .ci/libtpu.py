@@ -24,16 +24,24 @@ import tempfile
 import zipfile
 
 CACHE = os.path.join(os.environ.get("TORCH2FLAX_VENVS", "/var/cache/torch2flax/venvs"), "libtpu")
+# jax's requirement on libtpu in its `tpu` extra, as METADATA ("Requires-Dist: libtpu==0.0.23; extra ==
+# "tpu"") and importlib.metadata.requires() ("libtpu==0.0.23; extra == "tpu"") both write it.
+PIN = re.compile(r"libtpu\s*==\s*([\w.*]+).*extra\s*==\s*.tpu.")
 
 
 def pinned(venv: str) -> str:
     (meta,) = glob.glob(os.path.join(venv, "lib", "python3*", "site-packages", "jax-*.dist-info", "METADATA"))
     with open(meta) as f:
         for line in f:
-            m = re.match(r"Requires-Dist: libtpu\s*==\s*([\w.*]+).*extra == \"tpu\"", line)
+            m = PIN.search(line) if line.startswith("Requires-Dist:") else None
             if m:
                 return m.group(1)
     raise SystemExit(f"{meta}: no libtpu pin in jax's tpu extra")
+
+
+def matches(version: str, pin: str) -> bool:
+    """`version` satisfies `pin` ("0.0.23", or "0.0.42.*")."""
+    return version == pin or (pin.endswith(".*") and version.startswith(pin[:-1]))
 
 
 def _key(v: str) -> tuple[int, ...]:
@@ -49,10 +57,10 @@ def available() -> list[str]:
 
 def choose(pin: str, versions: list[str]) -> str:
     """The newest release matching `pin` ("0.0.42.*" or "0.0.23"), else the newest below it."""
-    base = pin[:-2] if pin.endswith(".*") else pin
-    matching = [v for v in versions if v == base or (pin.endswith(".*") and v.startswith(base + "."))]
+    matching = [v for v in versions if matches(v, pin)]
     if matching:
         return matching[-1]
+    base = pin[:-2] if pin.endswith(".*") else pin
     below = [v for v in versions if _key(v) < _key(base)]
     if not below:
         raise SystemExit(f"no libtpu release for pin {pin} on the index")
@@ -63,10 +71,8 @@ def choose(pin: str, versions: list[str]) -> str:
 def path(venv: str) -> str:
     pin = pinned(venv)
     # A pin satisfied by an unpacked release: no index query (CI runs this for every stack).
-    base = pin[:-2] if pin.endswith(".*") else pin
-    have = sorted((d for d in os.listdir(CACHE) if d == base or d.startswith(base + ".")), key=_key) \
-        if os.path.isdir(CACHE) else []
-    version = have[-1] if have and (pin.endswith(".*") or have[-1] == pin) else choose(pin, available())
+    have = sorted((d for d in os.listdir(CACHE) if matches(d, pin)), key=_key) if os.path.isdir(CACHE) else []
+    version = have[-1] if have else choose(pin, available())
     folder = os.path.join(CACHE, version)
     so = os.path.join(folder, "libtpu", "libtpu.so")
     if not os.path.isfile(so):
@@ -86,10 +92,8 @@ def extra() -> None:
     """`pip install -e .[tpu-check]`, dry run, in this venv: it must add the libtpu jax pins, and no jax."""
     from importlib.metadata import requires, version
 
-    pin = next(m.group(1) for r in requires("jax") or ()
-               if (m := re.match(r"libtpu\s*==\s*([\w.*]+).*extra == .tpu.", r)))
-    base = pin[:-2] if pin.endswith(".*") else pin
-    if not any(v == base or (pin.endswith(".*") and v.startswith(base + ".")) for v in available()):
+    pin = next(m.group(1) for r in requires("jax") or () if (m := PIN.search(r)))
+    if not any(matches(v, pin) for v in available()):
         # pip would then move jax to a version whose libtpu the index has (measured: jax 0.12.1 -> 0.12.0.1
         # with libtpu 0.0.50.1); users avoid that with `"jax==<theirs>"` on the same command line.
         print(f"[tpu-check] with jax {version('jax')}: not checked, the index has no libtpu {pin}")
@@ -105,7 +109,7 @@ def extra() -> None:
             installs = {i["metadata"]["name"].lower(): i["metadata"]["version"] for i in json.load(f)["install"]}
     changed = sorted(set(installs) & {"jax", "jaxlib"})
     libtpu = installs.get("libtpu")
-    if changed or libtpu is None or not (libtpu == base or (pin.endswith(".*") and libtpu.startswith(base + "."))):
+    if changed or libtpu is None or not matches(libtpu, pin):
         raise SystemExit(f"[tpu-check] with jax {version('jax')}: would install {installs}; wanted libtpu {pin} "
                          "and no change to jax or jaxlib")
     print(f"[tpu-check] with jax {version('jax')}: adds libtpu {libtpu} (jax's pin {pin}), keeps jax and jaxlib")

@@ -25,7 +25,6 @@ machine's compile times, not TPU step times: nothing here runs on a TPU.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import platform
@@ -207,7 +206,7 @@ def add_tpu_column(md: str, rows: list[dict[str, Any]]) -> None:
 # ----------------------------------------------------------------------------------------- compare
 
 
-def _plain_step(module, variables, tx):
+def _plain_step(module, tx):
     """One train step that any linen classifier with BatchNorm fits: the same for every contender."""
     import jax
     import optax
@@ -242,7 +241,7 @@ def compile_plain(module, variables, size: int, per_device: int, tpu: str = "v5e
     abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), state)
     images = jax.ShapeDtypeStruct((n, per_device, size, size, 3), jnp.bfloat16)
     labels = jax.ShapeDtypeStruct((n, per_device), jnp.int32)
-    step = jax.pmap(_plain_step(module, variables, tx), axis_name="b", devices=devices, donate_argnums=(0,))
+    step = jax.pmap(_plain_step(module, tx), axis_name="b", devices=devices, donate_argnums=(0,))
     c = compile_once(lambda: step.lower(abstract, images, labels), n * per_device)
     return {"compiled": c.fits, "error": _short(c.error), "seconds": round(c.seconds),
             "gflop_per_image": c.flops / per_device / 1e9 if c.flops else None,
@@ -355,4 +354,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    functools.partial(main)()
+    main()
