@@ -229,9 +229,13 @@ def cv_folder(resume: str, saved: str) -> str:
     return resume
 
 
+def _given(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the flags set (their defaults are None: unset flags leave the config's)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name) is not None}
+    given = _given(args)
     if args.resume:
         if args.config:
             raise ValueError("--resume reads DIR/config.json; do not pass --config as well")
@@ -300,8 +304,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def tpu_check_config(args: argparse.Namespace) -> TrainConfig:
     """The config `tpu-check` compiles: a run folder's config.json, or the flags (and --config)."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name) is not None}
+    given = _given(args)
     source = args.source
     if source and os.path.isdir(source):
         saved = os.path.join(source, "config.json")
