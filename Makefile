@@ -50,11 +50,12 @@ test: $(STAMP)
 test-tpu-search: $(STAMP)
 	$(LIBTPU) $(PY) -m pytest -m tpu_search -q
 
-# The edit-test loop: every module's unit tests, without subprocess runs, fits or full-size models
-# (the `slow` tier, listed in tests/conftest.py). Tests are spread one by one, not file by file.
+# The edit-test loop: every module's unit tests, without subprocess runs, fits, full-size models or
+# TPU compiles (the `slow` tier, listed in tests/conftest.py: no libtpu needed). Tests are spread one
+# by one, not file by file.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(LIBTPU) $(PY) -m pytest -n auto --maxprocesses 4 --dist load -m "not slow and not cross_stack" -q
+	$(PY) -m pytest -n auto --maxprocesses 4 --dist load -m "not slow and not cross_stack" -q
 
 # A platform's stack (platforms/$(STACK).txt), installed as its users meet it: the platform's
 # packages first, then torch2flax offline from a wheelhouse, which must change none of them.
