@@ -29,7 +29,7 @@ def libtpu():
 
     from torch2flax.train.tpu_check import how_to_get_libtpu, libtpu_found
 
-    path = os.environ.get("TORCH2FLAX_TEST_LIBTPU")
+    path, env_before = os.environ.get("TORCH2FLAX_TEST_LIBTPU"), os.environ.get("TPU_LIBRARY_PATH")
     if path:
         os.environ["TPU_LIBRARY_PATH"] = path
     if libtpu_found()[0] is None:
@@ -47,6 +47,12 @@ def libtpu():
     yield libtpu_found()
     for name in names:
         jax.config.update(name, before[name])
+    # The CLI subprocesses of the test files after this one in the worker start without it (with it,
+    # each would start a TPU backend); this process keeps the plugin it loaded.
+    if env_before is None:
+        os.environ.pop("TPU_LIBRARY_PATH", None)
+    else:
+        os.environ["TPU_LIBRARY_PATH"] = env_before
 
 
 @pytest.fixture(scope="module")
