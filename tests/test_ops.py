@@ -612,6 +612,31 @@ def test_train_norms_keep_float32_precision_when_the_mean_dominates(name):
     assert max(errors) <= 1e-4, f"relative error of output, input gradient: {errors[0]:.2g}, {errors[1]:.2g}"
 
 
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_keeps_one_array_for_the_backward_pass(approximate):
+    """Differentiating jax.nn.gelu keeps three input-sized arrays (product, erfc, exp); torch's
+    GELU backward reads one (its input), and ours one (the derivative, in the input's dtype: a
+    bf16 ViT's train step on a TPU kept float32 ones besides, docs/benchmarks.md). Its gradient
+    is torch's: the op table above. Forward mode works too."""
+    import contextlib
+    import io
+
+    import jax
+    import jax.numpy as jnp
+    from jax.ad_checkpoint import print_saved_residuals
+
+    from torch2flax.export import ops
+
+    x = jnp.linspace(-4, 4, 96, dtype=jnp.bfloat16).reshape(8, 12)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        print_saved_residuals(lambda x: ops.gelu(x, approximate).astype(jnp.float32).sum(), x)
+    kept = [line for line in out.getvalue().splitlines() if "[8,12]" in line]
+    assert len(kept) == 1 and kept[0].startswith("bf16["), kept
+    tangent = jax.jvp(lambda x: ops.gelu(x, approximate), (x,), (jnp.ones_like(x),))[1]
+    assert float(jnp.abs(tangent[-1, -1] - 1).astype(jnp.float32)) < 0.02  # GELU'(4) = 1.0005
+
 def test_every_registered_op_is_tested_or_excused():
     from torch2flax.export import ops
 

@@ -160,7 +160,8 @@ _SMALL = dict(image_size=32, batch_size=16)  # 2 images per device: the quickest
 
 @pytest.fixture(scope="module")
 def reports(libtpu, reduced):
-    """Each case compiled once for the tests below (a TPU compile of these takes 5-15 s here)."""
+    """Each case compiled once, when a test first asks for it (a TPU compile of these takes 5-15 s
+    here; the core tier asks for four of the six)."""
     from torch2flax.train.tpu_check import tpu_check
 
     cases = {("native", "v5e-8"): dict(init=reduced, image_size=64, batch_size=64),  # the FLOP count's
@@ -168,8 +169,14 @@ def reports(libtpu, reduced):
              ("export", "v5e-8"): _EXPORTED_CONFIG, ("export", "v3-8"): _EXPORTED_CONFIG,
              ("native-jit", "v3-8"): dict(init=reduced, **_SMALL, parallel="jit"),
              ("native-128", "v3-8"): dict(init=reduced, image_size=32, batch_size=128)}
-    return {key: (_config(**kw), tpu_check(_config(**kw), key[1], search=False, eval_step="-" not in key[0]))
-            for key, kw in cases.items()}
+
+    class Compiled(dict):
+        def __missing__(self, key):
+            config = _config(**cases[key])
+            self[key] = config, tpu_check(config, key[1], search=False, eval_step="-" not in key[0])
+            return self[key]
+
+    return Compiled()
 
 
 @pytest.mark.parametrize("tpu,kind,devices", [("v5e-8", "TPU v5 lite", 8), ("v3-8", "TPU v3", 8)])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import itertools
 import math
 import operator
@@ -455,7 +456,37 @@ register(aten.leaky_relu.default)(lambda x, slope=0.01: jnp.where(x > 0, x, x * 
 
 @register(aten.gelu.default)
 def gelu(x, approximate="none"):
-    return jax.nn.gelu(x, approximate=approximate == "tanh")
+    return _gelu(x, approximate == "tanh")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _gelu(x, tanh):
+    # ATen's formula (erf, not jax.nn.gelu's erfc): XLA on a TPU fused erfc poorly, keeping its
+    # float32 argument in HBM.
+    if tanh:
+        return jax.nn.gelu(x, approximate=True)
+    return x * 0.5 * (1 + lax.erf(x * (1 / math.sqrt(2))))
+
+
+@_gelu.defjvp
+def _gelu_jvp(tanh, primals, tangents):
+    """GELU's derivative as one array, where differentiating `jax.nn.gelu` keeps three
+    input-sized arrays for the backward pass (its product, erfc and exp).
+
+    The derivative is computed in the input's dtype, as autodiff of `jax.nn.gelu` would: computed
+    in float32 from a bf16 input, XLA kept float32 MLP-wide arrays in HBM. vit_small's bf16 train
+    step on a v5e-1 at batch 32 (docs/benchmarks.md): 1.49 GiB of temporaries with jax.nn.gelu,
+    1.34 with this rule in float32, 1.00 in the input's dtype (0.91 for a plain Flax ViT-S/16).
+    A custom JVP, not VJP, so that forward-mode differentiation still works; the two measured the same.
+    """
+    (x,), (g,) = primals, tangents
+    if tanh:
+        k = math.sqrt(2 / math.pi)
+        th = jnp.tanh(k * (x + 0.044715 * x**3))
+        d = 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * k * (1 + 3 * 0.044715 * x * x)
+    else:
+        d = 0.5 * (1 + lax.erf(x * (1 / math.sqrt(2)))) + x * jnp.exp(-0.5 * x * x) * (1 / math.sqrt(2 * math.pi))
+    return _gelu(x, tanh), g * d.astype(g.dtype)
 
 
 @register(aten.elu.default)
