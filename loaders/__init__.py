@@ -19,7 +19,8 @@ _EXPORTS = {
     "Loader": ".loader", "make_loader": ".loader", "resolve_num_workers": ".loader",
     "RecordTransform": ".transforms", "eval_transform": ".transforms", "train_transform": ".transforms",
     "ImageDecodeError": ".image", "decode_image": ".image",
-    "CorruptRecordError": ".tfrecord", "RecordError": ".tfrecord", "TFRecordDataset": ".tfrecord",
+    "BadRecordError": ".tfrecord", "CorruptRecordError": ".tfrecord", "RecordError": ".tfrecord",
+    "TFRecordDataset": ".tfrecord",
     "write_tfrecords": ".writer",
     "stratified_folds": ".folds",
 }

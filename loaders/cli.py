@@ -34,16 +34,17 @@ def register(subparsers) -> None:
 def _make_tfrecords(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from torch2flax.errors import ConfigError, DataError, MissingFileError, UserError
     from torch2flax.loaders.writer import Source, csv_examples, image_folder_examples, write_tfrecords
 
     labels = not args.no_labels
     is_csv = args.csv or os.path.isfile(args.src)
     try:
         if not os.path.exists(args.src):
-            raise FileNotFoundError(f"{args.src}: no such file or folder")
+            raise MissingFileError(f"{args.src}: no such file or folder")
         if is_csv:
             if os.path.isdir(args.src):
-                raise ValueError(f"{args.src}: --csv given but SRC is a folder")
+                raise ConfigError(f"{args.src}: --csv given but SRC is a folder")
             source, classes = csv_examples(args.src, labels=labels, quality=args.quality)
             skipped: list[str] = []
         else:
@@ -56,8 +57,12 @@ def _make_tfrecords(args: argparse.Namespace) -> int:
                             [source.ids[i] for i in order], args.quality)
         files = write_tfrecords(source, args.out, num_shards=args.shards, prefix=args.prefix,
                                 image_size=args.size, quality=args.quality)
-    except OSError as e:  # an unreadable or unwritable path: a user's error, like ValueError
-        raise ValueError(str(e)) from e
+    except UserError:
+        raise
+    except FileNotFoundError as e:  # a path the OS could not find (an image a CSV names, say)
+        raise MissingFileError(str(e)) from e
+    except OSError as e:  # an unreadable or unwritable path (permissions, a full disk): a user's error
+        raise DataError(str(e)) from e
     if skipped:
         print(f"skipped {len(skipped)} non-image file(s), e.g. {skipped[0]}")
     if source.reencoded:

@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from torch2flax.errors import ConfigError
+
 __all__ = ["numpy_collate", "pad_batch", "shard_batch"]
 
 
@@ -25,7 +27,7 @@ def _stack(key: str, values: Sequence[Any]) -> np.ndarray:
         return np.stack([np.asarray(v) for v in values])
     except ValueError as e:
         shapes = sorted({np.shape(v) for v in values})
-        raise ValueError(
+        raise ConfigError(
             f"numpy_collate: field {key!r} has samples of different shapes {shapes[:4]}; "
             "resize/crop images to one size in the transform"
         ) from e
@@ -72,7 +74,7 @@ def pad_batch(batch: Mapping[str, np.ndarray], size: int) -> dict[str, np.ndarra
     """
     n = _leading_size(batch)
     if size < n:
-        raise ValueError(f"pad_batch: batch of {n} is larger than the padded size {size}")
+        raise ConfigError(f"pad_batch: batch of {n} is larger than the padded size {size}")
     out = {}
     for k, x in batch.items():
         pad = np.full((size - n,) + x.shape[1:], _pad_value(x), dtype=x.dtype)
@@ -101,17 +103,17 @@ def shard_batch(
     Without padding, a B not divisible by `num_devices` is an error.
     """
     if num_devices < 1:
-        raise ValueError(f"shard_batch: num_devices must be >= 1, got {num_devices}")
+        raise ConfigError(f"shard_batch: num_devices must be >= 1, got {num_devices}")
     batch = {k: np.asarray(v) for k, v in batch.items()}
     n = _leading_size(batch)
     if pad:
         size = pad_to if pad_to is not None else -(-n // num_devices) * num_devices
         if size % num_devices:
-            raise ValueError(f"shard_batch: pad_to={size} is not a multiple of {num_devices} devices")
+            raise ConfigError(f"shard_batch: pad_to={size} is not a multiple of {num_devices} devices")
         batch = pad_batch(batch, size)
         n = size
     elif n % num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"shard_batch: batch of {n} cannot be split evenly over {num_devices} devices; "
             f"use a batch size that is a multiple of {num_devices} (e.g. {n - n % num_devices or num_devices}) "
             "or pass pad=True to pad it and get a `mask`"

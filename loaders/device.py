@@ -22,6 +22,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from torch2flax.errors import ConfigError
+
 __all__ = ["make_mesh", "normalize_on_device", "prefetch_to_device", "put_batch"]
 
 LAYOUTS = ("pmap", "jit")
@@ -46,7 +48,7 @@ def put_batch(
 ) -> dict[str, Any]:
     """Put one host batch (fields `[D, b, ...]`) on the devices; see the module doc for layouts."""
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+        raise ConfigError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     if layout == "pmap":
         if mesh is not None:
             raise ValueError("layout='pmap' takes `devices`, not `mesh`")
@@ -96,7 +98,7 @@ def prefetch_to_device(
     device_put (string ids fail) and copies each batch through np.stack first.
     """
     if size < 1:
-        raise ValueError(f"prefetch size must be >= 1, got {size}")
+        raise ConfigError(f"prefetch size must be >= 1, got {size}")
     queue: collections.deque = collections.deque()
     iterator = iter(iterator)
 

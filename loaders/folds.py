@@ -14,6 +14,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from torch2flax.errors import ConfigError, DataError
+
 
 def _rank_key(seed: int, record_id: str) -> bytes:
     return hashlib.blake2b(record_id.encode(), digest_size=8, key=str(seed).encode()).digest()
@@ -22,21 +24,21 @@ def _rank_key(seed: int, record_id: str) -> bytes:
 def stratified_folds(ids: Sequence[str], labels: Sequence[int], k: int, seed: int = 0,
                      where: Callable[[int], str] | None = None) -> np.ndarray:
     """The fold (0..k-1) of every record. `ids` must be unique (a duplicate would land in two
-    folds' out-of-fold rows): a ValueError names both records (`where(i)`: file and record)."""
+    folds' out-of-fold rows): a `DataError` (a ValueError) names both records (`where(i)`: file and record)."""
     if k < 2:
-        raise ValueError(f"folds={k}: k-fold cross-validation needs at least 2 folds")
+        raise ConfigError(f"folds={k}: k-fold cross-validation needs at least 2 folds")
     ids = [i.decode() if isinstance(i, bytes) else str(i) for i in ids]
     labels = np.asarray(labels, dtype=np.int64)
     if len(ids) != len(labels):
         raise ValueError(f"{len(ids)} ids but {len(labels)} labels")
     if len(ids) < k:
-        raise ValueError(f"folds={k}: only {len(ids)} records to split")
+        raise ConfigError(f"folds={k}: only {len(ids)} records to split")
     first: dict[str, int] = {}
     for i, rid in enumerate(ids):
         j = first.setdefault(rid, i)
         if j != i:
             at = (lambda n: f" ({where(n)})") if where is not None else (lambda n: "")
-            raise ValueError(f"id {rid!r} appears twice: records {j}{at(j)} and {i}{at(i)}; folds need unique ids")
+            raise DataError(f"id {rid!r} appears twice: records {j}{at(j)} and {i}{at(i)}; folds need unique ids")
     folds = np.empty(len(ids), dtype=np.int64)
     start = 0
     for label in np.unique(labels):

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import cv2
 import numpy as np
 
+from torch2flax.errors import ConfigError, DataError
+
 __all__ = ["ImageDecodeError", "decode_image", "jpeg_size"]
 
 # Reduced-size flags are IMREAD_REDUCED_COLOR_k with the BGR bit swapped for RGB;
@@ -30,8 +32,8 @@ _FLAGS = {
 }
 
 
-class ImageDecodeError(ValueError):
-    """Bytes that are not a decodable JPEG/PNG image."""
+class ImageDecodeError(DataError):
+    """Bytes that are not a decodable JPEG/PNG image (a user's `DataError`, so a `ValueError`)."""
 
 
 def decode_image(data: bytes, *, reduce: int = 1) -> np.ndarray:
@@ -43,7 +45,7 @@ def decode_image(data: bytes, *, reduce: int = 1) -> np.ndarray:
     """
     flags = _FLAGS.get(reduce)
     if flags is None:
-        raise ValueError(f"decode_image: reduce must be one of {sorted(_FLAGS)}, got {reduce!r}")
+        raise ConfigError(f"decode_image: reduce must be one of {sorted(_FLAGS)}, got {reduce!r}")
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"decode_image: expected bytes, got {type(data).__name__}")
     if len(data) == 0:

@@ -46,10 +46,11 @@ import numpy as np
 import torch
 import torch.utils.data
 
+from torch2flax.errors import ConfigError, UserError
 from torch2flax.loaders.collate import numpy_collate, shard_batch
 from torch2flax.loaders.image import ImageDecodeError
 from torch2flax.loaders.shared import SharedBatch, SlotPool, unpack
-from torch2flax.loaders.tfrecord import RecordError
+from torch2flax.loaders.tfrecord import BadRecordError, RecordError
 from torch2flax.loaders.transforms import (
     find_augmenters,
     holds_user_code,
@@ -167,13 +168,13 @@ def resolve_num_workers(
     if isinstance(requested, str) and requested.strip().isdigit():
         requested = int(requested)
     if isinstance(requested, bool) or not isinstance(requested, (int, str)):
-        raise ValueError(f"num_workers must be 'auto' or an int >= 0, got {requested!r}")
+        raise ConfigError(f"num_workers must be 'auto' or an int >= 0, got {requested!r}")
     if isinstance(requested, int):
         if requested < 0:
-            raise ValueError(f"num_workers must be >= 0, got {requested}")
+            raise ConfigError(f"num_workers must be >= 0, got {requested}")
         return requested, f"num_workers={requested} as given"
     if requested != AUTO:
-        raise ValueError(f"num_workers must be 'auto' or an int >= 0, got {requested!r}")
+        raise ConfigError(f"num_workers must be 'auto' or an int >= 0, got {requested!r}")
     cpus = usable_cpus() if cpus is None else int(cpus)
     if cpus <= 1:
         return 0, f"auto: {cpus} usable CPU, so loading runs in the main process"
@@ -259,7 +260,7 @@ class _SeededDataset(torch.utils.data.Dataset):
             if not isinstance(sample, dict):
                 raise TypeError(f"skip_bad_images needs samples that are dicts, got {type(sample).__name__}")
             return {**sample, BAD_IMAGE: error}
-        raise RecordError(f"skip_bad_images: none of the {n} images decodes (the first error: {error})")
+        raise BadRecordError(f"skip_bad_images: none of the {n} images decodes (the first error: {error})")
 
 
 def from_worker(e: BaseException) -> BaseException:
@@ -483,7 +484,7 @@ class Loader:
         start at batch `start_batch` of it: a run resumed mid-epoch gets exactly the batches an
         uninterrupted run would have seen next, without loading the ones before."""
         if not 0 <= start_batch <= len(self.sampler):
-            raise ValueError(f"start_batch {start_batch} is outside [0, {len(self.sampler)}] batches per epoch")
+            raise ConfigError(f"start_batch {start_batch} is outside [0, {len(self.sampler)}] batches per epoch")
         self.sampler.epoch, self.sampler.start_batch = int(epoch), int(start_batch)
 
     def __len__(self) -> int:
@@ -501,8 +502,8 @@ class Loader:
         try:
             for batch in batches:
                 yield unpack(batch) if isinstance(batch, SharedBatch) else batch
-        except ValueError as e:  # a bad record or image: its one-line message, not a worker traceback
-            raise from_worker(e) from None
+        except UserError as e:  # a bad record or image: its one-line message, not a worker traceback
+            raise from_worker(e) from None  # (a bug keeps the worker's traceback, for its report)
 
     def __repr__(self) -> str:
         local = "" if self.local_batch_size == self.batch_size else f", local_batch_size={self.local_batch_size}"
@@ -571,26 +572,26 @@ def make_loader(
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     if batch_size < 1 or num_devices < 1:
-        raise ValueError(f"batch_size and num_devices must be >= 1, got {batch_size} and {num_devices}")
+        raise ConfigError(f"batch_size and num_devices must be >= 1, got {batch_size} and {num_devices}")
     if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index {process_index} is outside [0, process_count={process_count})")
+        raise ConfigError(f"process_index {process_index} is outside [0, process_count={process_count})")
     if process_count > 1 and batch_size % (process_count * num_devices):
         total = process_count * num_devices
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {batch_size} (the global batch) is not divisible by {process_count} processes "
             f"x {num_devices} devices: use a multiple of {total} (e.g. {max(total, batch_size - batch_size % total)})"
         )
     if batch_size % num_devices:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {batch_size} is not divisible by num_devices {num_devices}: the global "
             f"batch is split evenly over the devices; use a multiple of {num_devices} "
             f"(e.g. {max(num_devices, batch_size - batch_size % num_devices)})"
         )
     num_samples = len(dataset)
     if train and num_samples < batch_size:
-        raise ValueError(
+        raise ConfigError(
             f"dataset has {num_samples} samples, fewer than one training batch of {batch_size} "
-            "(training drops incomplete batches)"
+            "(training drops incomplete batches): use a smaller batch_size, or more data"
         )
     sampler = _EpochBatchSampler(num_samples, batch_size, shuffle=train, drop_last=train, seed=seed,
                                  process_index=process_index, process_count=process_count)
@@ -602,7 +603,7 @@ def make_loader(
         num_workers = len(sampler)
         workers_reason += f", capped to {num_workers} by the {len(sampler)} batches per epoch"
     if prefetch_factor < 1:
-        raise ValueError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
+        raise ConfigError(f"prefetch_factor must be >= 1, got {prefetch_factor}")
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         if multiprocessing_context is None:
@@ -610,7 +611,7 @@ def make_loader(
         elif isinstance(multiprocessing_context, str):
             multiprocessing_context = mp.get_context(multiprocessing_context)
         if multiprocessing_context.get_start_method() == "fork":
-            raise ValueError(
+            raise ConfigError(
                 "make_loader: the 'fork' start method can deadlock once JAX has started its "
                 "threads; use 'forkserver' or 'spawn'"
             )

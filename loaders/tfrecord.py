@@ -35,9 +35,11 @@ from google.protobuf.message import DecodeError
 from tfrecord import example_pb2
 from tqdm import tqdm
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError, UserError
 from torch2flax.utils import atomic_write
 
 __all__ = [
+    "BadRecordError",
     "CorruptRecordError",
     "RecordError",
     "TFRecordDataset",
@@ -66,10 +68,21 @@ _INFERRED = {"bytes_list": "bytes", "int64_list": "int", "float_list": "float"}
 
 
 class RecordError(ValueError):
-    """A record (or a feature of it) that cannot be read as asked; the message names file and record."""
+    """A record (or a feature of it) that cannot be read as asked, or whose transform failed; the
+    message names file and record.
+
+    Raised as `BadRecordError`, a user's `DataError`, where the record is at fault (or the transform
+    failed with a user's error, such as an image that does not decode); a plain `RecordError` only
+    where a transform failed with any other exception, which is a bug in the transform.
+    """
 
 
-class CorruptRecordError(RecordError):
+class BadRecordError(RecordError, DataError):
+    """A record the user's data makes unreadable: not a tf.train.Example, a feature missing, of
+    another type or not UTF-8, an image that does not decode; the message names file and record."""
+
+
+class CorruptRecordError(BadRecordError):
     """A record whose framing or masked CRC32C is wrong, or a file cut short."""
 
 
@@ -269,8 +282,9 @@ class _FileIndex:
                 raise
             except OSError:
                 continue
-        raise OSError(f"{self.path}: no writable place for its decompressed copy "
-                      f"(tried {', '.join(os.path.dirname(s) or '.' for s in stems)})")
+        raise ConfigError(f"{self.path}: no writable place for its decompressed copy "
+                          f"(tried {', '.join(os.path.dirname(s) or '.' for s in stems)}); "
+                          "set TMPDIR, or pass index_dir=, to a writable folder")
 
 
 # --------------------------------------------------------------------------- dataset
@@ -302,25 +316,25 @@ def _expand(files: str | os.PathLike | Iterable[str | os.PathLike]) -> list[str]
         if os.path.isdir(item):
             found = [os.path.join(item, n) for n in os.listdir(item) if n.endswith(DATA_SUFFIXES)]
             if not found:
-                raise FileNotFoundError(f"directory {item!r} holds no TFRecord files "
-                                        f"({', '.join('*' + s for s in DATA_SUFFIXES)})")
+                raise MissingFileError(f"directory {item!r} holds no TFRecord files "
+                                       f"({', '.join('*' + s for s in DATA_SUFFIXES)})")
         elif glob.has_magic(item):
             matches = glob.glob(item)
             found = [m for m in matches if os.path.isfile(m) and not is_sidecar(m)]
             if not found:
                 skipped = len(matches)
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"no TFRecord files match {item!r}" + (
                         f" (it matches {skipped} index sidecar(s) or folder(s) only)" if skipped else ""))
         elif os.path.isfile(item):
             if is_sidecar(item):
-                raise ValueError(f"{item!r} is an index sidecar written beside a TFRecord file, not data")
+                raise ConfigError(f"{item!r} is an index sidecar written beside a TFRecord file, not data")
             found = [item]
         else:
-            raise FileNotFoundError(f"TFRecord file not found: {item!r}")
+            raise MissingFileError(f"TFRecord file not found: {item!r}")
         out.update(found)
     if not out:
-        raise FileNotFoundError("TFRecordDataset: no files given")
+        raise MissingFileError("TFRecordDataset: no files given")
     return sorted(out)
 
 
@@ -337,7 +351,8 @@ class TFRecordDataset(torch.utils.data.Dataset):
             None: every feature, types inferred from the first record (one value ->
             scalar type, bytes stay bytes; several -> "[]" type).
         transform: called on each record's dict (decode, augment); its exceptions
-            are re-raised as `RecordError` naming the file and record.
+            are re-raised as `RecordError` naming the file and record (a `BadRecordError`,
+            a user's `DataError`, where the transform raised a user's error).
         compression: "auto" (gzip detected by magic bytes), None, or "gzip". Gzip
             files are decompressed once into a cached copy that is read by offset.
         verify: check the masked CRC32C of every header and payload read.
@@ -366,14 +381,14 @@ class TFRecordDataset(torch.utils.data.Dataset):
         index_dir: str | os.PathLike | None = None,
     ) -> None:
         if compression not in ("auto", "gzip", None):
-            raise ValueError(f"compression must be 'auto', 'gzip' or None, got {compression!r}")
+            raise ConfigError(f"compression must be 'auto', 'gzip' or None, got {compression!r}")
         if on_error not in ("raise", "skip"):
-            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+            raise ConfigError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
         if features is not None:
             features = dict(features)
             for key, kind in features.items():
                 if kind not in FEATURE_TYPES:
-                    raise ValueError(
+                    raise ConfigError(
                         f"feature {key!r}: unknown type {kind!r} (use one of {sorted(FEATURE_TYPES)})")
         self.files = _expand(files)
         self.transform = transform
@@ -435,7 +450,7 @@ class TFRecordDataset(torch.utils.data.Dataset):
         """
         index, count = operator.index(index), operator.index(count)
         if count < 1 or not 0 <= index < count:
-            raise ValueError(f"shard: need 0 <= index < count, got index={index}, count={count}")
+            raise ConfigError(f"shard: need 0 <= index < count, got index={index}, count={count}")
         n = len(self)
         return self.subset(np.arange(n * index // count, n * (index + 1) // count))
 
@@ -488,7 +503,7 @@ class TFRecordDataset(torch.utils.data.Dataset):
         try:
             example.ParseFromString(self._read(i))
         except DecodeError as e:
-            raise RecordError(f"{self._where(i)}: not a tf.train.Example: {e}") from e
+            raise BadRecordError(f"{self._where(i)}: not a tf.train.Example: {e}") from e
         return example.features.feature
 
     def _infer_features(self) -> dict[str, str]:
@@ -498,8 +513,8 @@ class TFRecordDataset(torch.utils.data.Dataset):
         for key, feature in sorted(self._example(0).items()):
             kind = feature.WhichOneof("kind")
             if kind is None:
-                raise RecordError(f"{self._where(0)}: feature {key!r} is empty; "
-                                  "cannot infer its type, pass features=")
+                raise BadRecordError(f"{self._where(0)}: feature {key!r} is empty; "
+                                     "cannot infer its type, pass features=")
             single = len(getattr(feature, kind).value) == 1
             features[key] = _INFERRED[kind] + ("" if single else "[]")
         return features
@@ -510,17 +525,17 @@ class TFRecordDataset(torch.utils.data.Dataset):
 
     def _feature(self, i: int, fmap: Any, key: str, kind: str, field: str, single: bool) -> Any:
         if key not in fmap:
-            raise RecordError(f"{self._where(i)}: missing feature {key!r} (record has {sorted(fmap)})")
+            raise BadRecordError(f"{self._where(i)}: missing feature {key!r} (record has {sorted(fmap)})")
         feature = fmap[key]
         which = feature.WhichOneof("kind")
         if which != field and not (which is None and not single):
-            raise RecordError(f"{self._where(i)}: feature {key!r} is a {which or 'empty feature'}, "
-                              f"expected {field} for type {kind!r}")
+            raise BadRecordError(f"{self._where(i)}: feature {key!r} is a {which or 'empty feature'}, "
+                                 f"expected {field} for type {kind!r}")
         values = getattr(feature, field).value
         try:
             if single:
                 if len(values) != 1:
-                    raise RecordError(
+                    raise BadRecordError(
                         f"{self._where(i)}: feature {key!r} has {len(values)} values, type "
                         f"{kind!r} expects exactly one (use {kind + '[]'!r} for any number)")
                 value = values[0]
@@ -533,7 +548,7 @@ class TFRecordDataset(torch.utils.data.Dataset):
                 return [v.decode() for v in values]
             return list(values)
         except UnicodeDecodeError as e:
-            raise RecordError(f"{self._where(i)}: feature {key!r} is not UTF-8 text: {e}") from e
+            raise BadRecordError(f"{self._where(i)}: feature {key!r} is not UTF-8 text: {e}") from e
 
     def column(self, key: str) -> list[Any]:
         """Feature `key` of every record, in dataset order, without the transform (e.g. to
@@ -565,7 +580,10 @@ class TFRecordDataset(torch.utils.data.Dataset):
                 rid = item.get("id") if isinstance(item, dict) else None
                 rid = rid.decode(errors="replace") if isinstance(rid, bytes) else rid
                 named = f" (id {rid!r})" if isinstance(rid, str) else ""
-                raise RecordError(f"{self._where(j)}{named}: transform failed: {type(e).__name__}: {e}") from e
+                # A user's error (an image that does not decode) makes the record bad; any other
+                # exception is a bug in the transform, still named by file and record.
+                cls = BadRecordError if isinstance(e, UserError) else RecordError
+                raise cls(f"{self._where(j)}{named}: transform failed: {type(e).__name__}: {e}") from e
         return item
 
     # -- pickling and handles

@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import torch
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.loaders.image import decode_image, jpeg_size
 
 __all__ = [
@@ -55,7 +56,7 @@ def _interpolation(name: str) -> int:
     try:
         return INTERPOLATIONS[name]
     except KeyError:
-        raise ValueError(
+        raise ConfigError(
             f"unknown interpolation {name!r}; choose one of {sorted(INTERPOLATIONS)}"
         ) from None
 
@@ -115,12 +116,12 @@ def load_augment(path: str) -> A.Compose:
     try:
         pipeline = A.load(path, data_format=data_format)
     except FileNotFoundError:
-        raise FileNotFoundError(f"augment file not found: {path!r}") from None
+        raise MissingFileError(f"augment file not found: {path!r}") from None
     except Exception as e:  # albumentations raises what its parser raises
-        raise ValueError(f"{path}: not an albumentations pipeline saved with A.save "
-                         f"({data_format}): {type(e).__name__}: {e}") from e
+        raise DataError(f"{path}: not an albumentations pipeline saved with A.save "
+                        f"({data_format}): {type(e).__name__}: {e}") from e
     if not isinstance(pipeline, A.BaseCompose):
-        raise ValueError(f"{path}: holds a single {type(pipeline).__name__}, not a Compose (save A.Compose([...]))")
+        raise DataError(f"{path}: holds a single {type(pipeline).__name__}, not a Compose (save A.Compose([...]))")
     return pipeline
 
 
@@ -151,8 +152,8 @@ def train_transform(
         brightness/contrast, hue/saturation, blur, coarse dropout) or "trivialaugment".
     """
     if recipe is not None and recipe not in RECIPES:
-        raise ValueError(f"unknown augmentation recipe {recipe!r}; choose one of {sorted(RECIPES)} "
-                         "or pass an albumentations file saved with A.save")
+        raise ConfigError(f"unknown augmentation recipe {recipe!r}; choose one of {sorted(RECIPES)} "
+                          "or pass an albumentations file saved with A.save")
     transforms: list[A.BasicTransform] = [
         A.RandomResizedCrop(
             size=_size_hw(size), scale=scale, ratio=ratio, interpolation=_interpolation(interpolation)
@@ -184,7 +185,7 @@ def eval_transform(
 ) -> A.Compose:
     """timm-style evaluation: resize the short side to size / crop_pct, then center-crop `size`."""
     if not 0.0 < crop_pct <= 1.0:
-        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        raise ConfigError(f"crop_pct must be in (0, 1], got {crop_pct}")
     h, w = _size_hw(size)
     # timm: scale_size = floor(size / crop_pct) for the short side.
     scale_size = int(np.floor(max(h, w) / crop_pct))

@@ -19,6 +19,7 @@ import numpy as np
 from tfrecord import example_pb2
 from tqdm import tqdm
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.loaders.image import decode_image
 from torch2flax.loaders.tfrecord import masked_crc32c
 
@@ -84,11 +85,12 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
 
 def _encode_jpeg(image: np.ndarray, quality: int) -> bytes:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
+        raise DataError(f"image must be (H, W, 3) uint8 RGB, got {image.shape} {image.dtype}")
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(image, cv2.COLOR_RGB2BGR),
                            [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
+    if not ok:  # JPEG has 16-bit sides
+        raise DataError(f"JPEG encoding of a {image.shape[1]}x{image.shape[0]} image failed "
+                        "(JPEG allows at most 65535 px a side)")
     return buf.tobytes()
 
 
@@ -99,8 +101,8 @@ def _image_hw(data: bytes) -> tuple[int, int]:
         with Image.open(io.BytesIO(data)) as im:
             return im.height, im.width
     except (UnidentifiedImageError, OSError) as e:
-        raise ValueError(f"not a readable image ({len(data)} bytes, starting "
-                         f"{bytes(data[:8]).hex(' ')})") from e
+        raise DataError(f"not a readable image ({len(data)} bytes, starting "
+                        f"{bytes(data[:8]).hex(' ')})") from e
 
 
 def _prepare_image(value: Any, image_size: int | None, quality: int) -> tuple[bytes, tuple[int, int]]:
@@ -136,10 +138,10 @@ def write_tfrecords(
     an unsized iterable is dealt out round-robin.
     """
     if num_shards < 1:
-        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+        raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
     total = len(examples) if hasattr(examples, "__len__") else None
     if total is not None and total < num_shards:
-        raise ValueError(f"{total} examples cannot fill {num_shards} shards")
+        raise ConfigError(f"{total} examples cannot fill {num_shards} shards: use at most {total} shards")
     os.makedirs(out_dir, exist_ok=True)
     width = max(2, len(str(num_shards - 1)))
     partial = [os.path.join(out_dir, f".{prefix}{k:0{width}d}.tfrec.partial") for k in range(num_shards)]
@@ -153,9 +155,9 @@ def write_tfrecords(
             if "image" in example:
                 try:
                     example["image"], hw = _prepare_image(example["image"], image_size, quality)
-                except Exception as e:
+                except (ValueError, TypeError, cv2.error) as e:  # not an image we can store; a bug escapes as is
                     name = example.get("id", f"#{i}")
-                    raise ValueError(f"example {i} (id {name}): bad image: {e}") from e
+                    raise DataError(f"example {i} (id {name}): bad image: {e}") from e
                 sizes.add(tuple(int(v) for v in hw))
             else:
                 sizes.add(None)
@@ -172,7 +174,7 @@ def write_tfrecords(
     if min(counts) == 0:
         for p in partial:
             os.remove(p)
-        raise ValueError(f"{sum(counts)} examples cannot fill {num_shards} shards")
+        raise ConfigError(f"{sum(counts)} examples cannot fill {num_shards} shards: use at most {sum(counts)} shards")
     size_tag = ""
     if len(sizes) == 1 and None not in sizes:
         (h, w), = sizes
@@ -216,8 +218,10 @@ class Source(Sequence):
                 # A full decode (a one-off cost when writing): a corrupt or truncated file fails
                 # here, naming it, rather than mid-epoch in a training run.
                 decode_image(data)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read image: {e}") from e
+        except FileNotFoundError as e:
+            raise MissingFileError(f"{path}: cannot read image: {e}") from e
+        except (OSError, ValueError, cv2.error) as e:
+            raise DataError(f"{path}: cannot read image: {e}") from e
         example: dict[str, Any] = {"image": data, "id": self.ids[i]}
         if self.labels is not None:
             example["class"] = self.labels[i]
@@ -231,7 +235,7 @@ def _check_unique(ids: list[str], where: str, hint: str) -> None:
     seen: set[str] = set()
     for i in ids:
         if i in seen:
-            raise ValueError(f"{where}: id {i!r} appears more than once ({hint})")
+            raise DataError(f"{where}: id {i!r} appears more than once ({hint})")
         seen.add(i)
 
 
@@ -247,8 +251,10 @@ def image_folder_examples(root: str, *, labels: bool = True, quality: int = 95
     Ids are paths relative to `root` without extension. Returns (source, class
     names, skipped non-image files).
     """
+    if not os.path.exists(root):
+        raise MissingFileError(f"{root}: no such folder")
     if not os.path.isdir(root):
-        raise NotADirectoryError(f"{root}: not a directory")
+        raise ConfigError(f"{root}: not a directory")
     paths, skipped = [], []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
@@ -260,16 +266,16 @@ def image_folder_examples(root: str, *, labels: bool = True, quality: int = 95
     if labels:
         classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
         if not classes:
-            raise ValueError(f"{root}: no class sub-folders (use --no-labels for an unlabelled folder)")
+            raise DataError(f"{root}: no class sub-folders (use --no-labels for an unlabelled folder)")
         index = {c: k for k, c in enumerate(classes)}
         top = [os.path.relpath(p, root).split(os.sep)[0] for p in paths]
         loose = [p for p, t in zip(paths, top) if t not in index]
         if loose:
-            raise ValueError(f"{root}: image {loose[0]} is not inside a class sub-folder "
-                             f"({len(loose)} such file(s))")
+            raise DataError(f"{root}: image {loose[0]} is not inside a class sub-folder "
+                            f"({len(loose)} such file(s))")
         class_of = [index[t] for t in top]
     if not paths:
-        raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+        raise DataError(f"{root}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     ids = [os.path.splitext(os.path.relpath(p, root))[0].replace(os.sep, "/") for p in paths]
     _check_unique(ids, root, "two files differ only by extension")
     return Source(paths, class_of, ids, quality), classes, skipped
@@ -285,25 +291,28 @@ def csv_examples(path: str, *, labels: bool = True, quality: int = 95
     names; empty for integer labels). Ids default to the file name without extension.
     """
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, newline="") as f:
-        rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    try:
+        with open(path, newline="") as f:
+            rows = [r for r in csv.reader(f) if r and any(c.strip() for c in r)]
+    except (csv.Error, UnicodeDecodeError) as e:  # a binary file, a NUL byte, a broken quote
+        raise DataError(f"{path}: not a readable CSV of path,label[,id]: {e}") from e
     if not rows:
-        raise ValueError(f"{path}: empty CSV")
+        raise DataError(f"{path}: empty CSV")
     columns = ["path", "label", "id"] if labels else ["path", "id"]
     header = [c.strip().lower() for c in rows[0]]
     start = 0
     if "path" in header:
         columns, start = header, 1
     elif labels and len(rows[0]) < 2:
-        raise ValueError(f"{path}: line 1: expected path,label[,id], got {rows[0]}")
+        raise DataError(f"{path}: line 1: expected path,label[,id], got {rows[0]}")
     col = {name: k for k, name in enumerate(columns)}
     if labels and "label" not in col:
-        raise ValueError(f"{path}: no 'label' column (use --no-labels for an unlabelled CSV)")
+        raise DataError(f"{path}: no 'label' column (use --no-labels for an unlabelled CSV)")
     files, raw_labels, ids = [], [], []
     for line, row in enumerate(rows[start:], start + 1):
         needed = max(col["path"], col.get("label", 0) if labels else 0)
         if len(row) <= needed:
-            raise ValueError(f"{path}: line {line}: expected columns {columns}, got {row}")
+            raise DataError(f"{path}: line {line}: expected columns {columns}, got {row}")
         rel = row[col["path"]].strip()
         files.append(rel if os.path.isabs(rel) else os.path.join(base, rel))
         if labels:

@@ -260,3 +260,7 @@ def test_member_tta_modes_are_one_for_all_or_one_per_checkpoint():
         member_ttas(["hflip", "none"], 3)
     with pytest.raises(ValueError, match="unknown tta 'vflip'"):
         member_ttas("vflip", 1)
+    from torch2flax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="2 TTA modes for 3 checkpoints"):
+        member_ttas(["hflip", "none"], 3)

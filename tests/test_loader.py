@@ -160,6 +160,14 @@ def test_recipes_and_saved_pipelines_give_the_same_batches_for_any_worker_count(
     (tmp_path / "bad.json").write_text('{"transform": 3}')
     with pytest.raises(ValueError, match=r"bad.json: not an albumentations pipeline saved with A.save \(json\)"):
         load_augment(str(tmp_path / "bad.json"))
+    from torch2flax.errors import ConfigError, DataError, MissingFileError
+
+    with pytest.raises(ConfigError, match="unknown augmentation recipe"):
+        train_transform(24, recipe="randaug")
+    with pytest.raises(DataError, match="bad.json: not an albumentations pipeline"):
+        load_augment(str(tmp_path / "bad.json"))
+    with pytest.raises(MissingFileError, match="augment file not found"):
+        load_augment(str(tmp_path / "nope.json"))
 
 
 def test_two_workers_never_repeat_each_others_crops():
@@ -191,6 +199,10 @@ def test_make_loader_errors_and_defaults(flowers):
         make_loader(ds, 64, train=True, num_devices=8, multiprocessing_context="fork")
     with pytest.raises(ValueError, match="300 samples, fewer than one training batch of 512"):
         make_loader(ds, 512, train=True, num_devices=8)
+    from torch2flax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"batch_size 60 .* num_devices 8"):  # a setting: the user's error
+        make_loader(ds, 60, train=True, num_devices=8)
     loader = make_loader(ds, 16, train=False, num_workers=0)  # num_devices: jax's local count
     assert loader.num_devices == 8 and next(iter(loader))["image"].shape[:2] == (8, 2)
 

@@ -88,3 +88,7 @@ def test_pmap_and_jit_pair_images_within_each_devices_slice():
     np.testing.assert_allclose(np.asarray(pmap_t).reshape(jit_t.shape), np.asarray(jit_t), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match=r"per-device batch \(3\) must be even"):
         mix_batch(key, images[:6], labels[:6], NUM_CLASSES, 0.1, spec, groups=2)
+    from torch2flax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--batch-size"):
+        mix_batch(key, images[:6], labels[:6], NUM_CLASSES, 0.1, spec, groups=2)

@@ -22,6 +22,11 @@ def test_durations_and_cadences_parse_and_errors_name_the_value():
     assert Every.parse("10m") == Every(seconds=600.0) and str(Every.parse("1h")) == "3600 s"
     with pytest.raises(ValueError, match="N >= 1"):
         Every.parse("0")
+    from torch2flax.errors import ConfigError
+
+    for bad in ("8x", "nan"):  # a user's mistake (one line from the CLI), and NaN is no duration
+        with pytest.raises(ConfigError, match=repr(bad)):
+            parse_duration(bad)
 
 
 def test_config_checks_the_preemption_fields_and_accepts_yaml_numbers(tmp_path):

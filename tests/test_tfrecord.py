@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from tests.helpers import encode_jpeg, synthetic_images, write_flower_tfrecords
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.loaders import CorruptRecordError, RecordError, TFRecordDataset, decode_image, write_tfrecords
 from torch2flax.loaders import tfrecord as tfr
 from torch2flax.loaders.image import ImageDecodeError
@@ -228,6 +229,8 @@ def test_files_glob_sorted_and_missing(flowers, tmp_path):
         TFRecordDataset(os.path.join(d, "nope-*.tfrec"))
     with pytest.raises(FileNotFoundError, match="missing.tfrec"):
         TFRecordDataset(str(tmp_path / "missing.tfrec"))
+    with pytest.raises(MissingFileError, match="nope"):  # the user's error, not a bug
+        TFRecordDataset(os.path.join(d, "nope-*.tfrec"))
 
 
 def test_feature_errors_name_key_file_and_record(tmp_path):
@@ -237,6 +240,8 @@ def test_feature_errors_name_key_file_and_record(tmp_path):
     ds = TFRecordDataset(path, {"id": "str", "class": "int"})
     assert ds[1] == {"id": "r1", "class": 1}
     with pytest.raises(RecordError, match=r"00-3\.tfrec: record 2 .*missing feature 'class'"):
+        ds[2]
+    with pytest.raises(DataError, match="missing feature 'class'"):  # the user's data, not a bug
         ds[2]
     with pytest.raises(RecordError, match=r"record 0 .*feature 'id' is a bytes_list, expected int64_list"):
         TFRecordDataset(path, {"id": "int"})[0]
@@ -321,7 +326,11 @@ def test_compression_detection_and_forcing(tmp_path, flowers):
     assert len(TFRecordDataset(gz, compression="gzip")) == 8
     with pytest.raises(CorruptRecordError, match="length header fails its CRC"):
         TFRecordDataset(gz, compression=None)
+    with pytest.raises(DataError, match="length header fails its CRC"):
+        TFRecordDataset(gz, compression=None)
     with pytest.raises(ValueError, match="compression"):
+        TFRecordDataset(gz, compression="zlib")
+    with pytest.raises(ConfigError, match="compression"):
         TFRecordDataset(gz, compression="zlib")
     # A changed .gz gets a fresh decompressed copy.
     shutil.copy(flowers.files[1], tmp_path / "plain")
@@ -341,6 +350,11 @@ def test_transform_errors_name_file_and_record(tmp_path, flowers):
     with pytest.raises(RecordError, match=r"00-3\.tfrec: record 1 at byte \d+: transform failed") as err:
         ds[1]
     assert isinstance(err.value.__cause__, ImageDecodeError)
+    assert isinstance(err.value, DataError)  # an image that does not decode: the user's data
+    # Any other exception from a transform is a bug in it: still named by file and record, not the user's.
+    with pytest.raises(RecordError, match="transform failed: ZeroDivisionError") as err:
+        TFRecordDataset(path, {"jpeg": "bytes"}, transform=lambda d: 1 / 0)[0]
+    assert not isinstance(err.value, DataError)
 
 
 def _ids_of_epoch(ds, **kw):

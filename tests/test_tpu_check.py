@@ -149,6 +149,9 @@ def test_unknown_tpu_lists_the_known():
 
     with pytest.raises(TPUCheckError, match="unknown TPU 'v9-8': expected one of v3-8, "):
         target("v9-8")
+    from torch2flax.errors import ConfigError
+
+    assert issubclass(TPUCheckError, ConfigError) and issubclass(TPUCheckError, ValueError)  # a user's fix
 
 
 # --------------------------------------------------------------------------------------- compiling

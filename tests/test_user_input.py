@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.train import TrainConfig
 from torch2flax.train.config import dumps
 
@@ -30,6 +31,8 @@ def test_yaml_and_json_numbers_come_back_as_their_types(tmp_path):
 def test_a_wrong_type_names_the_key_the_value_and_the_type(key, value, expected):
     with pytest.raises(ValueError, match=f"config.{key}={value!r}: {expected}".replace(".", r"\.")):
         TrainConfig(**{key: value})
+    with pytest.raises(ConfigError):  # a user's mistake: one line and exit 2 from the CLI, not a bug report
+        TrainConfig(**{key: value})
 
 
 def test_one_class_is_refused():
@@ -37,6 +40,52 @@ def test_one_class_is_refused():
         TrainConfig(num_classes=1)
     with pytest.raises(ValueError, match="num_classes=-3"):
         TrainConfig(num_classes=-3)
+    with pytest.raises(ConfigError):
+        TrainConfig(num_classes=1)
+
+
+def test_a_bad_config_file_is_the_users_mistake(tmp_path):
+    with pytest.raises(MissingFileError, match="config file not found: .*nope.yaml"):
+        TrainConfig.from_file(tmp_path / "nope.yaml")
+    (tmp_path / "bad.yaml").write_text("lr: [1e-3\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not a YAML or JSON config file"):
+        TrainConfig.from_file(tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- lr\n")
+    with pytest.raises(ConfigError, match="list.yaml: expected a mapping of config keys, got list"):
+        TrainConfig.from_file(tmp_path / "list.yaml")
+    with pytest.raises(ConfigError, match=r"unknown config keys \['1', 'lrate'\]"):
+        TrainConfig.from_dict({"lrate": 1e-3, 1: 2})
+
+
+def test_a_damaged_oof_file_names_the_file_and_row(tmp_path):
+    from torch2flax.train.cv import ensemble_report, read_oof
+
+    good = "id,fold,label,pred,prob_0,prob_1\na,0,1,1,0.25,0.75\n"
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "short.csv").write_text(good + "b,0,1\n")
+    (tmp_path / "range.csv").write_text(good + "b,0,2,1,0.5,0.5\n")
+    with pytest.raises(DataError, match="empty.csv: not an out-of-fold file"):
+        read_oof(str(tmp_path / "empty.csv"))
+    with pytest.raises(DataError, match="short.csv: row 2 after the header: 3 fields, the header has 6"):
+        read_oof(str(tmp_path / "short.csv"))
+    with pytest.raises(DataError, match=r"range.csv: row 2 after the header: label 2 or pred 1 is outside \[0, 2\)"):
+        read_oof(str(tmp_path / "range.csv"))
+    with pytest.raises(MissingFileError, match="nope.csv not found"):
+        ensemble_report([str(tmp_path / "nope.csv")])
+    with pytest.raises(ConfigError, match="2 weights for 1 runs"):
+        ensemble_report([str(tmp_path / "short.csv")], [1.0, 2.0])
+
+
+def test_a_step_folder_that_is_no_checkpoint_is_a_data_error(tmp_path):
+    from torch2flax.train.checkpoint import load_checkpoint
+
+    step = tmp_path / "checkpoints" / "5"
+    step.mkdir(parents=True)
+    with pytest.raises(DataError, match=r"checkpoints/5: not a readable torch2flax training checkpoint"):
+        load_checkpoint(step)
+    (tmp_path / "run").mkdir()
+    with pytest.raises(MissingFileError, match="run: holds no training checkpoint"):
+        load_checkpoint(tmp_path / "run")
 
 
 def test_submission_ids_with_commas_and_quotes_survive_the_csv():

@@ -66,6 +66,12 @@ def test_writer_errors(tmp_path):
                          {"image": b"garbage", "id": "b"}], tmp_path, num_shards=1)
     with pytest.raises(TypeError, match="feature 'x'"):
         write_tfrecords([{"x": object()}], tmp_path, num_shards=1)
+    from torch2flax.errors import ConfigError, DataError
+
+    with pytest.raises(ConfigError, match="2 examples cannot fill 3 shards"):
+        write_tfrecords([{"x": 1}, {"x": 2}], tmp_path, num_shards=3)
+    with pytest.raises(DataError, match=r"example 0 \(id b\): bad image"):
+        write_tfrecords([{"image": b"garbage", "id": "b"}], tmp_path, num_shards=1)
     assert os.listdir(tmp_path) == []  # failed writes leave no partial shards
 
 

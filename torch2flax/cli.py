@@ -11,6 +11,7 @@ import argparse
 import importlib
 import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from torch2flax import __version__
@@ -32,9 +33,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# A user's mistake (a glob that matches nothing, a missing file, an unknown model, a label
-# out of range, a corrupt record) ends the command with one line, not a traceback.
-USER_ERRORS = (FileNotFoundError, ValueError)
+def is_user_error(e: BaseException) -> bool:
+    """A mistake the user can fix (`torch2flax.errors`), or a path the OS could not find for
+    them: the file or folder a user named (our own files are never missing but by a bug)."""
+    from torch2flax.errors import UserError
+
+    return isinstance(e, UserError) or (isinstance(e, FileNotFoundError) and e.filename is not None)
+
+
+def one_line(e: BaseException) -> str:
+    """The error's message on one line. An error from a DataLoader worker arrives as the worker's
+    whole traceback in its message (torch re-raises it with its class): keep the worker's last line."""
+    text = str(e)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
+def bug_report_line(e: BaseException) -> str:
+    return (f"torch2flax: internal error ({type(e).__name__}): this is a bug in torch2flax {__version__}, not a "
+            "mistake in your input. Please report it with the command you ran, the traceback above and the "
+            "output of `torch2flax doctor`.")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -48,10 +68,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # a second Ctrl-C during training (train.preemption), or one elsewhere
         print(f"torch2flax: aborted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
         return 130
-    except USER_ERRORS as e:
-        if os.environ.get("TORCH2FLAX_DEBUG"):  # the traceback, for a bug report
-            raise
-        print(f"torch2flax: error: {e}", file=sys.stderr)
+    except Exception as e:
+        if not is_user_error(e):
+            traceback.print_exc()
+            print(bug_report_line(e), file=sys.stderr)
+            return 1
+        if os.environ.get("TORCH2FLAX_DEBUG"):  # the traceback of a user error too
+            traceback.print_exc()
+        print(f"torch2flax: error: {one_line(e)}", file=sys.stderr)
         return 2
 
 

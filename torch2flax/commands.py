@@ -92,20 +92,12 @@ def _hw(module, size: int | None) -> tuple[int, int]:
     return input_hw(module, size)  # an exported graph runs at the size it was exported at
 
 
-def _fail(e: Exception) -> int:
-    print(f"torch2flax: error: {e}", file=sys.stderr)
-    return 2
-
-
 def cmd_convert(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from torch2flax.timm_names import check_model_name
 
-    try:
-        check_model_name(args.name)  # before the seconds of importing jax, torch and timm
-    except ValueError as e:
-        return _fail(e)
+    check_model_name(args.name)  # before the seconds of importing jax, torch and timm
 
     steps = ["convert"] + ([] if args.no_verify else ["verify"]) + ["save"]
     bar = tqdm(total=len(steps), desc=f"{args.name}", unit="step", file=sys.stderr)
@@ -130,10 +122,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         bar.set_postfix_str("saving")
         paths = io.save(args.out, module, variables)
         bar.update()
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
+    finally:  # an error is reported by the command line (torch2flax.cli.main), after the bar
         bar.close()
-        return _fail(e)
-    bar.close()
     print(f"converted {args.name} in {seconds:.1f}s"
           + (f" (head re-initialised: {', '.join(result.reinitialized)})" if result.reinitialized else ""))
     if errors is not None:
@@ -145,24 +135,21 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    try:
-        from torch2flax import io
-        from torch2flax.converter import load_checkpoint, load_into_timm, parity_errors, timm_from_flax
-        from torch2flax.models import model_name
+    from torch2flax import io
+    from torch2flax.converter import load_checkpoint, load_into_timm, parity_errors, timm_from_flax
+    from torch2flax.models import model_name
 
-        module, variables = io.load(args.file)
-        name = model_name(module)
-        if args.checkpoint:
-            model = timm_from_flax(module, variables)  # the architecture, then the checkpoint's weights
-            load_into_timm(model, load_checkpoint(args.checkpoint), source=f"checkpoint {args.checkpoint}")
-            reference = args.checkpoint
-        else:
-            model = timm_from_flax(module, variables)
-            reference = f"{args.file} converted back to torch"
-        hw = _hw(module, args.size)
-        print(f"verifying {args.file} ({name}) against timm with weights from {reference}, "
-              f"batch {args.batch} at {hw[0]}x{hw[1]}:")
-        errors = parity_errors(model, module, variables, batch=args.batch, input_hw=hw)
-    except (ValueError, FileNotFoundError, RuntimeError, TypeError) as e:
-        return _fail(e)
+    module, variables = io.load(args.file)
+    name = model_name(module)
+    if args.checkpoint:
+        model = timm_from_flax(module, variables)  # the architecture, then the checkpoint's weights
+        load_into_timm(model, load_checkpoint(args.checkpoint), source=f"checkpoint {args.checkpoint}")
+        reference = args.checkpoint
+    else:
+        model = timm_from_flax(module, variables)
+        reference = f"{args.file} converted back to torch"
+    hw = _hw(module, args.size)
+    print(f"verifying {args.file} ({name}) against timm with weights from {reference}, "
+          f"batch {args.batch} at {hw[0]}x{hw[1]}:")
+    errors = parity_errors(model, module, variables, batch=args.batch, input_hw=hw)
     return 0 if _report(errors, args.tol) else 1

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from torch2flax.backend import backend_names, backend_of, fixed_input_size, get_backend
+from torch2flax.errors import ConfigError
 from torch2flax.native import (  # noqa: F401 - the mapping rules' public home before the backends split
     Rule,
     build_rules,
@@ -67,7 +68,7 @@ def is_native(name: str) -> bool:
 def resolve_backend(architecture: str, backend: str = "auto") -> str:
     """"native" or "export" for `architecture`; "auto" prefers the native Flax twin."""
     if backend not in backend_choices():
-        raise ValueError(f"backend must be one of {backend_choices()}, got {backend!r}")
+        raise ConfigError(f"backend must be one of {backend_choices()}, got {backend!r}")
     native = is_native(architecture)
     if not native:
         from torch2flax.timm_names import check_model_name

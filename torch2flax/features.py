@@ -24,6 +24,7 @@ import flax.linen as nn
 import jax
 
 from torch2flax.backend import find_backend
+from torch2flax.errors import ConfigError
 
 Array = jax.Array
 # Methods of an exported model whose graph can be hooked, and the graph each runs.
@@ -46,7 +47,7 @@ def feature_info(module: nn.Module) -> list[FeatureInfo]:
     except AttributeError:  # a Flax module torch2flax did not build
         info = []
     if not info:
-        raise ValueError(f"{type(module).__name__} has no feature_info: name the layers explicitly")
+        raise ConfigError(f"{type(module).__name__} has no feature_info: name the layers explicitly")
     return [FeatureInfo(str(f["module"]), int(f["num_chs"]), int(f["reduction"])) for f in info]
 
 
@@ -64,7 +65,7 @@ def forward_intermediates(
     """`(logits, {name: output})` for the named modules (default: every `feature_info` stage).
 
     `x` is an NHWC image batch. With `mutable`, returns `((logits, outputs), updated
-    collections)` as `module.apply` does. Raises `ValueError` for a name the model does not have.
+    collections)` as `module.apply` does. Raises `ConfigError` (a ValueError) for a name the model does not have.
     """
     names = (layers,) if isinstance(layers, str) else tuple(layers or [f.name for f in feature_info(module)])
     mutable = tuple(mutable) if isinstance(mutable, list) else mutable
@@ -113,7 +114,7 @@ def _intermediates(module: nn.Module, variables: Any, x: Array, names: tuple[str
             stages = [f.name for f in feature_info(module)]
         except ValueError:
             stages = []
-        raise ValueError(f"{type(module).__name__}: no module named {missing} was called (names follow "
+        raise ConfigError(f"{type(module).__name__}: no module named {missing} was called (names follow "
                          f"timm's module tree, e.g. {stages or ['layer4']})")
     feats = {n: captured[n] for n in names}
     if mutable:

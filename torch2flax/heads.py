@@ -31,6 +31,7 @@ from flax.core import freeze, unfreeze
 
 from torch2flax.backend import fixed_input_size
 from torch2flax.backend import variable_shapes as variable_shapes_of
+from torch2flax.errors import ConfigError
 from torch2flax.layers import BatchNorm, Dense
 
 Array = jax.Array
@@ -43,7 +44,7 @@ def head_input(head: nn.Module) -> str:
     """What `head` consumes: "pooled" (default) or "map"."""
     kind = getattr(head, "head_input", "pooled")
     if kind not in HEAD_INPUTS:
-        raise ValueError(f"{type(head).__name__}.head_input={kind!r}: expected one of {HEAD_INPUTS}")
+        raise ConfigError(f"{type(head).__name__}.head_input={kind!r}: expected one of {HEAD_INPUTS}")
     return kind
 
 
@@ -68,7 +69,7 @@ class MLPHead(nn.Module):
     @nn.compact
     def __call__(self, x: Array, train: bool = False) -> Array:
         if self.act not in ACTIVATIONS:
-            raise ValueError(f"MLPHead act={self.act!r}: expected one of {sorted(ACTIVATIONS)}")
+            raise ConfigError(f"MLPHead act={self.act!r}: expected one of {sorted(ACTIVATIONS)}")
         x = Dense(self.hidden, use_bias=not self.norm, dtype=self.dtype, name="fc1")(x)
         if self.norm:
             x = BatchNorm(dtype=self.dtype, axis_name=self.axis_name, name="norm")(x, use_running_average=not train)
@@ -183,7 +184,7 @@ def check_map(feats: Any, backbone: Any, head: Any) -> None:
     """Raise unless `feats` is a 4-D NHWC map, which a "map" head needs."""
     shape = getattr(feats, "shape", None)
     if shape is None or len(shape) != 4:
-        raise ValueError(f"{type(head).__name__} reads a 4-D NHWC feature map, but {_model_label(backbone)}'s "
+        raise ConfigError(f"{type(head).__name__} reads a 4-D NHWC feature map, but {_model_label(backbone)}'s "
                          f"forward_features returns shape {shape}: use a head on pooled features "
                          "(e.g. --head mlp) with this model")
 
@@ -240,7 +241,7 @@ def with_head(module: nn.Module, variables: Mapping[str, Any], head: nn.Module, 
     if not hasattr(head, "num_classes"):
         raise TypeError(f"{type(head).__name__} has no num_classes field: the trainer and predict read it")
     if isinstance(module, HeadModel):
-        raise ValueError("the model already has a head: pass its backbone (model.backbone)")
+        raise ConfigError("the model already has a head: pass its backbone (model.backbone)")
     model = HeadModel(module, head, dtype=module.dtype, axis_name=getattr(module, "axis_name", None))
     head_vars = _init_head(model.head, head_input_shape(model.backbone, model.head, image_size), seed)
     out: dict[str, dict[str, Any]] = {}
@@ -290,7 +291,7 @@ def _coerce(value: str, default: Any, token: str, spec: str) -> Any:
         if isinstance(default, float):
             return float(value)
     except ValueError:
-        raise ValueError(f"head spec {spec!r}: {token!r} needs a {type(default).__name__} value") from None
+        raise ConfigError(f"head spec {spec!r}: {token!r} needs a {type(default).__name__} value") from None
     return value
 
 
@@ -303,7 +304,7 @@ def parse_head(spec: str, num_classes: int) -> nn.Module:
     name, _, rest = spec.strip().partition(":")
     name = name.strip().lower()
     if name not in HEADS:
-        raise ValueError(f"head spec {spec!r}: unknown head {name!r}; choices: {', '.join(HEADS)}")
+        raise ConfigError(f"head spec {spec!r}: unknown head {name!r}; choices: {', '.join(HEADS)}")
     cls = HEADS[name]
     fields = {f.name: f.default for f in dataclasses.fields(cls)
               if f.name not in ("parent", "name", "num_classes", "dtype", "axis_name")}
@@ -312,17 +313,17 @@ def parse_head(spec: str, num_classes: int) -> nn.Module:
         key, eq, value = token.partition("=")
         if not eq:
             if i > 0:
-                raise ValueError(f"head spec {spec!r}: {token!r} is not key=value (only the first setting "
+                raise ConfigError(f"head spec {spec!r}: {token!r} is not key=value (only the first setting "
                                  f"may be bare, meaning {_POSITIONAL[name]})")
             key, value = _POSITIONAL[name], token
         key = key.strip()
         if key not in fields:
-            raise ValueError(f"head spec {spec!r}: {name} has no setting {key!r}; choices: {', '.join(fields)}")
+            raise ConfigError(f"head spec {spec!r}: {name} has no setting {key!r}; choices: {', '.join(fields)}")
         if key in kwargs:
-            raise ValueError(f"head spec {spec!r}: {key!r} is given twice")
+            raise ConfigError(f"head spec {spec!r}: {key!r} is given twice")
         kwargs[key] = _coerce(value.strip(), fields[key], token, spec)
     if "act" in kwargs and kwargs["act"] not in ACTIVATIONS:
-        raise ValueError(f"head spec {spec!r}: act={kwargs['act']!r}; choices: {', '.join(ACTIVATIONS)}")
+        raise ConfigError(f"head spec {spec!r}: act={kwargs['act']!r}; choices: {', '.join(ACTIVATIONS)}")
     return cls(num_classes=num_classes, **kwargs)
 
 

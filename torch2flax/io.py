@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from torch2flax.backend import backend_of, get_backend
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.utils import atomic_write, freeze_value
 
 FORMAT = "torch2flax"
@@ -76,7 +77,7 @@ def head_config(head: Any) -> dict[str, Any]:
         try:
             json.dumps(v)
         except TypeError:
-            raise ValueError(f"{cls.__qualname__}.{f.name}={v!r} cannot be saved: head fields must be "
+            raise ConfigError(f"{cls.__qualname__}.{f.name}={v!r} cannot be saved: head fields must be "
                              "JSON values (numbers, strings, bools, None, lists/tuples of them)") from None
         kwargs[f.name] = list(v) if isinstance(v, tuple) else v
     return {"module": cls.__module__, "qualname": cls.__qualname__, "kwargs": kwargs}
@@ -88,7 +89,10 @@ def head_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
 
     import jax.numpy as jnp
 
-    module_name, qualname = config["module"], config["qualname"]
+    try:
+        module_name, qualname = config["module"], config["qualname"]
+    except KeyError as e:
+        raise DataError(f"{source}: the add-on head's config lacks {e}: the file is damaged") from None
     try:
         obj: Any = importlib.import_module(module_name)
         for part in qualname.split("."):
@@ -96,7 +100,7 @@ def head_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
     except (ImportError, AttributeError):
         where = ("the __main__ of the process that saved it (a notebook or script)" if module_name == "__main__"
                  else f"module {module_name!r}")
-        raise ValueError(f"{source}: its head class {qualname} was defined in {where} and cannot be imported "
+        raise DataError(f"{source}: its head class {qualname} was defined in {where} and cannot be imported "
                          f"here; pass the head module: torch2flax.load(path, head={qualname}(...)), or define "
                          "the class in an importable module") from None
     kwargs = {k: getattr(jnp, v) if k.endswith("dtype") else freeze_value(v) for k, v in config.get("kwargs", {}).items()}
@@ -107,18 +111,24 @@ def module_from_config(config: Mapping[str, Any], source: str = "config", head: 
     """The Flax module a `module_config` describes. `head`: the add-on head module to use instead
     of rebuilding the saved one (a head class defined in a notebook cannot be imported elsewhere)."""
     if config.get("format") != FORMAT or "model" not in config:
-        raise ValueError(f"{source}: not a torch2flax model config (format={config.get('format')!r})")
+        raise DataError(f"{source}: not a torch2flax model config (format={config.get('format')!r})")
     if "head" in config or head is not None:
         from torch2flax.heads import HeadModel
 
         if "head" not in config:
-            raise ValueError(f"{source}: the model has no add-on head, but a head was passed; use "
+            raise ConfigError(f"{source}: the model has no add-on head, but a head was passed; use "
                              "torch2flax.with_head to add one")
         backbone = module_from_config({k: v for k, v in config.items() if k != "head"}, source)
         if head is None:
             head = head_from_config(config["head"], source)
         return HeadModel(backbone, head, dtype=backbone.dtype, axis_name=backbone.axis_name)
-    return get_backend(config.get("backend", "native")).from_config(config["model"], config.get("kwargs", {}))
+    backend = get_backend(config.get("backend", "native"))
+    try:
+        return backend.from_config(config["model"], config.get("kwargs", {}))
+    except (KeyError, TypeError) as e:  # a field missing from the file, or one this version does not take
+        raise DataError(f"{source}: its {config['model']} model config does not fit this torch2flax "
+                        f"({type(e).__name__}: {e}); was it written by another version? Load it with that "
+                        "version, or convert the model again") from e
 
 
 def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variables") -> tuple[dict, int]:
@@ -134,7 +144,7 @@ def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variabl
     missing = ["/".join(k) for k in want if k not in got]
     extra = ["/".join(k) for k in got if k not in want]
     if missing or extra:
-        raise ValueError(f"{source}: variable tree does not fit the model: missing {missing[:10]}, "
+        raise DataError(f"{source}: variable tree does not fit the model: missing {missing[:10]}, "
                          f"unexpected {extra[:10]}")
     lead = set()
     for k, ref in want.items():
@@ -144,13 +154,13 @@ def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variabl
         elif shape[1:] == ref_shape and len(shape) == len(ref_shape) + 1:
             lead.add(shape[0])
         else:
-            raise ValueError(f"{source}: {'/'.join(k)} has shape {shape}, the model expects {ref_shape}")
+            raise DataError(f"{source}: {'/'.join(k)} has shape {shape}, the model expects {ref_shape}")
     if lead == {None}:
         return unflatten_dict(got), 0
     if len(lead) == 1:
         (n,) = lead
         return unflatten_dict({k: v[0] for k, v in got.items()}), int(n)
-    raise ValueError(f"{source}: some variables carry a leading device axis and others do not")
+    raise DataError(f"{source}: some variables carry a leading device axis and others do not")
 
 
 def model_payload(module: Any, variables: Mapping, source: str = "variables") -> dict[str, Any]:
@@ -188,17 +198,18 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
+        raise MissingFileError(f"no checkpoint at {path!r}")
     with open(path, "rb") as f:
         try:
             state = serialization.msgpack_restore(f.read())
         except Exception as e:
-            raise ValueError(f"{path}: not a msgpack checkpoint ({e})") from e
+            raise DataError(f"{path}: not a msgpack checkpoint ({e})") from e
     if isinstance(state, dict) and "config" in state:
         return state
     side = sidecar_path(path)
     if not os.path.isfile(side):
-        raise ValueError(f"{path}: carries no model config and there is no sidecar {side}")
+        raise DataError(f"{path}: carries no model config and there is no sidecar {side}: pass a file "
+                        "torch2flax.save, `torch2flax convert` or the trainer wrote")
     with open(side) as f:
         return {"config": f.read(), "variables": state}
 
@@ -214,18 +225,21 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
 
     tree = payload.get("variables")
     if not isinstance(tree, dict) or "params" not in tree:
-        raise ValueError(f"{source}: no 'params' in the stored variables")
-    config = json.loads(payload["config"])
+        raise DataError(f"{source}: no 'params' in the stored variables")
+    try:
+        config = json.loads(payload["config"])
+    except ValueError as e:  # a hand-edited or truncated JSON sidecar
+        raise DataError(f"{source}: its model config is not valid JSON ({e})") from None
     module = module_from_config(config, source=source, head=head)
     shapes = variable_shapes(module)
     tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
     try:
         tree, _ = unreplicate_like(tree, dict(shapes), source=source)
-    except ValueError as e:
+    except DataError as e:
         hint = get_backend(config.get("backend", "native")).mismatch_hint(config)
         if not hint:
             raise
-        raise ValueError(f"{e}. {hint}") from None
+        raise DataError(f"{e}. {hint}") from None
     return module, freeze(jax.tree.map(jnp.asarray, tree))
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from torch2flax.errors import ConfigError
+
 Array = jax.Array
 Dtype = Any
 IntPair = int | Sequence[int]
@@ -260,7 +262,7 @@ class Conv(nn.Module):
         groups = self.feature_group_count
         cin = x.shape[-1]
         if cin % groups or self.features % groups:
-            raise ValueError(f"{self.path}: channels {cin}->{self.features} not divisible by groups={groups}")
+            raise ConfigError(f"{self.path}: channels {cin}->{self.features} not divisible by groups={groups}")
         kernel = self.param("kernel", self.kernel_init, (kh, kw, cin // groups, self.features), self.param_dtype)
         bias = None
         if self.use_bias:
@@ -485,7 +487,7 @@ def global_pool(x: Array, pool_type: str) -> Array:
         return 0.5 * (x.mean(axis=(1, 2)) + x.max(axis=(1, 2)))
     if pool_type == "catavgmax":
         return jnp.concatenate([x.mean(axis=(1, 2)), x.max(axis=(1, 2))], axis=-1)
-    raise ValueError(f"unknown global_pool {pool_type!r}: use 'avg', 'max', 'avgmax', 'catavgmax' or ''")
+    raise ConfigError(f"unknown global_pool {pool_type!r}: use 'avg', 'max', 'avgmax', 'catavgmax' or ''")
 
 
 class Activation(nn.Module):

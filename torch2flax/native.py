@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 
 from torch2flax.backend import Backend, register_backend
+from torch2flax.errors import ConfigError, DataError
 from torch2flax.models import create_model, get_entry, model_classes, pretrained_cfg_from_timm, registry_name
 from torch2flax.timm_source import IGNORED_TORCH_SUFFIXES, architecture, load_into_timm
 
@@ -88,13 +89,13 @@ def _check_conv(name: str, tm: Any, fm: Any) -> None:
     from torch2flax.layers import Conv, _padding, _pair
 
     if not isinstance(fm, Conv):
-        raise ValueError(f"torch layer {name!r} is Conv2d but the Flax layer at that path is {type(fm).__name__}")
+        raise ConfigError(f"torch layer {name!r} is Conv2d but the Flax layer at that path is {type(fm).__name__}")
     if isinstance(tm.padding, str) or tm.padding_mode != "zeros":
-        raise ValueError(f"torch layer {name!r}: padding={tm.padding!r}, padding_mode={tm.padding_mode!r} unsupported")
+        raise ConfigError(f"torch layer {name!r}: padding={tm.padding!r}, padding_mode={tm.padding_mode!r} unsupported")
     torch_hp = (tuple(tm.stride), _padding(tuple(tm.padding)), tuple(tm.dilation), tm.groups)
     flax_hp = (_pair(fm.strides), _padding(fm.padding), _pair(fm.kernel_dilation), fm.feature_group_count)
     if torch_hp != flax_hp:
-        raise ValueError(f"layer {name!r}: torch (stride, padding, dilation, groups)={torch_hp} "
+        raise ConfigError(f"layer {name!r}: torch (stride, padding, dilation, groups)={torch_hp} "
                          f"but Flax has {flax_hp}")
 
 
@@ -102,12 +103,12 @@ def _check_bn(name: str, tm: Any, fm: Any) -> None:
     from torch2flax.layers import BatchNorm
 
     if not isinstance(fm, BatchNorm):
-        raise ValueError(f"torch layer {name!r} is BatchNorm2d but the Flax layer at that path is {type(fm).__name__}")
+        raise ConfigError(f"torch layer {name!r} is BatchNorm2d but the Flax layer at that path is {type(fm).__name__}")
     if tm.momentum is None:
-        raise ValueError(f"torch layer {name!r}: BatchNorm momentum=None (cumulative average) is unsupported")
+        raise ConfigError(f"torch layer {name!r}: BatchNorm momentum=None (cumulative average) is unsupported")
     if not math.isclose(tm.eps, fm.epsilon, rel_tol=1e-6) or not math.isclose(1.0 - tm.momentum, fm.momentum,
                                                                              rel_tol=1e-6):
-        raise ValueError(f"layer {name!r}: torch eps={tm.eps}, momentum={tm.momentum} but Flax "
+        raise ConfigError(f"layer {name!r}: torch eps={tm.eps}, momentum={tm.momentum} but Flax "
                          f"epsilon={fm.epsilon}, momentum={fm.momentum} (Flax momentum = 1 - torch momentum)")
 
 
@@ -122,7 +123,7 @@ def build_rules(model: Any, layers: Mapping[tuple[str, ...], Any], supported: It
     for name, tm in model.named_modules():
         tname = type(tm).__name__
         if supported is not None and tname not in supported:
-            raise ValueError(f"torch module {name or '<root>'!r} of type {tname} has no Flax counterpart "
+            raise ConfigError(f"torch module {name or '<root>'!r} of type {tname} has no Flax counterpart "
                              f"(supported types: {sorted(supported)})")
         own = [k for k, _ in tm.named_parameters(recurse=False)] + [k for k, _ in tm.named_buffers(recurse=False)]
         if not own:
@@ -130,7 +131,7 @@ def build_rules(model: Any, layers: Mapping[tuple[str, ...], Any], supported: It
         path = tuple(name.split("."))
         fm = layers.get(path)
         if fm is None:
-            raise ValueError(f"torch layer {name!r} ({tname}, tensors {own}) has no Flax layer at {'/'.join(path)}")
+            raise ConfigError(f"torch layer {name!r} ({tname}, tensors {own}) has no Flax layer at {'/'.join(path)}")
         key = f"{name}."
         if isinstance(tm, tnn.Conv2d):
             _check_conv(name, tm, fm)
@@ -139,14 +140,14 @@ def build_rules(model: Any, layers: Mapping[tuple[str, ...], Any], supported: It
                 rules.append(Rule(key + "bias", "params", path + ("bias",), _identity, _identity))
         elif isinstance(tm, tnn.Linear):
             if not isinstance(fm, Dense):
-                raise ValueError(f"torch layer {name!r} is Linear but the Flax layer is {type(fm).__name__}")
+                raise ConfigError(f"torch layer {name!r} is Linear but the Flax layer is {type(fm).__name__}")
             rules.append(Rule(key + "weight", "params", path + ("kernel",), _transpose, _transpose))
             if tm.bias is not None:
                 rules.append(Rule(key + "bias", "params", path + ("bias",), _identity, _identity))
         elif isinstance(tm, tnn.BatchNorm2d):
             _check_bn(name, tm, fm)
             if not (tm.affine and tm.track_running_stats):
-                raise ValueError(f"torch layer {name!r}: BatchNorm without affine/running stats is unsupported")
+                raise ConfigError(f"torch layer {name!r}: BatchNorm without affine/running stats is unsupported")
             rules += [
                 Rule(key + "weight", "params", path + ("scale",), _identity, _identity),
                 Rule(key + "bias", "params", path + ("bias",), _identity, _identity),
@@ -154,7 +155,7 @@ def build_rules(model: Any, layers: Mapping[tuple[str, ...], Any], supported: It
                 Rule(key + "running_var", "batch_stats", path + ("var",), _identity, _identity),
             ]
         else:
-            raise ValueError(f"torch layer {name!r} of type {tname} holds tensors {own} but torch2flax "
+            raise ConfigError(f"torch layer {name!r} of type {tname} holds tensors {own} but torch2flax "
                              "has no conversion rule for that type")
     return rules
 
@@ -180,26 +181,26 @@ def torch_to_flax(
     all_keys = {r.torch_key for r in rules}
     extra = [k for k in tensors if k not in all_keys and not k.endswith(IGNORED_TORCH_SUFFIXES)]
     if extra:
-        raise ValueError(f"{source}: torch key(s) with no Flax counterpart: {extra}")
+        raise DataError(f"{source}: torch key(s) with no Flax counterpart: {extra}")
     expected = flatten_dict({c: template[c] for c in collections if c in template})
     out: dict[tuple[str, ...], np.ndarray] = {}
     for r in active:
         if r.torch_key not in tensors:
-            raise ValueError(f"{source}: missing torch key {r.torch_key!r} (for Flax {r.flax_name})")
+            raise DataError(f"{source}: missing torch key {r.torch_key!r} (for Flax {r.flax_name})")
         flax_key = (r.collection,) + r.flax_path
         if flax_key not in expected:
-            raise ValueError(f"{source}: torch key {r.torch_key!r} maps to Flax {r.flax_name}, "
+            raise DataError(f"{source}: torch key {r.torch_key!r} maps to Flax {r.flax_name}, "
                              "which the Flax model does not have")
         t = _to_numpy(tensors[r.torch_key])
         value = r.to_flax(t)
         want = tuple(expected[flax_key].shape)
         if value.shape != want:
-            raise ValueError(f"{source}: shape mismatch for torch key {r.torch_key!r} {tuple(t.shape)} -> "
+            raise DataError(f"{source}: shape mismatch for torch key {r.torch_key!r} {tuple(t.shape)} -> "
                              f"Flax {r.flax_name} {value.shape}, expected {want}")
         out[flax_key] = value
     unfilled = ["/".join(k) for k in expected if k not in out]
     if unfilled:
-        raise ValueError(f"{source}: Flax leaves no torch tensor maps to: {unfilled}")
+        raise DataError(f"{source}: Flax leaves no torch tensor maps to: {unfilled}")
     return unflatten_dict(out)
 
 
@@ -212,7 +213,7 @@ def flax_to_torch(rules: list[Rule], variables: Mapping[str, Any]) -> dict[str, 
             for part in r.flax_path:
                 node = node[part]
         except KeyError:
-            raise ValueError(f"Flax variables lack {r.flax_name} (for torch key {r.torch_key!r})") from None
+            raise DataError(f"Flax variables lack {r.flax_name} (for torch key {r.torch_key!r})") from None
         out[r.torch_key] = r.to_torch(np.asarray(node, dtype=np.float32))
     return out
 
@@ -231,10 +232,10 @@ def flax_kwargs_from_timm(model: Any) -> dict[str, Any]:
         first_name, first = norms[0]
         for n, m in norms:
             if (m.eps, m.momentum) != (first.eps, first.momentum):
-                raise ValueError(f"BatchNorm {n!r} has eps={m.eps}, momentum={m.momentum} but {first_name!r} has "
+                raise ConfigError(f"BatchNorm {n!r} has eps={m.eps}, momentum={m.momentum} but {first_name!r} has "
                                  f"eps={first.eps}, momentum={first.momentum}: the Flax models share one setting")
         if first.momentum is None:
-            raise ValueError(f"torch layer {first_name!r}: BatchNorm momentum=None is unsupported")
+            raise ConfigError(f"torch layer {first_name!r}: BatchNorm momentum=None is unsupported")
         kwargs.update(bn_eps=float(first.eps), bn_momentum=1.0 - float(first.momentum))
     drop_paths = [float(m.drop_prob) for m in model.modules() if type(m).__name__ == "DropPath"]
     pool = getattr(model, "global_pool", None)
@@ -273,10 +274,14 @@ class NativeBackend(Backend):
         model = source.model
         arch = architecture(model)
         entry = get_entry(arch)
-        module = create_model(arch, **flax_kwargs_from_timm(model), **entry.flax_kwargs(model))
-        shapes, layers = flax_layers(module)
-        rules = build_rules(model, layers, entry.torch_module_types)
-        arrays = torch_to_flax(rules, model.state_dict(), shapes, source=f"timm {arch}")
+        try:
+            module = create_model(arch, **flax_kwargs_from_timm(model), **entry.flax_kwargs(model))
+            shapes, layers = flax_layers(module)
+            rules = build_rules(model, layers, entry.torch_module_types)
+            arrays = torch_to_flax(rules, model.state_dict(), shapes, source=f"timm {arch}")
+        except (ConfigError, DataError) as e:  # a timm variant (kwargs, a modified instance) the twin lacks
+            raise ConfigError(f"{e}; the native Flax {arch} cannot reproduce this timm model: convert it with "
+                              "backend='export' (--backend export)") from e
         variables = freeze({c: jax.tree.map(jnp.asarray, arrays[c]) for c in ("params", "batch_stats")
                             if c in arrays})
         return module, variables

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch2flax.backend import backend_of
 from torch2flax.converter import Converted, convert
+from torch2flax.errors import ConfigError, UserError
 
 
 def prepare_model(
@@ -43,7 +44,7 @@ def prepare_model(
         module, variables = io.load(init)
         saved = model_name(module)
         if model is not None and model != saved:
-            raise ValueError(f"{init} holds a {saved} model, but the run names model {model!r}: drop --model "
+            raise ConfigError(f"{init} holds a {saved} model, but the run names model {model!r}: drop --model "
                              "(the file decides), or convert the model you want")
         if head and not isinstance(module, HeadModel):
             module, variables = headless(module, variables)
@@ -51,17 +52,18 @@ def prepare_model(
                                        image_size=image_size, source=init)
             return add_head(module, variables, head, num_classes, seed=seed, image_size=image_size)
         if head and not same_head(module.head, head, num_classes):
-            raise ValueError(f"{init} already has an add-on head ({type(module.head).__name__}) that "
+            raise ConfigError(f"{init} already has an add-on head ({type(module.head).__name__}) that "
                              f"--head {head} does not describe: drop --head to fine-tune the saved one")
         if module.num_classes != num_classes:
-            raise ValueError(f"{init} has a {module.num_classes}-class head, but the run "
+            raise ConfigError(f"{init} has a {module.num_classes}-class head, but the run "
                              f"asks for num_classes={num_classes}; convert with --num-classes "
                              f"{num_classes} or start from a timm checkpoint")
         module = with_run_settings(module, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                                    image_size=image_size, source=init)
         return Converted(module, variables)
     if model is None:
-        raise ValueError("prepare_model needs a timm model name or an init file")
+        raise ConfigError("prepare_model needs a timm model name (model=, --model) or a model file to start from "
+                          "(init=, --init)")
     import torch
 
     torch.manual_seed(seed)  # a randomly initialised model is reproducible by seed
@@ -129,7 +131,7 @@ def with_run_settings(module: Any, *, drop_rate: float, drop_path_rate: float, i
     try:
         return backend_of(module).with_run_settings(module, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                                                     image_size=image_size)
-    except ValueError as e:
+    except UserError as e:  # a setting the model cannot take: name the file it came from
         if source is None:
             raise
-        raise ValueError(f"{os.fspath(source)}: {e}") from None
+        raise type(e)(f"{os.fspath(source)}: {e}") from None

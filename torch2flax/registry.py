@@ -6,6 +6,8 @@ import difflib
 from collections.abc import Callable, Hashable
 from typing import Generic, TypeVar
 
+from torch2flax.errors import ConfigError
+
 T = TypeVar("T")
 
 
@@ -26,10 +28,10 @@ class Registry(dict, Generic[T]):
         return deco
 
     def lookup(self, key: Hashable) -> T:
-        """The entry for `key`; a ValueError naming the close keys if there is none."""
+        """The entry for `key`; a ConfigError (a ValueError) naming the close keys if there is none."""
         if key in self:
             return self[key]
         names = [str(k) for k in self]
         close = difflib.get_close_matches(str(key), names, n=5, cutoff=0.5)
         hint = f"; did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(f"unknown {self.what} {key!r} (known: {', '.join(sorted(names)[:20])}){hint}")
+        raise ConfigError(f"unknown {self.what} {key!r} (known: {', '.join(sorted(names)[:20])}){hint}")

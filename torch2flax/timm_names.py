@@ -14,6 +14,8 @@ import importlib.util
 import os
 import re
 
+from torch2flax.errors import ConfigError
+
 _REGISTERED = re.compile(r"^@register_model\s*\ndef\s+(\w+)\s*\(", re.M)
 
 
@@ -33,11 +35,11 @@ def timm_model_names() -> frozenset[str]:
 
 
 def check_model_name(name: str) -> None:
-    """Raise ValueError for a name (optionally with a `.tag`) that timm does not know."""
+    """Raise ConfigError (a ValueError) for a name (optionally with a `.tag`) that timm does not know."""
     names = timm_model_names()
     architecture = name.split(".", 1)[0]
     if not names or architecture in names:
         return
     close = difflib.get_close_matches(architecture, sorted(names), n=5, cutoff=0.6)
     hint = f"; did you mean: {', '.join(close)}?" if close else ""
-    raise ValueError(f"unknown model {name!r}: timm has no architecture {architecture!r}{hint}")
+    raise ConfigError(f"unknown model {name!r}: timm has no architecture {architecture!r}{hint}")

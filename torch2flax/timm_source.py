@@ -17,6 +17,8 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError, WeightsUnavailable
+
 # Torch buffers with no Flax counterpart, dropped by design (not an error).
 IGNORED_TORCH_SUFFIXES = ("num_batches_tracked",)
 
@@ -50,30 +52,33 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+        raise MissingFileError(f"checkpoint {path!r} does not exist")
     suffix = os.path.splitext(path)[1].lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        state: Any = load_file(path, device="cpu")
+        try:
+            state: Any = load_file(path, device="cpu")
+        except Exception as e:  # a truncated download, or not a safetensors file at all
+            raise DataError(f"{path}: cannot load as a safetensors checkpoint: {e}") from e
     elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle with code in it, or not a torch file at all
-            raise ValueError(f"{path}: cannot load as a weights-only torch checkpoint: {e}") from e
+            raise DataError(f"{path}: cannot load as a weights-only torch checkpoint: {e}") from e
     else:
-        raise ValueError(f"{path}: unknown checkpoint format {suffix!r}; use .pth, .pt, .bin or .safetensors")
+        raise DataError(f"{path}: unknown checkpoint format {suffix!r}; use .pth, .pt, .bin or .safetensors")
     for wrapper in ("state_dict", "model"):
         if isinstance(state, Mapping) and wrapper in state and isinstance(state[wrapper], Mapping):
             state = state[wrapper]
             break
     if not isinstance(state, Mapping):
-        raise ValueError(f"{path}: expected a state dict, found {type(state).__name__}")
+        raise DataError(f"{path}: expected a state dict, found {type(state).__name__}")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     for k, v in state.items():
         if not isinstance(v, torch.Tensor):
-            raise ValueError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            raise DataError(f"{path}: entry {k!r} is a {type(v).__name__}, not a tensor")
     return dict(state)
 
 
@@ -93,7 +98,7 @@ def load_into_timm(model: Any, state: Mapping[str, Any], source: str = "checkpoi
     if shapes:
         problems.append("shape mismatch: " + "; ".join(shapes))
     if problems:
-        raise ValueError(f"{source} does not fit timm {arch}: " + ". ".join(problems))
+        raise DataError(f"{source} does not fit timm {arch}: " + ". ".join(problems))
     model.load_state_dict({**{k: v for k, v in expected.items() if k not in state}, **state})
 
 
@@ -106,7 +111,7 @@ def architecture(model: Any) -> str:
     cfg = getattr(model, "pretrained_cfg", None) or {}
     arch = cfg.get("architecture")
     if not arch:
-        raise ValueError(f"{type(model).__name__} has no timm pretrained_cfg['architecture']: "
+        raise ConfigError(f"{type(model).__name__} has no timm pretrained_cfg['architecture']: "
                          "pass a model built by timm.create_model, or its name")
     return arch
 
@@ -217,7 +222,7 @@ def timm_model(
         name = model_or_name
         arch = name.split(".", 1)[0]
         if pretrained and checkpoint is not None:
-            raise ValueError("pass either pretrained=True or checkpoint=..., not both")
+            raise ConfigError("pass either pretrained=True or checkpoint=..., not both")
         if checkpoint is not None:
             state = load_checkpoint(checkpoint)
             classes = checkpoint_classes(state, timm.models.get_pretrained_cfg(name))
@@ -227,8 +232,11 @@ def timm_model(
             try:
                 model = timm.create_model(name, pretrained=True, **timm_kwargs)
             except Exception as e:  # hub unreachable, no weights for this tag, ...
-                raise RuntimeError(f"could not fetch pretrained weights for {name!r} from the hub ({e}); "
-                                   "download them and pass checkpoint=PATH instead") from e
+                raise WeightsUnavailable(
+                    f"could not fetch pretrained weights for {name!r} from the hub ({e}); without internet "
+                    "(a Kaggle code competition, say) download timm's weights for it (a .pth or .safetensors "
+                    "state dict) where you can and pass the file with --checkpoint PATH instead of --pretrained "
+                    "(in Python: checkpoint=PATH)") from e
         else:
             model = timm.create_model(name, pretrained=False,
                                       **{**timm_kwargs, **({} if num_classes is None else {"num_classes": num_classes})})

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from torch2flax import io
+from torch2flax.errors import DataError, MissingFileError
 
 
 @dataclass(frozen=True)
@@ -78,13 +79,13 @@ class TrainCheckpoint:
         from flax import serialization
 
         if self.opt_state is None:
-            raise ValueError(f"{source}: holds no optimiser state (a model file or a best checkpoint); "
+            raise DataError(f"{source}: holds no optimiser state (a model file or a best checkpoint); "
                              "resume from a run folder (its checkpoints/<step>)")
         try:
             opt_state = serialization.from_state_dict(state.opt_state, self.opt_state)
         except ValueError as e:
-            raise ValueError(f"{source}: its optimizer state does not fit this run's optimizer "
-                             "(optimizer, grad_clip and accum_steps must stay as saved when resuming)") from e
+            raise DataError(f"{source}: its optimizer state does not fit this run's optimizer "
+                            "(optimizer, grad_clip and accum_steps must stay as saved when resuming)") from e
         ema = (serialization.from_state_dict(state.ema_params, self.ema_params)
                if state.ema_params is not None and self.ema_params is not None else state.ema_params)
         return state.replace(opt_state=opt_state, step=jnp.asarray(self.step),
@@ -127,7 +128,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, TrainCheckpoint 
         found = (os.fspath(path) if _STEP.fullmatch(name) else
                  latest_step_dir(path) if name == CHECKPOINTS else resume_source(path))
         if found is None:
-            raise FileNotFoundError(f"{path}: holds no training checkpoint ({CHECKPOINTS}/<step> or last.msgpack)")
+            raise MissingFileError(f"{path}: holds no training checkpoint ({CHECKPOINTS}/<step> or last.msgpack)")
         if os.path.isdir(found):
             return _read_orbax(found)
         path = found
@@ -136,7 +137,16 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, TrainCheckpoint 
     raw = payload.get("train")
     if raw is None:
         raw = payload.get("extra")  # the layout of checkpoints written before TrainCheckpoint
-    return module, variables, TrainCheckpoint.from_state_dict(raw) if raw else None
+    return module, variables, _train_record(raw, os.fspath(path)) if raw else None
+
+
+def _train_record(d: Any, source: str) -> TrainCheckpoint:
+    """`TrainCheckpoint.from_state_dict`, with a checkpoint's malformed training state named as the file's fault."""
+    try:
+        return TrainCheckpoint.from_state_dict(d)
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{source}: its training state is malformed ({type(e).__name__}: {e}); not a checkpoint "
+                        "written by `torch2flax train`, or a damaged one") from e
 
 
 # ------------------------------------------------------------------ Orbax training checkpoints
@@ -157,14 +167,23 @@ def _split(module: Any, variables: Any, train: TrainCheckpoint) -> tuple[dict, d
 def _read_orbax(step_dir: str) -> tuple[Any, Any, TrainCheckpoint]:
     import orbax.checkpoint as ocp
 
-    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
-        restored = reader.restore(os.path.abspath(step_dir), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
-    arrays, meta = restored["state"], restored["meta"]
+    # A folder that is not a whole Orbax checkpoint of ours (a copy missing files, another program's
+    # checkpoint): Orbax says so with a KeyError (an item missing), an OSError or a ValueError (bad JSON).
+    try:
+        with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as reader:
+            restored = reader.restore(os.path.abspath(step_dir), args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore()))
+        arrays, meta = restored["state"], restored["meta"]
+    except (KeyError, OSError, ValueError) as e:
+        raise DataError(f"{step_dir}: not a readable torch2flax training checkpoint ({type(e).__name__}: {e}); "
+                        f"use another {CHECKPOINTS}/<step> folder, or the run's best.msgpack") from e
+    if not (isinstance(meta, dict) and isinstance(meta.get("model"), dict) and isinstance(meta.get("train"), dict)
+            and isinstance(arrays, dict) and "variables" in arrays):
+        raise DataError(f"{step_dir}: an Orbax checkpoint, but not one `torch2flax train` writes (its meta item "
+                        "needs 'model' and 'train', its state item 'variables')")
     module, variables = io.model_from_payload(
         {"config": json.dumps(meta["model"]), "variables": arrays["variables"]}, source=step_dir)
-    return module, variables, TrainCheckpoint.from_state_dict(
-        {**meta["train"], **{k: arrays.get(k) for k in _ARRAYS}})
+    return module, variables, _train_record({**meta["train"], **{k: arrays.get(k) for k in _ARRAYS}}, step_dir)
 
 
 def latest_step_dir(directory: str | os.PathLike) -> str | None:

@@ -5,6 +5,7 @@ import argparse
 import dataclasses
 import os
 
+from torch2flax.errors import ConfigError, MissingFileError
 from torch2flax.train.config import TrainConfig
 
 # argparse types for fields whose default is None (the default's type says nothing).
@@ -221,8 +222,14 @@ def cv_folder(resume: str, saved: str) -> str:
     cross-validation folder OUT it belongs to (a fold's config.json names its fold)."""
     import json
 
-    with open(saved) as f:
-        values = json.load(f)
+    try:
+        with open(saved) as f:
+            values = json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"--resume {resume}: {saved} is not a JSON config ({e}): the run's own config.json "
+                          "was damaged; restore it, or start a new run") from e
+    if not isinstance(values, dict):
+        return resume  # TrainConfig.from_file says what is wrong with it
     fold = values.get("fold")
     if values.get("folds") and isinstance(fold, int) and os.path.basename(os.path.normpath(resume)) == f"fold{fold}":
         return os.path.dirname(os.path.normpath(resume))
@@ -238,17 +245,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     given = _given(args)
     if args.resume:
         if args.config:
-            raise ValueError("--resume reads DIR/config.json; do not pass --config as well")
+            raise ConfigError("--resume reads DIR/config.json; do not pass --config as well")
         saved = os.path.join(args.resume, "config.json")
         if not os.path.exists(saved):
-            raise FileNotFoundError(f"--resume {args.resume}: {saved} not found")
+            raise MissingFileError(f"--resume {args.resume}: {saved} not found (is it a run folder?)")
         config = TrainConfig.from_file(saved, **{**given, "out": cv_folder(args.resume, saved)})
         before = TrainConfig.from_file(saved)
         changed = [f"--{k.replace('_', '-')} {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in RESUME_FIXED
                    if k in given and getattr(config, k) != getattr(before, k)]
         if changed:
-            raise ValueError(f"--resume {args.resume}: the run was started with other model or data settings "
-                             f"({'; '.join(changed)}): resume without them, or start a new run")
+            raise ConfigError(f"--resume {args.resume}: the run was started with other model or data settings "
+                              f"({'; '.join(changed)}): resume without them, or start a new run")
         return config
     if args.config:
         return TrainConfig.from_file(args.config, **given)
@@ -256,7 +263,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
                                                                          (("--val", "val"),))
     missing = [flag for flag, key in needed if key not in given]
     if missing:
-        raise ValueError(f"train: missing {', '.join(missing)} (or give --config FILE)")
+        raise ConfigError(f"train: missing {', '.join(missing)} (or give --config FILE)")
     return TrainConfig.from_dict(given)
 
 
@@ -278,7 +285,7 @@ def run_train(args: argparse.Namespace) -> int:
         report = tpu_check(config, args.tpu_check, search=False, log=lambda s: print(s, flush=True))
         print(format_report(report), flush=True)
         if not report.fits:
-            raise ValueError(f"--tpu-check {args.tpu_check}: " + (
+            raise ConfigError(f"--tpu-check {args.tpu_check}: " + (
                 f"the train step does not fit in HBM at --batch-size {config.batch_size}: lower it (or "
                 "--dtype bfloat16, --accum-steps)" if report.out_of_memory else
                 "the TPU compiler refused the train step (above)"))
@@ -309,18 +316,18 @@ def tpu_check_config(args: argparse.Namespace) -> TrainConfig:
     if source and os.path.isdir(source):
         saved = os.path.join(source, "config.json")
         if not os.path.exists(saved):
-            raise FileNotFoundError(f"{source}: not a run folder ({saved} not found)")
+            raise MissingFileError(f"{source}: not a run folder ({saved} not found)")
         return TrainConfig.from_file(saved, **given)
     if source and (source.endswith(".msgpack") or os.path.isfile(source)):
         if not os.path.isfile(source):
-            raise FileNotFoundError(f"{source}: no such model file")
+            raise MissingFileError(f"{source}: no such model file")
         given["init"] = source
     elif source:
         given["model"] = source
     if args.config:
         return TrainConfig.from_file(args.config, **given)
     if "model" not in given and "init" not in given:
-        raise ValueError("tpu-check: name a model (a timm name, a .msgpack file or a run folder)")
+        raise ConfigError("tpu-check: name a model (a timm name, a .msgpack file or a run folder)")
     return TrainConfig.from_dict(given)
 
 

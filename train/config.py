@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from torch2flax.backend import backend_names
+from torch2flax.errors import ConfigError, MissingFileError
 
 DEFAULT_MODEL = "resnet18"
 
@@ -92,25 +93,25 @@ class TrainConfig:
                    "parallel": ("pmap", "jit"), "backend": ("auto", *backend_names())}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(f"config.{name}={getattr(self, name)!r}: expected one of {allowed}")
+                raise ConfigError(f"config.{name}={getattr(self, name)!r}: expected one of {allowed}")
         self.num_workers = _num_workers(self.num_workers)
         if self.num_classes == 1 or self.num_classes < 0:
-            raise ValueError(f"config.num_classes={self.num_classes}: a classifier needs at least 2 classes "
+            raise ConfigError(f"config.num_classes={self.num_classes}: a classifier needs at least 2 classes "
                              "(softmax over one class gives a loss of 0 and learns nothing)")
         self._check_folds()
         if self.keep_checkpoints < 1:
-            raise ValueError(f"config.keep_checkpoints={self.keep_checkpoints}: must be >= 1 (a run resumes "
+            raise ConfigError(f"config.keep_checkpoints={self.keep_checkpoints}: must be >= 1 (a run resumes "
                              "from its newest checkpoint)")
         if self.accum_steps < 1:
-            raise ValueError(f"config.accum_steps={self.accum_steps}: must be >= 1")
+            raise ConfigError(f"config.accum_steps={self.accum_steps}: must be >= 1")
         for name in ("mixup", "cutmix"):
             if getattr(self, name) < 0:
-                raise ValueError(f"config.{name}={getattr(self, name)}: a Beta alpha, >= 0 (0: off)")
+                raise ConfigError(f"config.{name}={getattr(self, name)}: a Beta alpha, >= 0 (0: off)")
         for name in ("mix_prob", "switch_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"config.{name}={getattr(self, name)}: a probability, in [0, 1]")
+                raise ConfigError(f"config.{name}={getattr(self, name)}: a probability, in [0, 1]")
         if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"config.ema_decay={self.ema_decay}: must be in [0, 1)")
+            raise ConfigError(f"config.ema_decay={self.ema_decay}: must be in [0, 1)")
         from torch2flax.train.preemption import Every, parse_duration
 
         for name, parse in (("checkpoint_every", Every.parse), ("time_limit", parse_duration)):
@@ -118,25 +119,25 @@ class TrainConfig:
                 try:
                     parse(getattr(self, name))
                 except ValueError as e:
-                    raise ValueError(f"config.{name}={getattr(self, name)!r}: {e}") from None
+                    raise ConfigError(f"config.{name}={getattr(self, name)!r}: {e}") from None
 
     def _check_folds(self) -> None:
         if self.tta not in TTA_MODES:
-            raise ValueError(f"config.tta={self.tta!r}: expected None or 'hflip'")
+            raise ConfigError(f"config.tta={self.tta!r}: expected None or 'hflip'")
         if isinstance(self.fold, str) and self.fold.strip().isdigit():
             self.fold = int(self.fold)
         if self.fold != "all" and (not isinstance(self.fold, int) or isinstance(self.fold, bool)):
-            raise ValueError(f"config.fold={self.fold!r}: expected 'all' or a fold number")
+            raise ConfigError(f"config.fold={self.fold!r}: expected 'all' or a fold number")
         if not self.folds:
             if self.fold != "all":
-                raise ValueError(f"config.fold={self.fold!r} needs config.folds (the number of folds K)")
+                raise ConfigError(f"config.fold={self.fold!r} needs config.folds (the number of folds K)")
             return
         if self.folds < 2:
-            raise ValueError(f"config.folds={self.folds}: k-fold cross-validation needs at least 2 folds")
+            raise ConfigError(f"config.folds={self.folds}: k-fold cross-validation needs at least 2 folds")
         if self.fold != "all" and not 0 <= self.fold < self.folds:
-            raise ValueError(f"config.fold={self.fold}: expected 'all' or 0..{self.folds - 1}")
+            raise ConfigError(f"config.fold={self.fold}: expected 'all' or 0..{self.folds - 1}")
         if self.val:
-            raise ValueError(f"config.val={self.val!r} with config.folds={self.folds}: each fold of `train` is "
+            raise ConfigError(f"config.val={self.val!r} with config.folds={self.folds}: each fold of `train` is "
                              "the validation set in turn; give every labelled glob to `train` (--train A B)")
 
     def fold_numbers(self) -> list[int]:
@@ -146,9 +147,9 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
+        unknown = sorted(map(str, set(values) - known))  # a YAML key may be a number
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+            raise ConfigError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
         return cls(**values)
 
     @classmethod
@@ -156,10 +157,22 @@ class TrainConfig:
         """Read a YAML or JSON file (YAML is a superset of JSON); `overrides` win."""
         import yaml
 
-        with open(path) as f:
-            values = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                values = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise MissingFileError(f"config file not found: {os.fspath(path)!r}") from None
+        except IsADirectoryError:
+            raise ConfigError(f"{path}: a folder, not a YAML or JSON config file") from None
+        except yaml.YAMLError as e:  # on one line: where and what
+            mark = getattr(e, "problem_mark", None)
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+            what = getattr(e, "problem", None) or " ".join(str(e).split())
+            raise ConfigError(f"{path}: not a YAML or JSON config file ({where}{what})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text (YAML or JSON) config file ({e})") from e
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
+            raise ConfigError(f"{path}: expected a mapping of config keys, got {type(values).__name__}")
         return cls.from_dict({**values, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -202,7 +215,7 @@ def _coerce(name: str, value: Any, annotation: str) -> Any:
             return value
     except (TypeError, ValueError):
         pass
-    raise ValueError(f"config.{name}={value!r}: expected {annotation.replace(' | ', ' or ')}")
+    raise ConfigError(f"config.{name}={value!r}: expected {annotation.replace(' | ', ' or ')}")
 
 
 def _num_workers(value: Any) -> int | str:
@@ -211,7 +224,7 @@ def _num_workers(value: Any) -> int | str:
         value = int(value)
     if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
         return value
-    raise ValueError(f"config.num_workers={value!r}: expected 'auto' or an int >= 0")
+    raise ConfigError(f"config.num_workers={value!r}: expected 'auto' or an int >= 0")
 
 
 def dumps(config: TrainConfig) -> str:

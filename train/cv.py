@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.train import artifacts
 from torch2flax.train.metrics import accuracy, macro_f1
 
@@ -60,17 +61,36 @@ def oof_csv(ids: Any, folds: Any, labels: Any, probs: np.ndarray) -> str:
 
 def read_oof(path: str) -> dict[str, np.ndarray]:
     """An oof.csv as arrays: `id`, `fold`, `label`, `pred`, `probs` [N, C]."""
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    header, body = rows[0], rows[1:]
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"{path}: not an out-of-fold CSV file ({e})") from e
+    header, body = (rows[0], rows[1:]) if rows else ([], [])
     if header[:4] != ["id", "fold", "label", "pred"]:
-        raise ValueError(f"{path}: not an out-of-fold file (header {header[:4]}, expected id,fold,label,pred,...)")
+        raise DataError(f"{path}: not an out-of-fold file (header {header[:4]}, expected id,fold,label,pred,...)")
     num_classes = len(header) - 4
-    return {"id": np.array([r[0] for r in body], dtype=str),
-            "fold": np.array([int(r[1]) for r in body], dtype=np.int64),
-            "label": np.array([int(r[2]) for r in body], dtype=np.int64),
-            "pred": np.array([int(r[3]) for r in body], dtype=np.int64),
-            "probs": np.array([[float(v) for v in r[4:]] for r in body], dtype=np.float64).reshape(-1, num_classes)}
+    if num_classes < 1:
+        raise DataError(f"{path}: no prob_0.. columns after id,fold,label,pred: not an out-of-fold file")
+    ids, folds, labels, preds, probs = [], [], [], [], []
+    for i, r in enumerate(body, start=1):
+        try:
+            if len(r) != len(header):
+                raise ValueError(f"{len(r)} fields, the header has {len(header)}")
+            fold, label, pred, p = int(r[1]), int(r[2]), int(r[3]), [float(v) for v in r[4:]]
+        except ValueError as e:
+            raise DataError(f"{path}: row {i} after the header: {e} (a damaged out-of-fold file)") from None
+        if not (0 <= label < num_classes and 0 <= pred < num_classes):
+            raise DataError(f"{path}: row {i} after the header: label {label} or pred {pred} is outside "
+                            f"[0, {num_classes}) (the file has {num_classes} prob_ columns)")
+        ids.append(r[0])
+        folds.append(fold)
+        labels.append(label)
+        preds.append(pred)
+        probs.append(p)
+    return {"id": np.array(ids, dtype=str), "fold": np.array(folds, dtype=np.int64),
+            "label": np.array(labels, dtype=np.int64), "pred": np.array(preds, dtype=np.int64),
+            "probs": np.array(probs, dtype=np.float64).reshape(-1, num_classes)}
 
 
 def scores(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -89,11 +109,14 @@ def _collect(out: str, folds: int | None) -> tuple[dict[str, Any], dict[str, np.
     if folds is None:
         path = os.path.join(out, "config.json")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{out}: no config.json (is it the folder of a `train --folds` run?)")
-        with open(path) as f:
-            folds = int(json.load(f).get("folds") or 0)
+            raise MissingFileError(f"{out}: no config.json (is it the folder of a `train --folds` run?)")
+        try:
+            with open(path) as f:
+                folds = int(json.load(f).get("folds") or 0)
+        except (AttributeError, TypeError, ValueError) as e:  # not JSON, not a mapping, folds not a number
+            raise ConfigError(f"{path}: not a run's config.json ({type(e).__name__}: {e})") from e
         if folds < 2:
-            raise ValueError(f"{path}: not a cross-validation run (folds={folds})")
+            raise DataError(f"{path}: not a cross-validation run (folds={folds})")
     done = [k for k in range(folds) if os.path.exists(os.path.join(fold_dir(out, k), OOF))]
     missing = [k for k in range(folds) if k not in done]
     report: dict[str, Any] = {"folds": folds, "done": done, "missing": missing}
@@ -104,7 +127,7 @@ def _collect(out: str, folds: int | None) -> tuple[dict[str, Any], dict[str, np.
     merged = {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
     dupes = len(merged["id"]) - len(np.unique(merged["id"]))
     if dupes:
-        raise ValueError(f"{out}: {dupes} ids appear in more than one fold's {OOF} (folds from other settings?)")
+        raise DataError(f"{out}: {dupes} ids appear in more than one fold's {OOF} (folds from other settings?)")
     per_fold = {str(k): scores(p["label"], p["pred"], num_classes) for k, p in zip(done, parts)}
     f1s = np.array([s["macro_f1"] for s in per_fold.values()])
     accs = np.array([s["accuracy"] for s in per_fold.values()])
@@ -145,9 +168,9 @@ def ensemble_weights(weights: Sequence[float] | None, count: int, what: str) -> 
     """One non-negative weight per member (default equal), normalised to sum to 1."""
     weights = [1.0] * count if weights is None else [float(w) for w in weights]
     if len(weights) != count:
-        raise ValueError(f"{len(weights)} weights for {count} {what}s: give one weight per {what}")
+        raise ConfigError(f"{len(weights)} weights for {count} {what}s: give one weight per {what}")
     if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"weights {weights}: need non-negative weights with a positive sum")
+        raise ConfigError(f"weights {weights}: need non-negative weights with a positive sum")
     return [w / sum(weights) for w in weights]
 
 
@@ -158,9 +181,9 @@ def ensemble_report(outs: list[str], weights: list[float] | None = None) -> dict
     weights = ensemble_weights(weights, len(outs), "run")
     runs = []
     for out in outs:
-        path = out if os.path.isfile(out) else os.path.join(out, OOF)
+        path = out if os.path.isfile(out) or out.endswith(".csv") else os.path.join(out, OOF)
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} not found (run `torch2flax cv {out}` once its folds have finished)")
+            raise MissingFileError(f"{path} not found (run `torch2flax cv {out}` once its folds have finished)")
         runs.append((path, read_oof(path)))
     first_path, first = runs[0]
     order = np.argsort(first["id"])
@@ -168,12 +191,12 @@ def ensemble_report(outs: list[str], weights: list[float] | None = None) -> dict
     for (path, run), w in zip(runs, weights):
         by_id = np.argsort(run["id"])
         if not np.array_equal(run["id"][by_id], first["id"][order]):
-            raise ValueError(f"{path} and {first_path} hold different ids: an ensemble's OOF rows must cover "
+            raise DataError(f"{path} and {first_path} hold different ids: an ensemble's OOF rows must cover "
                              "the same records")
         if run["probs"].shape[1] != first["probs"].shape[1]:
-            raise ValueError(f"{path}: {run['probs'].shape[1]} classes, {first_path}: {first['probs'].shape[1]}")
+            raise DataError(f"{path}: {run['probs'].shape[1]} classes, {first_path}: {first['probs'].shape[1]}")
         if not np.array_equal(run["label"][by_id], first["label"][order]):
-            raise ValueError(f"{path} and {first_path} give some ids different labels")
+            raise DataError(f"{path} and {first_path} give some ids different labels")
         mixed[order] += w * run["probs"][by_id]
     result = scores(first["label"], mixed.argmax(1), mixed.shape[1])
     members = [{"oof": path, "weight": w, **{k: v for k, v in scores(

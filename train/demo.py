@@ -67,10 +67,12 @@ def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8
 
     import torch2flax
     from torch2flax.converter import convert_with_timm, parity_errors
+    from torch2flax.timm_names import check_model_name
     from torch2flax.train.config import TrainConfig
     from torch2flax.train.inference import predict
     from torch2flax.train.trainer import fit
 
+    check_model_name(model)  # a typo is refused before the data is written
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
     print(f"[1/5] writing digits TFRecords to {os.path.join(out, 'data')}")

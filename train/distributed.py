@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError, WeightsUnavailable
+
 # Environment variables `initialize` reads when its arguments are not given; the CLI flags
 # `--distributed`, `--coordinator`, `--num-processes`, `--process-id`, `--peer-timeout` set them.
 ENV_DISTRIBUTED = "TORCH2FLAX_DISTRIBUTED"  # "1": initialise, detecting the cluster
@@ -36,7 +38,7 @@ def _env_int(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r}: expected an integer") from None
+        raise ConfigError(f"environment variable {name}={value!r}: expected an integer") from None
 
 
 def requested(coordinator: str | None = None, num_processes: int | None = None,
@@ -72,10 +74,10 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     if peer_timeout is None:
         peer_timeout = _env_int(ENV_PEER_TIMEOUT) or DEFAULT_PEER_TIMEOUT
     if coordinator and (num_processes is None or process_id is None):
-        raise ValueError(f"distributed: --coordinator {coordinator} needs --num-processes and --process-id "
+        raise ConfigError(f"distributed: --coordinator {coordinator} needs --num-processes and --process-id "
                          f"(or {ENV_NUM_PROCESSES} and {ENV_PROCESS_ID})")
     if num_processes is not None and process_id is not None and not 0 <= process_id < num_processes:
-        raise ValueError(f"distributed: process id {process_id} is outside [0, {num_processes})")
+        raise ConfigError(f"distributed: process id {process_id} is outside [0, {num_processes})")
     # Cross-process collectives of the CPU backend; other backends ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     timeouts = {"heartbeat_timeout_seconds": peer_timeout}
@@ -88,8 +90,8 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    process_id=process_id, **timeouts)
     except ValueError as e:
         if coordinator or os.environ.get("JAX_COORDINATOR_ADDRESS"):
-            raise
-        raise ValueError(f"distributed: JAX detected no cluster (Cloud TPU pod slice, SLURM, Open MPI) to join "
+            raise ConfigError(f"distributed: {e}") from e
+        raise ConfigError(f"distributed: JAX detected no cluster (Cloud TPU pod slice, SLURM, Open MPI) to join "
                          f"({e}); elsewhere pass --coordinator HOST:PORT --num-processes N --process-id I") from e
     except RuntimeError as e:
         # The usual cause: something ran a JAX computation first (the backend then exists).
@@ -116,21 +118,32 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+# What `raise_if_any` tells the other processes of an error: its class, when it is a user's
+# mistake, so that every process reports it as one (an index into this tuple; 0 for none, -1 for a bug).
+_SENT = (ConfigError, DataError, MissingFileError, WeightsUnavailable)
+
+
 def raise_if_any(error: BaseException | None, what: str) -> None:
     """Raise on every process when any of them failed at `what`, so none waits for the others.
 
     This process's own `error` is raised as is (it names the file or record at fault); the
-    others raise a RuntimeError naming the processes that failed.
+    others raise an error of the same class when it is a user's mistake (`torch2flax.errors`: a
+    label out of range on another host is a `DataError` here too), else a RuntimeError, naming
+    the processes that failed.
     """
     import jax
 
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
-        failed = np.asarray(multihost_utils.process_allgather(np.int32(error is not None))).reshape(-1)
-        if error is None and failed.any():
-            raise RuntimeError(f"process {jax.process_index()}: {what} failed on process(es) "
-                               f"{', '.join(map(str, np.flatnonzero(failed)))}; see their error messages")
+        code = 0 if error is None else next((i + 1 for i, c in enumerate(_SENT) if isinstance(error, c)), -1)
+        codes = np.asarray(multihost_utils.process_allgather(np.int32(code))).reshape(-1)
+        failed = np.flatnonzero(codes)
+        if error is None and failed.size:
+            first = int(codes[failed[0]])
+            cls = _SENT[first - 1] if first > 0 else RuntimeError
+            raise cls(f"process {jax.process_index()}: {what} failed on process(es) "
+                      f"{', '.join(map(str, failed))}; see their error messages")
     if error is not None:
         raise error
 

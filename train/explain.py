@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.features import feature_info, forward_intermediates
 
 Array = jax.Array
@@ -62,7 +63,7 @@ def cam_weights(acts: Array, grads: Array, method: str) -> Array:
         aij = g2 / (2 * g2 + sum_acts * g3 + 1e-6)
         aij = jnp.where(grads != 0, aij, 0.0)
         return (jnp.maximum(grads, 0) * aij).sum(axis=(1, 2))
-    raise ValueError(f"unknown CAM method {method!r}: expected one of {METHODS}")
+    raise ConfigError(f"unknown CAM method {method!r}: expected one of {METHODS}")
 
 
 def _minmax(cam: Array) -> Array:
@@ -76,8 +77,8 @@ def _cam(module: nn.Module, variables: Any, images: Array, targets: Array, *, la
          method: str) -> CAM:
     feat = jax.eval_shape(lambda: forward_intermediates(module, variables, images, [layer]))[1][layer]
     if len(feat.shape) != 4:
-        raise ValueError(f"Grad-CAM needs a spatial map, but {layer!r} outputs shape {feat.shape}: "
-                         f"pick a convolutional stage ({[f.name for f in feature_info(module)]})")
+        raise ConfigError(f"Grad-CAM needs a spatial map, but {layer!r} outputs shape {feat.shape}: "
+                          f"pick a convolutional stage ({[f.name for f in feature_info(module)]})")
 
     def score(tap: Array) -> tuple[Array, tuple[Array, Array, Array]]:
         logits, feats = forward_intermediates(module, variables, images, [layer], taps={layer: tap})
@@ -108,7 +109,7 @@ def class_activation_maps(module: nn.Module, variables: Any, images: Array, *, l
     image, or None for each image's predicted class.
     """
     if method not in METHODS:
-        raise ValueError(f"unknown CAM method {method!r}: expected one of {METHODS}")
+        raise ConfigError(f"unknown CAM method {method!r}: expected one of {METHODS}")
     images = jnp.asarray(images)
     layer = layer or default_layer(module, variables, images.shape[1:])
     n = images.shape[0]
@@ -118,7 +119,8 @@ def class_activation_maps(module: nn.Module, variables: Any, images: Array, *, l
         targets = np.broadcast_to(np.asarray(target, np.int32), (n,)).copy()
         num_classes = getattr(module, "num_classes", None)
         if num_classes and ((targets < 0) | (targets >= num_classes)).any():
-            raise ValueError(f"target class {targets.tolist()} outside [0, {num_classes})")
+            raise ConfigError(f"target class {targets.tolist()} outside [0, {num_classes}): the model has "
+                              f"{num_classes} classes (--class)")
     return _cam(module, variables, images, jnp.asarray(targets), layer=layer, method=method)
 
 
@@ -152,6 +154,8 @@ def read_samples(pattern: str, num: int, size: int, crop_pct: float) -> list[Sam
     samples: list[Sample] = []
     if pictures:
         for path in pictures[:num]:
+            if not os.path.isfile(path):
+                raise MissingFileError(f"image not found: {path!r}")
             with open(path, "rb") as f:
                 image = decode_image(f.read())
             samples.append(Sample(transform(image=image)["image"], None, os.path.splitext(os.path.basename(path))[0]))
@@ -189,13 +193,15 @@ def write_gradcam(checkpoint: str, images: str, out: str, *, layer: str | None =
     from torch2flax.train.artifacts import agg_figure
     from torch2flax.train.checkpoint import load_checkpoint
 
+    if num < 1:
+        raise ConfigError(f"num={num} (--num): explain at least 1 image")
     module, variables, saved = load_checkpoint(checkpoint)
     cfg = module.pretrained_cfg
     size = saved.data.image_size if saved is not None else int(cfg["input_size"][-1])
     crop = saved.data.crop_pct if saved is not None else float(cfg["crop_pct"])
     samples = read_samples(images, num, size, crop)
     if not samples:
-        raise ValueError(f"{images}: no images or records to explain")
+        raise DataError(f"{images}: no images or records to explain (empty TFRecord files?)")
     pixels = np.stack([s.image for s in samples])
     x = normalize_on_device(pixels, tuple(cfg["mean"]), tuple(cfg["std"]))
     layer = layer or default_layer(module, variables, x.shape[1:])

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import load_checkpoint
@@ -62,11 +63,11 @@ def member_ttas(tta: str | None | Sequence[str | None], count: int) -> list[str 
     if len(ttas) == 1 and count > 1:
         ttas *= count
     if len(ttas) != count:
-        raise ValueError(f"{len(ttas)} TTA modes for {count} checkpoints: give one, or one per checkpoint")
+        raise ConfigError(f"{len(ttas)} TTA modes for {count} checkpoints: give one, or one per checkpoint")
     ttas = [None if t == "none" else t for t in ttas]
     for t in ttas:
         if t not in (*TTA_MODES, RUN_TTA):
-            raise ValueError(f"unknown tta {t!r}: expected none, hflip or {RUN_TTA!r} (the checkpoint's own)")
+            raise ConfigError(f"unknown tta {t!r}: expected none, hflip or {RUN_TTA!r} (the checkpoint's own)")
     return ttas
 
 
@@ -81,7 +82,7 @@ def ensemble_members(sources: str | Sequence[str], weights: Sequence[float] | No
     for source, weight, mode in zip(sources, weights, member_ttas(tta, len(sources))):
         source = os.fspath(source)
         if not os.path.exists(source):
-            raise FileNotFoundError(f"no checkpoint at {source!r}")
+            raise MissingFileError(f"no checkpoint at {source!r}")
         if os.path.isfile(source):
             found = [source]
         elif os.path.isfile(os.path.join(source, "best.msgpack")):
@@ -92,8 +93,8 @@ def ensemble_members(sources: str | Sequence[str], weights: Sequence[float] | No
             found = [os.path.join(source, n, "best.msgpack") for n in folds
                      if os.path.isfile(os.path.join(source, n, "best.msgpack"))]
             if not found:
-                raise FileNotFoundError(f"{source}: not a checkpoint, a run folder with best.msgpack, or a "
-                                        "cross-validation folder with fold*/best.msgpack")
+                raise MissingFileError(f"{source}: not a checkpoint, a run folder with best.msgpack, or a "
+                                       "cross-validation folder with fold*/best.msgpack")
         members += [Member(path, weight / len(found), mode) for path in found]  # the weights already sum to 1
     return members
 
@@ -122,7 +123,7 @@ def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.c
     # Indexed once, before the model is loaded; the transform needs the checkpoint's image size.
     dataset = TFRecordDataset(test, features=TEST_FEATURES)
     if len(dataset) == 0:
-        raise ValueError(f"{test}: the test set holds no records; nothing to predict")
+        raise DataError(f"{test}: the test set holds no records; nothing to predict")
     ids, prob = None, 0.0
     for member in ensemble_members(checkpoint, weights, tta):
         member_ids, member_prob = predict_dataset(
@@ -165,6 +166,9 @@ def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | Non
     data = saved.data if saved is not None else None  # None: a plain model file
     if tta == RUN_TTA:
         tta = saved.config.get("tta") if saved is not None else None
+        if tta not in TTA_MODES:
+            raise DataError(f"{checkpoint}: its run's config names tta={tta!r}, not one of {TTA_MODES}: "
+                            "give predict's tta (--tta hflip or none)")
     size = image_size or (data.image_size if data else int(module.pretrained_cfg["input_size"][-1]))
     crop = crop_pct if crop_pct is not None else (data.crop_pct if data else float(module.pretrained_cfg["crop_pct"]))
     par = Parallel(parallel, select_devices(num_devices))

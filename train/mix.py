@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from torch2flax.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class MixSpec:
@@ -83,8 +85,9 @@ def mix_batch(key: jax.Array, images: jax.Array, labels: jax.Array, num_classes:
     targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
     n, h, w = images.shape[:3]
     if n % groups or (n // groups) % 2:
-        raise ValueError(f"MixUp/CutMix pair each image within its device's slice: the per-device batch "
-                         f"({n // groups}) must be even")
+        raise ConfigError(f"MixUp/CutMix pair each image within its device's slice: the per-device batch "
+                          f"({n // groups}) must be even: use a --batch-size that is an even multiple of the "
+                          f"device count, or turn off --mixup/--cutmix")
 
     def one(g, x, t):
         lam, use_cutmix, box = draw(jax.random.fold_in(key, first_group + g), spec, h, w)

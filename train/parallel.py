@@ -22,6 +22,7 @@ from flax import jax_utils
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 
+from torch2flax.errors import ConfigError
 from torch2flax.loaders import make_mesh, prefetch_to_device
 
 AXIS = "batch"
@@ -31,8 +32,8 @@ def select_devices(num_devices: int | None) -> list[jax.Device]:
     """The first `num_devices` local devices (all of them for None)."""
     local = jax.local_devices()
     if num_devices is not None and not 1 <= num_devices <= len(local):
-        raise ValueError(f"num_devices={num_devices}, but process {jax.process_index()} sees "
-                         f"{len(local)} devices")
+        raise ConfigError(f"num_devices={num_devices}, but process {jax.process_index()} sees "
+                          f"{len(local)} devices: give 1..{len(local)}, or leave it unset for all of them")
     return local[: num_devices or len(local)]
 
 
@@ -58,7 +59,7 @@ def _first_replica(x: jax.Array) -> np.ndarray:
 class Parallel:
     def __init__(self, layout: str, devices: list[jax.Device]):
         if layout not in ("pmap", "jit"):
-            raise ValueError(f"parallel layout {layout!r}: expected 'pmap' or 'jit'")
+            raise ConfigError(f"parallel layout {layout!r}: expected 'pmap' or 'jit'")
         self.layout = layout
         self.devices = list(devices)  # this process's
         self.global_devices = global_devices(self.devices)

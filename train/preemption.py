@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch2flax.errors import ConfigError
+
 _UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
 
@@ -31,10 +33,10 @@ def parse_duration(text: str | float | int) -> float:
         except ValueError:
             parts = _DURATION.findall(s)
             if not parts or "".join(n + u for n, u in parts) != s:
-                raise ValueError(f"{text!r} is not a duration: use e.g. 8h45m, 10m, 90s or seconds") from None
+                raise ConfigError(f"{text!r} is not a duration: use e.g. 8h45m, 10m, 90s or seconds") from None
             seconds = sum(float(n) * _UNITS[u] for n, u in parts)
-    if seconds <= 0:
-        raise ValueError(f"{text!r}: a duration must be positive")
+    if not seconds > 0:  # NaN too
+        raise ConfigError(f"{text!r}: a duration must be positive")
     return seconds
 
 
@@ -51,7 +53,7 @@ class Every:
         s = str(text).strip().lower()
         if s.isdigit():
             if int(s) < 1:
-                raise ValueError(f"{text!r}: checkpoint every N steps needs N >= 1")
+                raise ConfigError(f"{text!r}: checkpoint every N steps needs N >= 1")
             return cls(steps=int(s))
         return cls(seconds=parse_duration(s))
 

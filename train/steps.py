@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
+from torch2flax.errors import ConfigError
 from torch2flax.loaders import normalize_on_device
 from torch2flax.train.metrics import confusion_matrix
 from torch2flax.train.mix import MixSpec, mix_batch
@@ -119,5 +120,5 @@ def predict_step(variables: Any, images: jax.Array, *, module: nn.Module, mean, 
         flipped = module.apply(variables, jnp.flip(x, axis=-2), train=False).astype(jnp.float32)
         probs = (probs + jax.nn.softmax(flipped, -1)) / 2
     elif tta is not None:
-        raise ValueError(f"unknown tta {tta!r}: expected None or 'hflip'")
+        raise ConfigError(f"unknown tta {tta!r}: expected None or 'hflip'")
     return probs

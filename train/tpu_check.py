@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from torch2flax.errors import ConfigError
 from torch2flax.train.config import TrainConfig
 from torch2flax.train.parallel import AXIS, Parallel
 
@@ -72,8 +73,9 @@ TPUS = {t.name: t for t in (
 )}
 
 
-class TPUCheckError(ValueError):
-    """The check cannot run here (no usable libtpu, an unknown target): a fix the user can make."""
+class TPUCheckError(ConfigError):
+    """The check cannot run here (no usable libtpu, an unknown target, a batch the slice cannot split): a fix
+    the user can make (a `ConfigError`, so a `ValueError` too)."""
 
 
 def target(name: str) -> TPU:

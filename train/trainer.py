@@ -15,6 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import torch2flax
+from torch2flax.errors import ConfigError, DataError, MissingFileError, UserError
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader, train_transform
 from torch2flax.loaders.loader import BAD_IMAGE, training_workers, usable_cpus, workers_for_cpus
 from torch2flax.loaders.transforms import RECIPES, load_augment
@@ -41,8 +42,9 @@ TRAIN_FEATURES = {"image": "bytes", "class": "int", "id": "str"}
 DATA_WAIT_HINT = 0.10
 
 
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN or infinite loss; the last good checkpoint is kept."""
+class NonFiniteLossError(UserError, RuntimeError):
+    """Training produced a NaN or infinite loss; the last good checkpoint is kept. The run's settings (a
+    learning rate too high for the model, no gradient clipping) or its data: a `UserError`."""
 
 
 @dataclass
@@ -81,7 +83,7 @@ def _dataset(pattern: str) -> TFRecordDataset:
 
 
 def check_labels(dataset: TFRecordDataset, num_classes: int, key: str = "class") -> None:
-    """Every label in `[0, num_classes)`, or a ValueError naming the first bad record.
+    """Every label in `[0, num_classes)`, or a `DataError` naming the first bad record.
 
     Checked before training: a label out of range would train to the end with a NaN
     validation loss and a macro F1 over the wrong label space.
@@ -90,9 +92,9 @@ def check_labels(dataset: TFRecordDataset, num_classes: int, key: str = "class")
     bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
     if bad.size:
         i = int(bad[0])
-        raise ValueError(f"{dataset.where(i)}: label {labels[i]} is outside [0, num_classes={num_classes}) "
-                         f"({bad.size} of {len(labels)} records are; labels here span "
-                         f"{labels.min()}..{labels.max()}: set num_classes to at least {labels.max() + 1})")
+        raise DataError(f"{dataset.where(i)}: label {labels[i]} is outside [0, num_classes={num_classes}) "
+                        f"({bad.size} of {len(labels)} records are; labels here span "
+                        f"{labels.min()}..{labels.max()}: set num_classes to at least {labels.max() + 1})")
 
 
 def check_labels_everywhere(dataset: TFRecordDataset, num_classes: int) -> None:
@@ -125,7 +127,7 @@ class Folds:
     def index(cls, config: TrainConfig) -> Folds:
         dataset = _dataset(config.train)
         if len(dataset) == 0:
-            raise ValueError(f"the train split {config.train!r} holds no records (its files are empty)")
+            raise DataError(f"the train split {config.train!r} holds no records (its files are empty)")
         ids, labels = dataset.column("id"), np.asarray(dataset.column("class"), dtype=np.int64)
         return cls(dataset, ids, labels, cv.fold_assignment(dataset, ids, labels, config.folds, config.fold_seed))
 
@@ -146,7 +148,7 @@ def index_splits(config: TrainConfig, folds: Folds | None = None) -> dict[str, T
         pattern = getattr(config, split)
         datasets[split] = _dataset(pattern)
         if len(datasets[split]) == 0:
-            raise ValueError(f"the {split} split {pattern!r} holds no records (its files are empty)")
+            raise DataError(f"the {split} split {pattern!r} holds no records (its files are empty)")
     return datasets
 
 
@@ -177,9 +179,9 @@ def training_augmentation(config: TrainConfig) -> Any:
     size = config.image_size
     probe = pipeline(image=np.full((2 * size + 7, 2 * size + 3, 3), 128, np.uint8))["image"]
     if probe.shape[:2] != (size, size):
-        raise ValueError(f"{source}: turns a {2 * size + 7}x{2 * size + 3} image into {probe.shape[0]}x"
-                         f"{probe.shape[1]}; training needs {size}x{size} (end the pipeline with a crop or "
-                         f"resize to image_size={size})")
+        raise ConfigError(f"{source}: turns a {2 * size + 7}x{2 * size + 3} image into {probe.shape[0]}x"
+                          f"{probe.shape[1]}; training needs {size}x{size} (end the pipeline with a crop or "
+                          f"resize to image_size={size})")
     return pipeline
 
 
@@ -271,8 +273,8 @@ def setup(config: TrainConfig, *, resume: bool, folds: Folds | None = None,
         if source is None:
             shared = (f" on process {jax.process_index()} (process 0 writes checkpoints: every process needs "
                       "the run folder on a shared filesystem)" if jax.process_count() > 1 else "")
-            missing = FileNotFoundError(f"cannot resume: {paths[CHECKPOINTS]} holds no checkpoint "
-                                        f"(nor is there an earlier version's last.msgpack){shared}")
+            missing = MissingFileError(f"cannot resume: {paths[CHECKPOINTS]} holds no checkpoint "
+                                       f"(nor is there an earlier version's last.msgpack){shared}")
         distributed.raise_if_any(missing, "finding the checkpoint to resume from")
         module, variables, saved = load_checkpoint(source)
         reinitialized: tuple[str, ...] = ()
@@ -429,7 +431,8 @@ def train_epoch(par: Parallel, p_train, state, loader, *, epoch: int, batch_size
             last = checkpoints.latest() if checkpoints is not None else None
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise NonFiniteLossError(f"loss is {loss} at step {at_step} (epoch {epoch + 1}); "
-                                     f"training stopped, {kept}")
+                                     f"training stopped, {kept}: lower --lr (or raise --warmup-epochs, keep "
+                                     "--grad-clip on) and check the data")
         meter.update(loss, float(metrics["accuracy"]))
         bar.set_postfix(loss=f"{loss:.4f}", img_s=f"{meter.images_per_sec:.0f}")
         bar.update(1)

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from torch2flax.backend import Backend, register_backend
+from torch2flax.errors import ConfigError
 from torch2flax.export.model import (
     ExportedModel,
     freeze_kwargs,
@@ -86,7 +87,7 @@ class ExportBackend(Backend):
         # An exported graph is fixed at its image size and has its drop rates baked in: a change
         # re-exports from timm (the cache key is the module's fields).
         if image_size is not None and tuple(module.image_size) != (image_size, image_size):
-            raise ValueError(f"the model was exported at {module.image_size[0]}x{module.image_size[1]}, but the "
+            raise ConfigError(f"the model was exported at {module.image_size[0]}x{module.image_size[1]}, but the "
                              f"run trains at image_size={image_size}: convert again with --size "
                              f"{image_size} (the exported graph has a fixed input size)")
         kwargs = {**dict(module.timm_kwargs), "drop_rate": drop_rate, "drop_path_rate": drop_path_rate}

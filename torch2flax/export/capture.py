@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch.export import Dim, ExportedProgram
 
+from torch2flax.errors import ConfigError
+
 # Methods we export, and how each is called on the timm model.
 METHODS = ("forward", "forward_features", "forward_head", "forward_head_pre_logits")
 
@@ -59,7 +61,7 @@ def export_timm(
     random ops. The model's own train/eval mode and buffers are left as they were.
     """
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     x = example_input(model, input_size, method, batch)
     target = model if method == "forward" else _Method(model, method)
     dynamic = ({0: Dim("batch", min=2)},) if dynamic_batch else None

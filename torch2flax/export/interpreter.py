@@ -22,13 +22,15 @@ import torch
 from torch.export import ExportedProgram
 from torch.export.graph_signature import InputKind, OutputKind
 
+from torch2flax.errors import ConfigError
 from torch2flax.export import layout, ops
 
 Array = jax.Array
 
 
-class UnsupportedOpError(NotImplementedError):
-    """A graph node whose op has no entry in the op table (raised at conversion)."""
+class UnsupportedOpError(ConfigError, NotImplementedError):
+    """A graph node whose op has no entry in the op table (raised at conversion). A user error: the
+    model the user chose is one torch2flax cannot run (yet); another model converts."""
 
 
 class GraphError(RuntimeError):
@@ -149,7 +151,8 @@ def lower(ep: ExportedProgram, *, name: str, prefix: str = "", aliases: Mapping[
             missing.setdefault(f"{node.op} {node.target}", node)
     if missing:
         lines = [f"  {op}: node {n.name!r} at {source_line(n)}" for op, n in missing.items()]
-        raise UnsupportedOpError(f"{name}: {len(missing)} op(s) not in torch2flax's op table:\n" + "\n".join(lines))
+        raise UnsupportedOpError(f"{name}: {len(missing)} op(s) not in torch2flax's op table:\n" + "\n".join(lines)
+                                 + "\nconvert another model (`torch2flax list`), or report the op(s) to torch2flax")
 
     sig = ep.graph_signature
     persistent = set(ep.state_dict)

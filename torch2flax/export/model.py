@@ -25,6 +25,7 @@ import torch
 from flax import traverse_util
 from flax.core import FrozenDict, freeze
 
+from torch2flax.errors import ConfigError, DataError
 from torch2flax.export import interpreter, layout
 from torch2flax.export.capture import example_input, export_timm
 from torch2flax.models import PretrainedCfg, pretrained_cfg_from_timm
@@ -333,7 +334,7 @@ class ExportedModel(nn.Module):
         `jax.grad` with respect to them the gradient with respect to the module's output.
         """
         if method not in ("forward", "forward_features"):
-            raise ValueError(f"intermediates: method must be 'forward' or 'forward_features', got {method!r}")
+            raise ConfigError(f"intermediates: method must be 'forward' or 'forward_features', got {method!r}")
         taps = dict(taps or {})
         x = self._nchw(x)
         spec = resized(self.spec, x.data.shape[1:3])
@@ -341,7 +342,7 @@ class ExportedModel(nn.Module):
                                            prefix="" if method == "forward" else "model.")
         unknown = [n for n in (*names, *taps) if n not in found]
         if unknown:
-            raise ValueError(f"{self.model_name}: no module output named {unknown} in the {method} graph; "
+            raise ConfigError(f"{self.model_name}: no module output named {unknown} in the {method} graph; "
                              f"modules with outputs include {feature_names(self.spec) or sorted(found)[:20]}")
         nchw = getattr(timm_model(self.spec), "output_fmt", "NCHW") == "NCHW"
         captured: dict[str, Array] = {}
@@ -390,7 +391,7 @@ class ExportedModel(nn.Module):
     def config(self) -> dict[str, Any]:
         """JSON-able fields: `ExportedModel.from_config(m.config())` rebuilds the module (re-exporting)."""
         if self.instance_key is not None:
-            raise ValueError(f"{self.model_name} was converted from a timm instance: its graph cannot be rebuilt "
+            raise ConfigError(f"{self.model_name} was converted from a timm instance: its graph cannot be rebuilt "
                              "from a config; convert from a timm name and kwargs")
         return {
             "model_name": self.model_name, "timm_kwargs": {k: thaw_value(v) for k, v in self.timm_kwargs},
@@ -457,7 +458,7 @@ def convert_exported(
         if pretrained or checkpoint is not None or timm_kwargs:
             raise TypeError("pretrained/checkpoint/timm kwargs apply to a model name, not to a model instance")
         if num_classes is not None and num_classes != model_or_name.num_classes:
-            raise ValueError(f"{type(model_or_name).__name__} is not a timm model: cannot reset its head")
+            raise ConfigError(f"{type(model_or_name).__name__} is not a timm model: cannot reset its head")
         source = TimmSource(model_or_name.eval(), type(model_or_name).__name__, None)
     return from_source(source, image_size)
 
@@ -507,6 +508,6 @@ def timm_from_exported(module: ExportedModel, variables: Mapping[str, Any]) -> t
     tied = tied_names(model)
     missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in tied]
     if missing or unexpected:
-        raise ValueError(f"{module.model_name}: variables do not match timm's state dict "
+        raise DataError(f"{module.model_name}: variables do not match timm's state dict "
                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     return model.eval()

@@ -13,6 +13,7 @@ import fnmatch
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from torch2flax.errors import ConfigError
 from torch2flax.models import resnet
 from torch2flax.registry import Registry
 from torch2flax.utils import freeze_value
@@ -96,7 +97,7 @@ def get_entry(name: str) -> ModelEntry:
     except KeyError:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=5, cutoff=0.5)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise ValueError(
+        raise ConfigError(
             f"unknown model {name!r}: torch2flax supports {len(_REGISTRY)} timm models "
             f"(`torch2flax list`).{hint}"
         ) from None
@@ -143,7 +144,8 @@ def registry_name(module: Any) -> str:
     for name, entry in _REGISTRY.items():
         if isinstance(module, entry.constructor) and all(getattr(module, k) == v for k, v in entry.kwargs.items()):
             return name
-    raise ValueError(f"{type(module).__name__} matches no registered model")
+    raise ConfigError(f"{type(module).__name__} matches no registered model: build it with "
+                      "torch2flax.create_model(name, ...) or torch2flax.convert, which record its timm name")
 
 
 def model_name(module: Any) -> str:

@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from torch2flax.errors import ConfigError
 from torch2flax.layers import Activation, BatchNorm, Conv, Dense, DropPath, avg_pool, global_pool, max_pool
 
 Array = jax.Array
@@ -224,11 +225,11 @@ class ResNet(nn.Module):
 
     def setup(self):
         if self.block not in ("basic", "bottleneck"):
-            raise ValueError(f"ResNet block must be 'basic' or 'bottleneck', got {self.block!r}")
+            raise ConfigError(f"ResNet block must be 'basic' or 'bottleneck', got {self.block!r}")
         if self.stem_type not in ("", "deep", "deep_tiered"):
-            raise ValueError(f"unsupported stem_type {self.stem_type!r}")
+            raise ConfigError(f"unsupported ResNet stem_type {self.stem_type!r}: only '', 'deep' or 'deep_tiered'")
         if self.attn_layer not in (None, "se"):
-            raise ValueError(f"unsupported attn_layer {self.attn_layer!r}: only None or 'se'")
+            raise ConfigError(f"unsupported attn_layer {self.attn_layer!r}: only None or 'se'")
         cfg = BlockCfg(
             self.block, self.cardinality, self.base_width, self.avg_down, self.attn_layer,
             self.drop_path_rate, self.zero_init_last, self.bn_eps, self.bn_momentum, self.dtype, self.axis_name,
@@ -244,7 +245,7 @@ class ResNet(nn.Module):
         self.act1 = Activation(nn.relu)
         expansion = (Bottleneck if self.block == "bottleneck" else BasicBlock).expansion
         if len(self.layers) != 4 or len(self.channels) != 4:
-            raise ValueError(f"ResNet needs 4 stages, got layers={self.layers}, channels={self.channels}")
+            raise ConfigError(f"ResNet needs 4 stages, got layers={self.layers}, channels={self.channels}")
         total, idx, stages = sum(self.layers), 0, []
         for i, (planes, n) in enumerate(zip(self.channels, self.layers)):
             stages.append(dict(cfg=cfg, planes=planes, num_blocks=n, stride=1 if i == 0 else 2,
