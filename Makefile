@@ -51,7 +51,7 @@ test-tpu-search: $(STAMP)
 	$(LIBTPU) $(PY) -m pytest -m tpu_search -q
 
 # The edit-test loop: every module's unit tests, without subprocess runs, fits, full-size models or
-# TPU compiles (the `slow` tier, listed in tests/conftest.py: no libtpu needed). Tests are spread one
+# TPU compiles (the `slow` marker on the tests: no libtpu needed). Tests are spread one
 # by one, not file by file.
 test-fast: $(STAMP)
 	$(VENV)/bin/ruff check .

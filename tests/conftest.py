@@ -66,47 +66,11 @@ _LONGEST_FIRST = ("test_export.py", "test_tpu_check.py", "test_train.py", "test_
                   "test_cv.py", "test_explain.py", "test_io.py", "test_layers.py")
 
 
-# The slow tier (`-m slow`): subprocess and shell runs, fits, full-size models, and every exported
-# architecture but one. `make test-fast` runs the rest, each module's unit tests, in about a minute;
-# `make test` runs both. Node-id prefixes, so a new test is fast until it is listed here.
-_SLOW = (
-    "tests/test_finetune.py", "tests/test_multihost.py", "tests/test_demo.py", "tests/test_notebook.py",
-    "tests/test_cross_stack.py", "tests/test_packaging.py",
-    "tests/test_train.py::test_fit_", "tests/test_train.py::test_one_device",
-    "tests/test_train.py::test_jit_layout", "tests/test_train.py::test_resume", "tests/test_train.py::test_non_finite",
-    "tests/test_train.py::test_predict", "tests/test_train.py::test_interrupted", "tests/test_train.py::test_slow_input",
-    "tests/test_train.py::test_a_time_limit", "tests/test_train.py::test_skip_bad",
-    "tests/test_train.py::test_a_save_cut_short", "tests/test_train.py::test_a_train_process_signalled", "tests/test_train.py::test_predict_ensembles", "tests/test_cv.py::test_fold_all", "tests/test_cv.py::test_a_fold_killed",
-    "tests/test_export.py::test_eval_parity[", "tests/test_export.py::test_train_step_parity[",
-    "tests/test_export.py::test_full_size",
-    "tests/test_export_api.py::test_another_image_size", "tests/test_export_api.py::test_bfloat16",
-    "tests/test_export_api.py::test_convert_chooses", "tests/test_export_api.py::test_dropout",
-    "tests/test_export_api.py::test_features_head", "tests/test_export_api.py::test_resnet_exported",
-    "tests/test_export_api.py::test_sync_batchnorm",
-    "tests/test_explain.py::test_every_stage", "tests/test_explain.py::test_gradcam_equals",
-    "tests/test_explain.py::test_features_and_gradcam", "tests/test_explain.py::test_inner_module_names",
-    "tests/test_heads.py::test_with_head_keeps", "tests/test_backend.py::test_a_two_headed",
-    # full-size resnet18s, and DataLoader worker processes
-    "tests/test_io.py::test_save_load_round_trip", "tests/test_convert.py::test_new_head_only",
-    "tests/test_cli.py::test_cli_convert_then_verify", "tests/test_backend.py::test_timm_model_is_the_one_path",
-    "tests/test_user_input.py::test_a_bad_image_in_a_good_record_is_one_line_naming_file_record_and_id[1-",
-    "tests/test_user_input.py::test_skip_bad_images_puts_the_next_image_in_place_and_reports_the_bad_one[1]",
-    "tests/test_loader.py::test_worker_malloc_tuning", "tests/test_shared.py::test_workers_batches_held_beyond",
-    "tests/test_tfrecord.py::test_dataloader_workers_yield_every_id_once[spawn]",
-    "tests/test_io.py::test_a_file_written_before_the_namespace_move",
-    "tests/test_heads.py::test_custom_head", "tests/test_heads.py::test_gem_head_on", "tests/test_heads.py::test_mlp_head",
-    "tests/test_models_resnet.py::test_eval_logits_and_features_match_timm[resnet50-full",
-    "tests/test_models_resnet.py::test_train_step_loss_grads_and_batch_stats_match_timm[resnet50-full",
-    "tests/test_convert.py::test_module_contract_fields_and_bfloat16",
-    "tests/test_layers.py::test_conv_paths_agree_in_value_and_gradient[5x5x8x16x7x2x3x1x1]",
-    # TPU compiles (libtpu, 5-30 s each)
-    "tests/test_tpu_check.py::test_train_and_eval", "tests/test_tpu_check.py::test_jit_layout",
-    "tests/test_tpu_check.py::test_flops_match", "tests/test_tpu_check.py::test_memory_grows",
-    "tests/test_tpu_check.py::test_the_largest_batch",
-    "tests/test_tpu_check.py::test_cli_json",
-)
-# ...but one exported architecture stays in the fast tier.
-_FAST = ("tests/test_export.py::test_eval_parity[efficientnet_b0]",)
+# The tiers are markers on the tests (registered in setup.cfg). `slow`: subprocess and shell runs,
+# fits, full-size models, TPU compiles, and every exported architecture but one; `make test-fast`
+# runs the rest, each module's unit tests, in about a minute; `make test` runs both. `core`: the
+# parity and training tests that every stack runs with the fast tier (`.ci/stack NAME test core`).
+# A new test is in the fast tier unless it is marked.
 
 
 # The suite's time is mostly XLA's compile time (most tests compile a program and run it once or
@@ -160,25 +124,6 @@ if os.environ.get("TORCH2FLAX_TEST_XLA_DEFAULTS") != "1":
             os.environ["XLA_FLAGS"] += " " + _flag
 
 
-# The parity and training tests among the slow ones: with the fast tier they make the `core` tier
-# (`.ci/stack NAME test core`), which the stacks that do not run everything run. Of the TPU compile
-# tests, the train and eval steps: Kaggle's stack pairs jax 0.7.2 with libtpu 0.0.23 as Colab's does,
-# whose full run has the rest (the FLOP count, memory, jit, the CLI: checks of our code, ~2 min).
-_CORE = (
-    "tests/test_export.py::test_eval_parity[", "tests/test_export.py::test_train_step_parity[",
-    "tests/test_models_resnet.py::", "tests/test_export_api.py::", "tests/test_train.py::test_fit_",
-    "tests/test_train.py::test_one_device", "tests/test_train.py::test_jit_layout",
-    "tests/test_train.py::test_resume", "tests/test_train.py::test_predict", "tests/test_cv.py::test_fold_all",
-    "tests/test_heads.py::test_mlp_head", "tests/test_cross_stack.py::",
-    "tests/test_tpu_check.py::test_train_and_eval",
-)
-
-
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.nodeid.startswith(_SLOW) and not item.nodeid.startswith(_FAST):
-            item.add_marker(pytest.mark.slow)
-        if item.nodeid.startswith(_CORE):
-            item.add_marker(pytest.mark.core)
     rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file kept

@@ -50,6 +50,8 @@ def test_a_backend_must_implement_the_contract():
         Half()
 
 
+# slow: full-size resnet18s
+@pytest.mark.slow
 def test_timm_model_is_the_one_path_from_a_name_or_an_instance(tmp_path):
     import timm
     import torch
@@ -79,6 +81,7 @@ def test_timm_model_is_the_one_path_from_a_name_or_an_instance(tmp_path):
         timm_model(inst, layers=[1, 1, 1, 1])
 
 
+@pytest.mark.slow
 def test_a_two_headed_checkpoint_counts_its_classes_from_the_first_head():
     from torch2flax.timm_source import checkpoint_classes, classifier_names
 
@@ -114,6 +117,8 @@ def test_the_export_cache_is_bounded_rebuilds_what_it_dropped_and_clears():
         cache.model(pinned)
 
 
+# slow: a LeViT converted and compiled
+@pytest.mark.slow
 def test_a_two_headed_timm_checkpoint_converts_with_eval_parity(tmp_path):
     """LeViT (and the distilled DeiTs) name two classifiers in their pretrained_cfg: the class
     count comes from the first, and the checkpoint converts (once refused with "unexpected

@@ -36,6 +36,8 @@ def test_module_entry_point_matches_console_script(args):
     assert module.stdout == script.stdout and module.stdout.startswith(("torch2flax ", "usage: torch2flax"))
 
 
+# slow: a full-size resnet18
+@pytest.mark.slow
 def test_cli_convert_then_verify(r18, tmp_path, capsys, monkeypatch):
     import timm
     from safetensors.torch import save_file

@@ -136,6 +136,8 @@ def test_unknown_checkpoint_suffix(tmp_path):
         convert("resnet18", checkpoint=p)
 
 
+# slow: full-size resnet18s
+@pytest.mark.slow
 def test_new_head_only_reinitialises_the_head(r18, tmp_path):
     import jax
 
@@ -156,6 +158,7 @@ def test_new_head_only_reinitialises_the_head(r18, tmp_path):
     assert headless.module.apply(headless.variables, np.zeros((1, 32, 32, 3), np.float32)).shape == (1, 512)
 
 
+@pytest.mark.slow
 def test_module_contract_fields_and_bfloat16():
     import jax
     import jax.numpy as jnp

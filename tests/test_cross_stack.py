@@ -16,7 +16,8 @@ from tests import cross_stack
 from tests.helpers import single_device_env
 
 TOL = 1e-5
-pytestmark = pytest.mark.cross_stack
+# slow: subprocess runs on the other stack; core: parity every stack runs
+pytestmark = [pytest.mark.cross_stack, pytest.mark.slow, pytest.mark.core]
 
 
 @pytest.fixture(scope="module")

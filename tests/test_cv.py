@@ -95,6 +95,9 @@ def test_each_process_splits_the_merged_files_the_same_way(labelled, monkeypatch
         _config(globs, init, "unused", fold="3")
 
 
+# slow: fits; core: a training test every stack runs
+@pytest.mark.slow
+@pytest.mark.core
 def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(labelled, tmp_path, request,
                                                                                 capsys):
     from sklearn.metrics import accuracy_score, f1_score
@@ -172,6 +175,8 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
     remove_unless_failed(request, out, failed)
 
 
+# slow: fits in a subprocess
+@pytest.mark.slow
 def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
     """`torch2flax train --train A B --folds 3 --fold 1 --checkpoint-every 1`, SIGKILLed in epoch 2 of 2
     (it dies at once; the newest committed checkpoint stands), leaves fold 1 without OOF rows;

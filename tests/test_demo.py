@@ -8,7 +8,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import single_device_env
+
+pytestmark = pytest.mark.slow  # the demo's epoch, in a subprocess
 
 # Runs the CLI with TCP/IP connections refused (AF_UNIX stays: the loader's forkserver uses it).
 OFFLINE_CLI = """

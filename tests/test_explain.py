@@ -37,6 +37,8 @@ def nhwc(x: torch.Tensor) -> jax.Array:
     return jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
 
 
+# slow: full-size models
+@pytest.mark.slow
 @pytest.mark.parametrize("name,backend,size", [("resnet50", "native", 64), ("convnext_atto", "export", 64)])
 def test_every_stage_equals_timm_forward_intermediates(name, backend, size):
     model, module, variables, x = converted(name, backend, size)
@@ -57,6 +59,8 @@ def test_every_stage_equals_timm_forward_intermediates(name, backend, size):
         assert np.abs(got - r).max() <= FEATURE_TOL * np.abs(r).max(), f.name
 
 
+# slow: a full-size resnet50
+@pytest.mark.slow
 def test_inner_module_names_taps_and_errors():
     model, module, variables, x = converted("resnet50", "native", 64)
     # Any module of timm's tree, not only the stages; and a tap shifts everything downstream.
@@ -87,6 +91,8 @@ CAM_CASES = [("resnet18", "native", "layer4", ("gradcam", "gradcam++")), ("resne
              ("convnext_atto", "export", "stages.3", ("gradcam",))]
 
 
+# slow: full-size models
+@pytest.mark.slow
 @pytest.mark.parametrize("name,backend,layer,methods", CAM_CASES)
 def test_gradcam_equals_pytorch_grad_cam(name, backend, layer, methods):
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
@@ -129,6 +135,8 @@ def test_gradcam_validates_its_arguments():
     assert heat.shape == (3, 32, 32) and float(heat.max()) > 0.99
 
 
+# slow: a full-size resnet18
+@pytest.mark.slow
 def test_features_and_gradcam_reach_into_a_backbone_under_an_added_head():
     """A native backbone (an exported one: tests/test_heads.py)."""
     from torch2flax.heads import GeMHead, with_head

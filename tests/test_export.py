@@ -52,7 +52,9 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", params=list(CASES))
+# slow: every exported architecture but one, which stays in the fast tier (its eval parity only).
+@pytest.fixture(scope="module", params=[n if n == "efficientnet_b0" else pytest.param(n, marks=pytest.mark.slow)
+                                        for n in CASES])
 def case(request):
     """(timm model, ExportedModel, variables, images NCHW, labels) for one architecture."""
     import torch
@@ -69,6 +71,7 @@ def case(request):
     return model, module, variables, x, labels
 
 
+@pytest.mark.core
 def test_eval_parity(case):
     from torch2flax.export.parity import eval_parity
 
@@ -77,6 +80,8 @@ def test_eval_parity(case):
     assert err["rel"] <= EVAL_TOL, err
 
 
+@pytest.mark.slow
+@pytest.mark.core
 def test_train_step_parity(case):
     from torch2flax.export.parity import train_parity
 
@@ -93,6 +98,7 @@ def test_train_step_parity(case):
 FULL_SIZE = {"efficientnet_b0": {}, "vit_tiny_patch16_224": {"img_size": 32}}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(FULL_SIZE))
 def test_full_size_eval_parity(name):
     import timm

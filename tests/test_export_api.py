@@ -10,6 +10,9 @@ import pytest
 
 from tests.helpers import randomize_batchnorm
 
+# slow: exported graphs compiled; core: parity tests every stack runs
+pytestmark = [pytest.mark.slow, pytest.mark.core]
+
 # ---------------------------------------------------------------------- a reduced ResNet: native vs exported
 
 

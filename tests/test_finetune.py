@@ -21,6 +21,8 @@ import pytest
 
 from tests.helpers import console_script, single_device_env, write_flower_splits
 
+pytestmark = pytest.mark.slow  # shell fine-tunes, each in a fresh process
+
 NUM_CLASSES = 4
 
 

@@ -36,6 +36,7 @@ def small():
     return torch2flax.convert("resnet18", layers=[1, 1, 1, 1], num_classes=0)
 
 
+@pytest.mark.slow
 def test_with_head_keeps_the_backbone_bit_identical(small):
     import jax
 
@@ -196,6 +197,7 @@ class ScaledLinear(nn.Module):
         return self.scale * nn.Dense(self.num_classes, name="out")(x)
 
 
+@pytest.mark.slow
 def test_custom_head_saves_and_loads_and_a_notebook_head_is_passed_explicitly(small, tmp_path):
     from flax import serialization
 
@@ -257,6 +259,9 @@ def flowers(tmp_path_factory):
                                num_classes=NUM_CLASSES, size=SIZE, shards=(2, 1, 1))
 
 
+# slow: a fit; core: a training test every stack runs
+@pytest.mark.slow
+@pytest.mark.core
 def test_mlp_head_trains_saves_loads_and_predicts(small, flowers, tmp_path):
     """From a reduced resnet18 file (test_train.py's quarter-width model) with its 1000-class
     classifier: the trainer drops the classifier, adds the MLP head and learns; `best.msgpack`
@@ -299,6 +304,8 @@ def test_mlp_head_trains_saves_loads_and_predicts(small, flowers, tmp_path):
     assert [int(r[1]) for r in rows[1:]] == list(pred.probs.argmax(1))
 
 
+# slow: an exported architecture
+@pytest.mark.slow
 def test_gem_head_on_an_exported_backbone_runs_saves_and_loads(tmp_path):
     """timm's `test_convnext` (no native twin: an exported graph) under a GeM head."""
     import jax

@@ -14,6 +14,8 @@ from tests.helpers import TornWrite, torn_writes
 DATA = Path(__file__).parent / "data"
 
 
+# slow: a full-size resnet18
+@pytest.mark.slow
 def test_save_load_round_trip_is_bit_identical(r18, tmp_path):
     import jax
     from flax import jax_utils
@@ -92,6 +94,7 @@ def _pattern(shapes):
     return jax.tree_util.tree_unflatten(tree, values)
 
 
+@pytest.mark.slow
 def test_a_file_written_before_the_namespace_move_still_loads(tmp_path):
     import jax
 

@@ -207,6 +207,8 @@ def test_make_loader_errors_and_defaults(flowers):
     assert loader.num_devices == 8 and next(iter(loader))["image"].shape[:2] == (8, 2)
 
 
+# slow: a fresh process
+@pytest.mark.slow
 def test_worker_malloc_tuning_is_accepted_and_keeps_buffers_mapped():
     """In a fresh process (it changes process-wide settings): glibc accepts both values, and a
     worker's allocation cycle (64 decoded/cropped/flipped images, then the 9.6 MB stacked

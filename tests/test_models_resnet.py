@@ -19,6 +19,8 @@ import pytest
 
 from tests.helpers import REDUCED_RESNET18, randomize_batchnorm
 
+pytestmark = pytest.mark.core  # parity tests every stack runs
+
 EVAL_SIZES = [(64, 64), (97, 75)]
 TOL = 1e-4
 REDUCED = (1, 1, 1, 1)
@@ -46,7 +48,7 @@ NARROW = tuple(REDUCED_RESNET18["channels"])  # timm's `channels=`: the training
 # (name, layers override or None for full depth[, channels override])
 MODELS = [pytest.param((n, REDUCED), id=f"{n}-l1111") for n in FLAVOURS] + [
     pytest.param(("resnet18", REDUCED, NARROW), id="resnet18-l1111-narrow"),
-    pytest.param(("resnet50", None), id="resnet50-full")]
+    pytest.param(("resnet50", None), id="resnet50-full", marks=pytest.mark.slow)]  # slow: full size
 
 
 def _bound(ref: np.ndarray) -> float:

@@ -31,6 +31,8 @@ import pytest
 
 from tests.helpers import remove_unless_failed, save_reduced_resnet18, write_flower_splits, write_flower_tfrecords
 
+pytestmark = pytest.mark.slow  # multi-process launches of the CLI
+
 NUM_CLASSES = 4
 SIZE = 32
 LAUNCH_TIMEOUT = 240  # seconds for a whole launch on a loaded 2-core machine

@@ -15,6 +15,8 @@ import pytest
 
 from tests.helpers import REDUCED_RESNET18, single_device_env, write_flower_tfrecords
 
+pytestmark = pytest.mark.slow  # subprocess runs
+
 NUM_RECORDS = 32
 
 SETUP = """

@@ -16,6 +16,8 @@ import pytest
 
 from tests.helpers import console_script
 
+pytestmark = pytest.mark.slow  # wheel builds and installs, in subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 # Source folder -> the package it installs as.
 PACKAGE_DIRS = {"torch2flax": "torch2flax", "loaders": "torch2flax/loaders", "train": "torch2flax/train"}

@@ -95,6 +95,8 @@ def test_a_slot_too_small_for_a_bigger_batch_is_not_used():
     np.testing.assert_array_equal(big["image"], make_batch(1, n=8)["image"])
 
 
+# slow: DataLoader worker processes
+@pytest.mark.slow
 def test_workers_batches_held_beyond_the_pool_stay_intact(tmp_path):
     """38 batches kept at once (more than 2 workers x max_slots): equal to the main process's."""
     from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader

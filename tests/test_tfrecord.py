@@ -362,7 +362,7 @@ def _ids_of_epoch(ds, **kw):
     return [i for batch in DataLoader(ds, batch_size=5, **kw) for i in batch["id"]]
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
+@pytest.mark.parametrize("method", ["fork", "forkserver", pytest.param("spawn", marks=pytest.mark.slow)])  # slow: spawned workers
 def test_dataloader_workers_yield_every_id_once(flowers, method):
     ds = TFRecordDataset(flowers.files, {"id": "str"})
     ds[0]  # opens a handle in the parent: workers must not share it

@@ -182,6 +182,11 @@ def reports(libtpu, reduced):
     return Compiled()
 
 
+# slow: TPU compiles (libtpu, 5-30 s each). core: the train and eval steps only, since Kaggle's stack pairs
+# jax 0.7.2 with libtpu 0.0.23 as Colab's does, whose full run has the rest (the FLOP count, memory, jit,
+# the CLI: checks of our code, ~2 min).
+@pytest.mark.slow
+@pytest.mark.core
 @pytest.mark.parametrize("tpu,kind,devices", [("v5e-8", "TPU v5 lite", 8), ("v3-8", "TPU v3", 8)])
 @pytest.mark.parametrize("backend", ["native", "export"])
 def test_train_and_eval_steps_compile_for_the_tpu_in_bfloat16(reports, reduced, backend, tpu, kind, devices):
@@ -206,12 +211,14 @@ def test_train_and_eval_steps_compile_for_the_tpu_in_bfloat16(reports, reduced, 
     assert r.hlo_ops["convolution"] > 0 and r.hlo_ops["fusion"] > 0
 
 
+@pytest.mark.slow
 def test_jit_layout_compiles_with_the_same_flops_as_pmap(reports):
     pmap, jit = reports["native", "v3-8"][1], reports["native-jit", "v3-8"][1]
     assert jit.parallel == "jit" and jit.fits and jit.eval_memory is None
     assert jit.flops_per_image == pytest.approx(pmap.flops_per_image, rel=0.05)
 
 
+@pytest.mark.slow
 def test_flops_match_torch_flop_counter_for_a_conv_net(reports):
     """The train and eval steps' FLOPs per image against torch's count of timm's own passes
     (FlopCounterMode counts convolutions and matmuls, where it agrees with XLA for dense ones).
@@ -236,6 +243,7 @@ def test_flops_match_torch_flop_counter_for_a_conv_net(reports):
     assert r.flops_per_image > 2 * r.eval_flops_per_image  # a backward pass costs about two forwards
 
 
+@pytest.mark.slow
 def test_memory_grows_with_the_batch(reports):
     small, large = reports["native", "v3-8"][1], reports["native-128", "v3-8"][1]
     assert large.memory["argument"] > small.memory["argument"]  # the batch is an argument
@@ -245,6 +253,7 @@ def test_memory_grows_with_the_batch(reports):
     assert large.state == small.state
 
 
+@pytest.mark.slow
 @pytest.mark.tpu_search
 def test_the_largest_batch_compiles_within_hbm_and_1_25x_does_not(libtpu, reduced):
     """On a v5e-1 (16 GiB): the batch the search reports compiles within HBM in an independent
@@ -295,6 +304,7 @@ def _shell(*args, env=None):
                           env={**os.environ, **(env or {})})
 
 
+@pytest.mark.slow
 def test_cli_json_and_train_refuses_a_batch_that_does_not_fit(libtpu, reduced, tmp_path, capsys):
     """From the shell (a second process loading libtpu beside this one, which holds its lockfile)
     and, for `train --tpu-check`, through the CLI's main in this process."""

@@ -110,6 +110,9 @@ def one_device(flowers, tmp_path_factory, request):
     remove_unless_failed(request, out, failed)
 
 
+# slow: fits (or a fit's checkpoints); core: the training tests every stack runs
+@pytest.mark.slow
+@pytest.mark.core
 @pytest.mark.parametrize("mixing", [{}, {"mixup": 0.2, "cutmix": 1.0, "mix_prob": 0.5}], ids=["plain", "mixup-cutmix"])
 def test_fit_on_one_device_learns(flowers, tmp_path, mixing):
     """To the same bar with MixUp and CutMix on (their loss is against mixed targets: it falls less).
@@ -124,12 +127,16 @@ def test_fit_on_one_device_learns(flowers, tmp_path, mixing):
     assert all(r["val_macro_f1"] <= result.best_macro_f1 for r in result.history)
 
 
+@pytest.mark.slow
+@pytest.mark.core
 def test_one_device_equals_eight_with_sync_bn(one_device, reference):
     result, out = one_device
     ref_result, ref_params = reference
     _assert_same_training(result, ref_result, _params(out), ref_params)
 
 
+@pytest.mark.slow
+@pytest.mark.core
 def test_jit_layout_equals_pmap(flowers, reference, tmp_path):
     from torch2flax.train import fit
 
@@ -139,6 +146,8 @@ def test_jit_layout_equals_pmap(flowers, reference, tmp_path):
     _assert_same_training(result, ref_result, _params(tmp_path), ref_params)
 
 
+@pytest.mark.slow
+@pytest.mark.core
 def test_resume_equals_straight_run(flowers, one_of_two_epochs, one_device, tmp_path):
     """Epoch 2 resumed from a run stopped after epoch 1 equals the straight 2-epoch run, here from
     the run folder of an earlier version, whose training state was a `last.msgpack` file (the
@@ -173,6 +182,7 @@ def one_of_two_epochs(flowers, tmp_path_factory, request):
     remove_unless_failed(request, out, failed)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, tmp_path):
     import shutil
 
@@ -222,6 +232,8 @@ def test_labels_outside_num_classes_stop_before_training(flowers, tmp_path):
     assert not os.path.exists(tmp_path / "checkpoints") and not os.path.exists(tmp_path / "best.msgpack")
 
 
+@pytest.mark.slow
+@pytest.mark.core
 def test_resume_refuses_a_different_optimizer(flowers, one_of_two_epochs):
     from torch2flax.train import fit
 
@@ -231,6 +243,8 @@ def test_resume_refuses_a_different_optimizer(flowers, one_of_two_epochs):
             progress=False)
 
 
+@pytest.mark.slow
+@pytest.mark.core
 def test_predict_writes_every_test_id_once_with_tta(flowers, reference, tmp_path):
     from torch2flax.train import predict
 
@@ -256,6 +270,7 @@ def test_predict_writes_every_test_id_once_with_tta(flowers, reference, tmp_path
     assert list(result.ids) == sets["test"].ids
 
 
+@pytest.mark.slow
 def test_a_save_cut_short_never_counts_and_the_next_one_commits(one_of_two_epochs, tmp_path):
     """Orbax writes a step under a temporary name and renames it once whole: a process killed
     mid-save leaves `<step>.orbax-checkpoint-tmp-*`, which resuming ignores (the committed step 8
@@ -288,6 +303,8 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree_util.tree_leaves(tree)]
 
 
+@pytest.mark.slow
+@pytest.mark.core
 def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference, tmp_path, capsys):
     """`predict --checkpoint A B --weights 3 1`: the trained reduced resnet18 (native, 32 px) and
     timm's test_efficientnet (exported graph, 48 px); each member predicts with its own eval
@@ -341,6 +358,7 @@ def _hints(out: str) -> list[str]:
     return [line for line in out.splitlines() if line.startswith("data: training waited for input")]
 
 
+@pytest.mark.slow
 def test_slow_input_prints_the_data_wait_hint_once(flowers, tmp_path, capsys, monkeypatch):
     from torch2flax.train import fit, trainer
 
@@ -434,6 +452,7 @@ def _assert_equals_straight(history, out, straight_result, straight_out):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_a_train_process_signalled_mid_epoch_resumes_exactly(flowers, one_device, tmp_path):
     """`torch2flax train` in a fresh process, with 2 loader workers and `--checkpoint-every 3`, gets
     SIGTERM from outside in epoch 2: it checkpointed at global steps 3, 6, the end of epoch 1 (8)
@@ -497,6 +516,7 @@ def artifacts_history(out):
     return read_metrics_csv(str(out / "metrics.csv"))
 
 
+@pytest.mark.slow
 def test_a_time_limit_stops_mid_epoch_with_status_0_and_resumes_exactly(flowers, one_device, tmp_path, monkeypatch):
     """A fake clock that moves 0.5 s per reading: the 18 s limit ends the run in epoch 2, leaving room
     for another step and a checkpoint (batch 3 of 8; the write is timed on the same fake clock, so the
@@ -525,6 +545,7 @@ def test_a_time_limit_stops_mid_epoch_with_status_0_and_resumes_exactly(flowers,
     _assert_equals_straight(resumed.history, tmp_path, straight_result, straight)
 
 
+@pytest.mark.slow
 def test_skip_bad_images_trains_on_counts_and_lists_them(flowers, tmp_path, monkeypatch):
     """One training and one validation image that do not decode: the run goes on, the training
     batch takes the next image instead, validation leaves the image out; metrics.csv counts them

@@ -150,7 +150,7 @@ def test_resume_refuses_changed_model_and_data_flags(tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "truncated"])
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # slow: a DataLoader worker
 def test_a_bad_image_in_a_good_record_is_one_line_naming_file_record_and_id(tmp_path, damage, workers):
     """CRC-valid records whose JPEG bytes are garbage, or cut short (which some libjpeg builds
     decode silently into a partly grey image)."""
@@ -198,7 +198,7 @@ def test_make_tfrecords_refuses_a_truncated_jpeg_by_path(tmp_path, capsys):
     assert f"{tmp_path / 'src' / 'class1' / '3.jpg'}: cannot read image: truncated JPEG" in err
 
 
-@pytest.mark.parametrize("workers", [0, 1])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)])  # slow: a DataLoader worker
 def test_skip_bad_images_puts_the_next_image_in_place_and_reports_the_bad_one(tmp_path, workers):
     from tfrecord.writer import TFRecordWriter
 

@@ -66,12 +66,25 @@ TPU_NAMES = ("v3-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v6e-1", "v6e-8")
 _CHOICES = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"), "parallel": ("pmap", "jit")}
 
 
+def _with_default(text: str | None, f: dataclasses.Field) -> str:
+    """A flag's help with the TrainConfig default it falls back to (the parser's own default is
+    None: a flag not given leaves the config file's or the resumed run's value)."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        shown = f"--{'' if default else 'no-'}{f.name.replace('_', '-')}"
+    else:
+        shown = "none" if default in (None, "") else default
+    if text and "(default" in text:
+        return text
+    return f"{text + ' ' if text else ''}(default: {shown})"
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     # Every TrainConfig field is a flag; defaults are None so that only flags actually given
     # override the config file (and the saved config when resuming).
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(dest=f.name, default=None, help=_HELP.get(f.name))
+        kwargs = dict(dest=f.name, default=None, help=_with_default(_HELP.get(f.name), f))
         if isinstance(f.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif f.name == "train":  # several globs merge (Kaggle's train and val, split into folds)
