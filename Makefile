@@ -46,7 +46,7 @@ test: $(STAMP)
 	$(LIBTPU) $(PY) $(PYTEST) -m "not cross_stack and not tpu_search"
 
 # The TPU compiles near the HBM limit (tests/test_tpu_check.py, ~2 minutes): apart from `make test`,
-# whose pytest run stays under 8 minutes on 2 cores; .ci/run runs both, the stacks run it in their suite.
+# whose pytest run stays under 8 minutes on 2 cores; .ci/run runs both. The stacks leave it out (.ci/stack).
 test-tpu-search: $(STAMP)
 	$(LIBTPU) $(PY) -m pytest -m tpu_search -q
 
