@@ -228,3 +228,17 @@ def test_another_image_size_re_exports_with_timm_position_embedding_resampling()
     with torch.no_grad():
         want = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
     np.testing.assert_allclose(np.asarray(module.apply(variables, x)), want, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+def test_a_model_without_drop_path_rate_trains_and_setting_it_is_the_users_error():
+    """ConvMixer takes no drop_path_rate: the run's defaults (0) must not pass one to timm
+    (the TPU coverage sweep's train step failed there with a TypeError), and setting one is a
+    ConfigError naming it."""
+    from torch2flax import prepare_model
+    from torch2flax.errors import ConfigError
+
+    kw = dict(num_classes=3, backend="export", image_size=32)
+    converted = prepare_model("convmixer_768_32", **kw)
+    assert converted.module.num_classes == 3 and "drop_path_rate" not in dict(converted.module.timm_kwargs)
+    with pytest.raises(ConfigError, match="drop_path_rate"):
+        prepare_model("convmixer_768_32", drop_path_rate=0.1, **kw)

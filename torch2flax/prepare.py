@@ -68,9 +68,11 @@ def prepare_model(
 
     torch.manual_seed(seed)  # a randomly initialised model is reproducible by seed
     # Under an add-on head the backbone's classifier would be dead weight: convert without it.
+    # Drop rates reach timm only when set: 0 is every timm model's default, and some models
+    # (ConvMixer) take no drop_path_rate at all.
+    drops = {k: v for k, v in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)) if v}
     result = convert(model, pretrained=pretrained, checkpoint=checkpoint,
-                     num_classes=0 if head else num_classes, drop_rate=drop_rate,
-                     drop_path_rate=drop_path_rate, backend=backend, image_size=image_size)
+                     num_classes=0 if head else num_classes, backend=backend, image_size=image_size, **drops)
     if head:
         return add_head(result.module, result.variables, head, num_classes, seed=seed, image_size=image_size)
     return result

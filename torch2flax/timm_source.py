@@ -193,6 +193,19 @@ def _same_structure(a: Any, b: Any) -> bool:
 # the one path
 
 
+def _create(name: str, **kwargs: Any) -> Any:
+    """`timm.create_model`, with a setting the model does not take reported as the user's."""
+    import timm
+
+    try:
+        return timm.create_model(name, **kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise ConfigError(f"timm's {name} does not take this setting ({e}): leave it unset "
+                          "(for drop_path_rate: --drop-path-rate 0)") from e
+
+
 def timm_model(
     model_or_name: Any,
     *,
@@ -226,11 +239,13 @@ def timm_model(
         if checkpoint is not None:
             state = load_checkpoint(checkpoint)
             classes = checkpoint_classes(state, timm.models.get_pretrained_cfg(name))
-            model = timm.create_model(name, pretrained=False, **{**timm_kwargs, "num_classes": classes})
+            model = _create(name, pretrained=False, **{**timm_kwargs, "num_classes": classes})
             load_into_timm(model, state, source=f"checkpoint {os.fspath(checkpoint)}")
         elif pretrained:
             try:
-                model = timm.create_model(name, pretrained=True, **timm_kwargs)
+                model = _create(name, pretrained=True, **timm_kwargs)
+            except ConfigError:
+                raise
             except Exception as e:  # hub unreachable, no weights for this tag, ...
                 raise WeightsUnavailable(
                     f"could not fetch pretrained weights for {name!r} from the hub ({e}); without internet "
@@ -238,8 +253,8 @@ def timm_model(
                     "state dict) where you can and pass the file with --checkpoint PATH instead of --pretrained "
                     "(in Python: checkpoint=PATH)") from e
         else:
-            model = timm.create_model(name, pretrained=False,
-                                      **{**timm_kwargs, **({} if num_classes is None else {"num_classes": num_classes})})
+            model = _create(name, pretrained=False,
+                            **{**timm_kwargs, **({} if num_classes is None else {"num_classes": num_classes})})
         # The model carries its class count and channels; the rest rebuilds the architecture.
         kwargs = {k: v for k, v in timm_kwargs.items() if k not in ("num_classes", "in_chans")}
     reinitialized: tuple[str, ...] = ()

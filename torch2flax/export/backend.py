@@ -90,7 +90,10 @@ class ExportBackend(Backend):
             raise ConfigError(f"the model was exported at {module.image_size[0]}x{module.image_size[1]}, but the "
                              f"run trains at image_size={image_size}: convert again with --size "
                              f"{image_size} (the exported graph has a fixed input size)")
-        kwargs = {**dict(module.timm_kwargs), "drop_rate": drop_rate, "drop_path_rate": drop_path_rate}
+        kwargs = dict(module.timm_kwargs)
+        for key, rate in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
+            if rate or key in kwargs:  # unset stays unset: some timm models take no drop_path_rate
+                kwargs[key] = rate
         return module.clone(timm_kwargs=freeze_kwargs(kwargs))
 
     def fixed_input_size(self, module: Any) -> tuple[int, int] | None:
