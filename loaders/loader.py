@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from torch2flax.errors import ConfigError, UserError
+from torch2flax.errors import ConfigError, UserError, from_worker
 from torch2flax.loaders.collate import numpy_collate, shard_batch
 from torch2flax.loaders.image import ImageDecodeError
 from torch2flax.loaders.shared import SharedBatch, SlotPool, unpack
@@ -261,25 +261,6 @@ class _SeededDataset(torch.utils.data.Dataset):
                 raise TypeError(f"skip_bad_images needs samples that are dicts, got {type(sample).__name__}")
             return {**sample, BAD_IMAGE: error}
         raise BadRecordError(f"skip_bad_images: none of the {n} images decodes (the first error: {error})")
-
-
-def from_worker(e: BaseException) -> BaseException:
-    """An exception a DataLoader worker raised, as its own message: torch re-raises it in the
-    main process as `Caught X in DataLoader worker process N.` plus the worker's traceback."""
-    text = str(e)
-    if not text.startswith("Caught ") or "Original Traceback" not in text:
-        return e
-    lines = text.splitlines()
-    heads = (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__name__}: ")
-    starts = [i for i, line in enumerate(lines) if line.startswith(heads)]
-    if not starts:
-        return e
-    first = lines[starts[-1]]
-    message = " ".join([first.split(": ", 1)[1], *(line.strip() for line in lines[starts[-1] + 1:] if line.strip())])
-    try:
-        return type(e)(message)
-    except Exception:  # an exception type that takes other arguments
-        return e
 
 
 class _Filler:

@@ -111,12 +111,10 @@ def test_a_dataloader_workers_user_error_keeps_its_class_and_one_line():
     """torch re-raises a worker's exception with its class and the worker's traceback as message."""
     from torch.utils.data import DataLoader
 
-    from torch2flax.cli import one_line
-
     with pytest.raises(errors.DataError) as info:
         next(iter(DataLoader(_BadRecords(), num_workers=1, multiprocessing_context="forkserver")))
     assert "Original Traceback" in str(info.value)
-    assert one_line(info.value) == "record 0 of bad.tfrec: 'class' is missing"
+    assert str(errors.from_worker(info.value)) == "record 0 of bad.tfrec: 'class' is missing"
 
 
 def test_a_user_error_on_another_host_keeps_its_class(monkeypatch):

@@ -15,6 +15,7 @@ import traceback
 from collections.abc import Sequence
 
 from torch2flax import __version__
+from torch2flax.errors import UserError, from_worker
 
 # Modules providing subcommands, in the order `--help` lists them.
 COMMAND_MODULES: tuple[str, ...] = ("torch2flax.loaders.cli", "torch2flax.commands", "torch2flax.train.cli")
@@ -36,19 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def is_user_error(e: BaseException) -> bool:
     """A mistake the user can fix (`torch2flax.errors`), or a path the OS could not find for
     them: the file or folder a user named (our own files are never missing but by a bug)."""
-    from torch2flax.errors import UserError
-
     return isinstance(e, UserError) or (isinstance(e, FileNotFoundError) and e.filename is not None)
-
-
-def one_line(e: BaseException) -> str:
-    """The error's message on one line. An error from a DataLoader worker arrives as the worker's
-    whole traceback in its message (torch re-raises it with its class): keep the worker's last line."""
-    text = str(e)
-    if "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    return text
 
 
 def bug_report_line(e: BaseException) -> str:
@@ -75,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 1
         if os.environ.get("TORCH2FLAX_DEBUG"):  # the traceback of a user error too
             traceback.print_exc()
-        print(f"torch2flax: error: {one_line(e)}", file=sys.stderr)
+        print(f"torch2flax: error: {from_worker(e)}", file=sys.stderr)
         return 2
 
 

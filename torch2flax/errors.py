@@ -39,7 +39,20 @@ class WeightsUnavailable(UserError, RuntimeError):
     the message names the flag that takes a local file instead."""
 
 
-def by_name(name: str) -> type[UserError] | None:
-    """The user-error class called `name` (for an error sent from another host), or None."""
-    cls = globals().get(name)
-    return cls if isinstance(cls, type) and issubclass(cls, UserError) else None
+def from_worker(e: BaseException) -> BaseException:
+    """An exception a DataLoader worker raised, as its own message: torch re-raises it in the
+    main process as `Caught X in DataLoader worker process N.` plus the worker's traceback."""
+    text = str(e)
+    if not text.startswith("Caught ") or "Original Traceback" not in text:
+        return e
+    lines = text.splitlines()
+    heads = (f"{type(e).__module__}.{type(e).__qualname__}: ", f"{type(e).__name__}: ")
+    starts = [i for i, line in enumerate(lines) if line.startswith(heads)]
+    if not starts:
+        return e
+    first = lines[starts[-1]]
+    message = " ".join([first.split(": ", 1)[1], *(line.strip() for line in lines[starts[-1] + 1:] if line.strip())])
+    try:
+        return type(e)(message)
+    except Exception:  # an exception type that takes other arguments
+        return e
