@@ -231,14 +231,14 @@ def test_another_image_size_re_exports_with_timm_position_embedding_resampling()
 
 
 def test_a_model_without_drop_path_rate_trains_and_setting_it_is_the_users_error():
-    """ConvMixer takes no drop_path_rate: the run's defaults (0) must not pass one to timm
-    (the TPU coverage sweep's train step failed there with a TypeError), and setting one is a
-    ConfigError naming it."""
+    """GhostNet takes no drop_path_rate and no **kwargs in timm 1.0.12 to 1.0.31 (ConvMixer, where
+    the TPU coverage sweep's train step failed with a TypeError, swallows it in 1.0.12): the run's
+    defaults (0) must not pass one to timm, and setting one is a ConfigError naming it."""
     from torch2flax import prepare_model
     from torch2flax.errors import ConfigError
 
     kw = dict(num_classes=3, backend="export", image_size=32)
-    converted = prepare_model("convmixer_768_32", **kw)
+    converted = prepare_model("ghostnet_050", **kw)
     assert converted.module.num_classes == 3 and "drop_path_rate" not in dict(converted.module.timm_kwargs)
     with pytest.raises(ConfigError, match="drop_path_rate"):
-        prepare_model("convmixer_768_32", drop_path_rate=0.1, **kw)
+        prepare_model("ghostnet_050", drop_path_rate=0.1, **kw)
