@@ -12,7 +12,11 @@ import numpy as np
 
 from torch2flax.errors import ConfigError
 
-__all__ = ["numpy_collate", "pad_batch", "shard_batch"]
+__all__ = ["LAYOUTS", "numpy_collate", "pad_batch", "shard_batch"]
+
+# How a batch is laid out on the devices (loaders.device): "pmap", `[devices, per_device, ...]`
+# arrays for jax.pmap, or "jit", one global batch sharded along its first axis.
+LAYOUTS = ("pmap", "jit")
 
 
 def _stack(key: str, values: Sequence[Any]) -> np.ndarray:

@@ -23,10 +23,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from torch2flax.errors import ConfigError
+from torch2flax.loaders.collate import LAYOUTS
 
 __all__ = ["make_mesh", "normalize_on_device", "prefetch_to_device", "put_batch"]
-
-LAYOUTS = ("pmap", "jit")
 
 
 def make_mesh(devices: Sequence[Any] | None = None, axis_name: str = "batch") -> jax.sharding.Mesh:

@@ -5,7 +5,7 @@ import pytest
 
 def test_backends_are_found_by_name_and_by_module_type():
     import torch2flax
-    from torch2flax.backend import BACKENDS, Backend, backend_of, find_backend, get_backend, register_backend
+    from torch2flax.backend import BACKEND_REGISTRY, Backend, backend_of, find_backend, get_backend, register_backend
     from torch2flax.export.model import ExportedModel
 
     native, export = get_backend("native"), get_backend("export")
@@ -33,7 +33,7 @@ def test_backends_are_found_by_name_and_by_module_type():
         assert backend_of(Twin()) is get_backend("third") and get_backend("third").supports("twin")
         assert backend_of(Twin()).headless(Twin()).num_classes == 0  # the contract's default
     finally:
-        del BACKENDS["third"]
+        del BACKEND_REGISTRY["third"]
 
 
 def test_a_backend_must_implement_the_contract():

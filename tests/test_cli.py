@@ -51,23 +51,26 @@ def test_cli_convert_then_verify(r18, tmp_path, capsys, monkeypatch):
         out = capsys.readouterr()
         return code, out.out, out.err
 
-    code, out, err = run("convert", "resnet18", "--checkpoint", "x.safetensors", "--out", "r18.msgpack",
-                         "--size", "32")
+    code, out, err = run("convert", "resnet18", "--timm-checkpoint", "x.safetensors", "--out", "r18.msgpack",
+                         "--image-size", "32", "--batch-size", "2")
     assert code == 0, err
     assert "logits" in out and "features" in out and "FAIL" not in out
     assert "wrote r18.msgpack" in out and "wrote r18.msgpack.json" in out
     assert (tmp_path / "r18.msgpack").stat().st_size > 46e6  # 11.7M float32 parameters
 
-    code, out, err = run("verify", "r18.msgpack", "--checkpoint", "x.safetensors", "--size", "32")
-    assert code == 0 and out.count(" ok ") == 2, out + err
+    code, out, err = run("verify", "r18.msgpack", "--timm-checkpoint", "x.safetensors", "--image-size", "32")
+    assert code == 0 and out.count(" ok ") == 2 and "deprecated" not in err, out + err
     # Without a checkpoint: the msgpack converted back to torch.
     code, out, err = run("verify", "r18.msgpack", "--size", "32")
     assert code == 0 and "converted back to torch" in out, err
     # Weights that differ from the msgpack's fail verification with a non-zero exit.
     other = timm.create_model("resnet18", pretrained=False)
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "y.safetensors"))
+    # ... named with the old spellings, which still work and say the new ones, once each.
     code, out, err = run("verify", "r18.msgpack", "--checkpoint", "y.safetensors", "--size", "32")
     assert code == 1 and "FAIL" in out
+    assert err.count("torch2flax: --checkpoint is deprecated; use --timm-checkpoint") == 1, err
+    assert err.count("torch2flax: --size is deprecated; use --image-size") == 1, err
 
 
 def test_cli_list_and_unknown_name(capsys):

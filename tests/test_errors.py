@@ -154,4 +154,4 @@ def test_train_pretrained_with_no_hub_names_the_local_weights_flag(data, tmp_pat
     assert out.returncode == 2, out.stderr
     lines = out.stderr.strip().splitlines()
     assert "Traceback" not in out.stderr and lines[-1].startswith("torch2flax: error: "), out.stderr
-    assert "--checkpoint" in lines[-1] and "resnet18" in lines[-1], lines[-1]
+    assert "--timm-checkpoint PATH" in lines[-1] and "resnet18" in lines[-1], lines[-1]

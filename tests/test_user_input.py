@@ -143,8 +143,8 @@ def test_resume_refuses_changed_model_and_data_flags(tmp_path):
     resume = ["--resume", str(tmp_path)]
     config = config_from_args(parser.parse_args(resume + ["--epochs", "20", "--num-classes", "3"]))
     assert (config.epochs, config.lr, config.model) == (20, 5e-05, "resnet18")  # same values are fine
-    with pytest.raises(ValueError, match=r"other model or data settings \(--model 'resnet18' -> 'resnet50'; "
-                                         r"--num-classes 3 -> 5; --image-size 224 -> 96\)"):
+    with pytest.raises(ValueError, match=r"other model or data settings \(--num-classes 3 -> 5; "
+                                         r"--image-size 224 -> 96; --model 'resnet18' -> 'resnet50'\)"):
         config_from_args(parser.parse_args(resume + ["--num-classes", "5", "--image-size", "96", "--model",
                                                      "resnet50"]))
 

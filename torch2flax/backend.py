@@ -23,7 +23,7 @@ from torch2flax.registry import Registry
 # backend imports another (or this package's dispatch) to be found.
 _BUILTIN = {"native": "torch2flax.native", "export": "torch2flax.export.backend"}
 
-BACKENDS: Registry[Backend] = Registry("backend")
+BACKEND_REGISTRY: Registry[Backend] = Registry("backend")
 
 
 class Backend(abc.ABC):
@@ -91,29 +91,34 @@ class Backend(abc.ABC):
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make a `Backend` subclass available by its `name`."""
-    BACKENDS.register(cls.name)(cls())
+    BACKEND_REGISTRY.register(cls.name)(cls())
     return cls
 
 
 def get_backend(name: str) -> Backend:
     """The backend called `name` ("native", "export", or one registered by a plugin)."""
-    if name not in BACKENDS and name in _BUILTIN:
+    if name not in BACKEND_REGISTRY and name in _BUILTIN:
         importlib.import_module(_BUILTIN[name])
-    return BACKENDS.lookup(name)
+    return BACKEND_REGISTRY.lookup(name)
 
 
 def backend_names() -> tuple[str, ...]:
-    return tuple(dict.fromkeys([*_BUILTIN, *BACKENDS]))
+    return tuple(dict.fromkeys([*_BUILTIN, *BACKEND_REGISTRY]))
+
+
+def backend_choices() -> tuple[str, ...]:
+    """What `backend=` accepts: "auto" (native where one exists) and every backend's name."""
+    return ("auto", *backend_names())
 
 
 def find_backend(module: Any, load: bool = True) -> Backend | None:
     """The backend that built `module` (by the module's type), or None for any other object.
     `load=False` looks only among backends already imported (no imports at trace time)."""
     for attempt in range(2 if load else 1):
-        for backend in BACKENDS.values():
+        for backend in BACKEND_REGISTRY.values():
             if isinstance(module, backend.module_types):
                 return backend
-        if attempt == 0 and any(name not in BACKENDS for name in _BUILTIN):
+        if attempt == 0 and any(name not in BACKEND_REGISTRY for name in _BUILTIN):
             for name in _BUILTIN:
                 get_backend(name)
         else:

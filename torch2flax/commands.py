@@ -9,7 +9,8 @@ import os
 import sys
 import time
 
-from torch2flax.backend import backend_names
+from torch2flax.backend import backend_choices, backend_names
+from torch2flax.utils import add_deprecated_alias
 
 DEFAULT_TOL = 1e-4
 
@@ -30,9 +31,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("name", help="timm model name (see `torch2flax list`)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", action="store_true", help="timm's pretrained weights from the hub")
-    src.add_argument("--checkpoint", metavar="PATH", help=".pth/.pt/.bin/.safetensors state dict")
+    src.add_argument("--timm-checkpoint", dest="checkpoint", metavar="PATH",
+                     help="a timm state dict: .pth/.pt/.bin/.safetensors")
+    add_deprecated_alias(src, "--checkpoint", "--timm-checkpoint", "checkpoint")
     p.add_argument("--num-classes", type=int, default=None, help="new head size (freshly initialised)")
-    p.add_argument("--backend", choices=("auto", *backend_names()), default="auto",
+    p.add_argument("--backend", choices=backend_choices(), default="auto",
                    help="native Flax twin, exported graph, or auto (native where one exists)")
     p.add_argument("--out", required=True, metavar="FILE.msgpack", help="output file (+ FILE.msgpack.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
@@ -41,18 +44,22 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser(
         "verify", help="compare a converted model with timm",
-        description="Rebuild the timm model with the same weights (from --checkpoint, or the msgpack "
+        description="Rebuild the timm model with the same weights (from --timm-checkpoint, or the msgpack "
         "converted back to torch) and print the errors of logits and features; exit 1 above tolerance.")
     p.add_argument("file", metavar="FILE.msgpack")
-    p.add_argument("--checkpoint", metavar="PATH", help="compare against this torch checkpoint")
+    p.add_argument("--timm-checkpoint", dest="checkpoint", metavar="PATH",
+                   help="compare against this timm state dict (.pth/.pt/.bin/.safetensors)")
+    add_deprecated_alias(p, "--checkpoint", "--timm-checkpoint", "checkpoint")
     _check_args(p)
     p.set_defaults(func=cmd_verify)
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--image-size", dest="size", type=int, default=None,
                    help="square input size of the check (default: the model's pretrained input size)")
-    p.add_argument("--batch", type=int, default=2, help="batch size of the check (default 2)")
+    p.add_argument("--batch-size", dest="batch", type=int, default=2, help="batch size of the check (default 2)")
+    add_deprecated_alias(p, "--size", "--image-size", "size", type=int)
+    add_deprecated_alias(p, "--batch", "--batch-size", "batch", type=int)
     p.add_argument("--tol", type=float, default=DEFAULT_TOL,
                    help="max |flax - timm| / max(1, max |timm|) allowed (default %(default)g)")
 
@@ -136,14 +143,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from torch2flax import io
-    from torch2flax.converter import load_checkpoint, load_into_timm, parity_errors, timm_from_flax
+    from torch2flax.converter import load_into_timm, load_timm_state_dict, parity_errors, timm_from_flax
     from torch2flax.models import model_name
 
     module, variables = io.load(args.file)
     name = model_name(module)
     if args.checkpoint:
         model = timm_from_flax(module, variables)  # the architecture, then the checkpoint's weights
-        load_into_timm(model, load_checkpoint(args.checkpoint), source=f"checkpoint {args.checkpoint}")
+        load_into_timm(model, load_timm_state_dict(args.checkpoint), source=f"checkpoint {args.checkpoint}")
         reference = args.checkpoint
     else:
         model = timm_from_flax(module, variables)

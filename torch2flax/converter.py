@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from torch2flax.backend import backend_names, backend_of, fixed_input_size, get_backend
+from torch2flax.backend import backend_choices, backend_of, fixed_input_size, get_backend  # noqa: F401 - backend_choices re-exported
 from torch2flax.errors import ConfigError
 from torch2flax.native import (  # noqa: F401 - the mapping rules' public home before the backends split
     Rule,
@@ -23,11 +23,11 @@ from torch2flax.native import (  # noqa: F401 - the mapping rules' public home b
     flax_to_torch,
     torch_to_flax,
 )
-from torch2flax.timm_source import (  # noqa: F401 - re-exported: `torch2flax.converter.load_checkpoint`, ...
+from torch2flax.timm_source import (  # noqa: F401 - re-exported: `torch2flax.converter.load_timm_state_dict`, ...
     IGNORED_TORCH_SUFFIXES,
     head_keys,
-    load_checkpoint,
     load_into_timm,
+    load_timm_state_dict,
     timm_model,
 )
 
@@ -51,13 +51,6 @@ class Converted(tuple):
     def __repr__(self) -> str:
         return f"Converted(module={type(self[0]).__name__}, reinitialized={self.reinitialized})"
 
-
-def backend_choices() -> tuple[str, ...]:
-    """What `backend=` accepts: "auto" and every backend's name."""
-    return ("auto", *backend_names())
-
-
-BACKENDS = backend_choices()
 
 
 def is_native(name: str) -> bool:

@@ -42,7 +42,7 @@ class TimmSource:
 # checkpoints
 
 
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+def load_timm_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """A torch state dict from `.pth/.pt/.bin` (weights_only: no code runs) or `.safetensors`.
 
     A `state_dict` or `model` wrapper key is unwrapped, and a `module.` prefix
@@ -237,7 +237,7 @@ def timm_model(
         if pretrained and checkpoint is not None:
             raise ConfigError("pass either pretrained=True or checkpoint=..., not both")
         if checkpoint is not None:
-            state = load_checkpoint(checkpoint)
+            state = load_timm_state_dict(checkpoint)
             classes = checkpoint_classes(state, timm.models.get_pretrained_cfg(name))
             model = _create(name, pretrained=False, **{**timm_kwargs, "num_classes": classes})
             load_into_timm(model, state, source=f"checkpoint {os.fspath(checkpoint)}")
@@ -250,7 +250,7 @@ def timm_model(
                 raise WeightsUnavailable(
                     f"could not fetch pretrained weights for {name!r} from the hub ({e}); without internet "
                     "(a Kaggle code competition, say) download timm's weights for it (a .pth or .safetensors "
-                    "state dict) where you can and pass the file with --checkpoint PATH instead of --pretrained "
+                    "state dict) where you can and pass the file with --timm-checkpoint PATH instead of --pretrained "
                     "(in Python: checkpoint=PATH)") from e
         else:
             model = _create(name, pretrained=False,

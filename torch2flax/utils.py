@@ -71,3 +71,20 @@ def freeze_value(value: Any) -> Any:
 def thaw_value(value: Any) -> Any:
     """The JSON-able form of a `freeze_value`d sequence: tuples become lists (mappings stay pairs)."""
     return [thaw_value(v) for v in value] if isinstance(value, tuple) else value
+
+
+def add_deprecated_alias(parser: Any, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    """`old`, a hidden spelling of flag `new` (same `dest`): it still works, and says once, on
+    stderr, what to type instead."""
+    import argparse
+    import sys
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"torch2flax: {option_string} is deprecated; use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, values)
+
+    if kwargs.get("action") == "store_true":  # an old boolean switch
+        kwargs.pop("action")
+        kwargs.update(nargs=0, const=True)
+    parser.add_argument(old, dest=dest, action=Deprecated, help=argparse.SUPPRESS, **kwargs)

@@ -4,98 +4,64 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+from typing import Any
 
 from torch2flax.errors import ConfigError, MissingFileError
-from torch2flax.train.config import TrainConfig
+from torch2flax.train.config import TrainConfig, field_value, fixed_on_resume
+from torch2flax.utils import add_deprecated_alias
 
-# argparse types for fields whose default is None (the default's type says nothing).
-_OPTIONAL_TYPES = {"augment": str, "crop_pct": float, "checkpoint": str, "init": str, "grad_clip": float,
-                   "num_devices": int, "head": str, "model": str, "checkpoint_every": str, "time_limit": str}
-_HELP = {
-    "train": "glob(s) of training TFRecord files (several are merged)", "val": "glob of validation TFRecord files",
-    "folds": "k-fold cross-validation: fold I of --train is the validation set (no --val); each fold "
-             "trains in OUT/fold{I}, writes out-of-fold predictions, and OUT/oof.csv and cv.json gather them",
-    "fold": "the fold to run, 0..K-1, or 'all' (default): each in turn",
-    "fold_seed": "folds depend only on (record id, label, K, this seed)",
-    "tta": "test-time augmentation of the out-of-fold predictions (hflip); `predict` uses it for this run's checkpoints",
-    "model": "timm model name (see `torch2flax list`)", "pretrained": "start from timm's pretrained weights",
-    "checkpoint": "start from a timm state dict (.pth/.pt/.bin/.safetensors)",
-    "init": "start from a torch2flax .msgpack", "out": "output folder",
-    "batch_size": "global batch over every device of every process (divisible by the total device count)",
-    "dtype": "compute dtype; parameters stay float32", "parallel": "pmap (default) or jit with a sharded mesh",
-    "sync_bn": "synchronise BatchNorm statistics across devices",
-    "ema_decay": "EMA of parameters for evaluation (0 disables)",
-    "accum_steps": "gradient accumulation steps per update",
-    "mixup": "MixUp: Beta(alpha, alpha) mixing of image pairs and their labels (0: off; timm uses 0.8)",
-    "cutmix": "CutMix: paste a box of the paired image, labels mixed by area (0: off; timm uses 1.0)",
-    "mix_prob": "chance a batch is mixed (MixUp/CutMix)",
-    "switch_prob": "with --mixup and --cutmix: chance of CutMix rather than MixUp",
-    "checkpoint_every": "also checkpoint every N steps (500) or every period (10m), with the loader "
-                        "position: --resume continues from that step exactly",
-    "keep_checkpoints": "training checkpoints to keep in OUT/checkpoints/<step> (the newest)",
-    "async_checkpoints": "write training checkpoints in a background thread while training goes on",
-    "time_limit": "stop with a checkpoint before this much time has passed (8h45m, 30m, 90s): leave a "
-                  "session's remaining time for predict",
-    "augment": "kaggle (shift-scale-rotate, brightness/contrast, hue/saturation, blur, coarse dropout) or "
-               "trivialaugment, added after the crop and flips; or a .yaml/.json pipeline saved with "
-               "albumentations' A.save, which replaces the training augmentation (copied into OUT)",
-    "skip_bad_images": "an image that does not decode takes the next image's place instead of stopping the "
-                       "run; counted per epoch in metrics.csv, listed in bad_images.csv",
-    "head": "add-on head on the backbone's features, replacing its classifier: mlp[:HIDDEN][,dropout=P,act=relu|silu|gelu,"
-            "norm=BOOL] or gem[:P][,eps=E,dropout=P,learn_p=BOOL], e.g. mlp:512,dropout=0.3",
-}
-
-
-def num_workers_arg(value: str) -> int | str:
-    """`--num-workers`: "auto" or an int >= 0."""
-    if value == "auto":
-        return value
-    try:
-        n = int(value)
-    except ValueError:
-        n = -1
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or an int >= 0, got {value!r}")
-    return n
-
-
-_OPTIONAL_TYPES["num_workers"] = num_workers_arg
-_HELP["num_workers"] = "loader worker processes, or 'auto' (default): usable CPUs less one, capped by memory"
 # train/tpu_check.TPUS' keys (that module imports jax: kept out of `--help`'s path).
 TPU_NAMES = ("v3-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v6e-1", "v6e-8")
-_CHOICES = {"optimizer": ("adamw", "sgd"), "dtype": ("float32", "bfloat16"), "parallel": ("pmap", "jit")}
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
-def _with_default(text: str | None, f: dataclasses.Field) -> str:
-    """A flag's help with the TrainConfig default it falls back to (the parser's own default is
-    None: a flag not given leaves the config file's or the resumed run's value)."""
-    default = f.default if f.default is not dataclasses.MISSING else None
+def _shown(default: Any, f: dataclasses.Field) -> str:
     if isinstance(default, bool):
-        shown = f"--{'' if default else 'no-'}{f.name.replace('_', '-')}"
+        return f"--{'' if default else 'no-'}{f.name.replace('_', '-')}"
+    return "none" if default in (None, "") else str(default)
+
+
+def add_setting(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name: str, *,
+                default: Any = None, help: str | None = None, config_default: bool = False, **overrides: Any) -> None:
+    """The flag of TrainConfig field `name`, from its declaration (`train.config.setting`): name,
+    type, choices, help and default. The train command leaves its default None (`config_default`)
+    so that only flags given override a config file or a resumed run; other commands give theirs."""
+    f = _FIELDS[name]
+    meta = f.metadata
+    flag = meta["flag"] or "--" + name.replace("_", "-")
+    shown = f.default if config_default else default
+    text = help or meta["help"]
+    kwargs: dict[str, Any] = dict(dest=name, default=None if config_default else default,
+                                  help=text if "(default" in text else f"{text} (default: {_shown(shown, f)})")
+    kind = str(f.type)
+    if kind == "bool":
+        kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        shown = "none" if default in (None, "") else default
-    if text and "(default" in text:
-        return text
-    return f"{text + ' ' if text else ''}(default: {shown})"
+        # The config's own coercion and check, so a flag and a YAML key accept the same values.
+        def parse(text: str, f: dataclasses.Field = f) -> Any:
+            try:
+                return field_value(f, None if text == "none" and "None" in str(f.type) else text)
+            except ConfigError as e:
+                raise argparse.ArgumentTypeError(str(e).split(": ", 1)[-1]) from None
+
+        parse.__name__ = kind  # argparse names it in "invalid ... value"
+        kwargs["type"] = parse
+        if meta["choices"] is not None:
+            kwargs["metavar"] = "{" + ",".join("none" if c is None else str(c) for c in meta["choices"]) + "}"
+        if "list[str]" in kind:
+            kwargs["nargs"] = "+"
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+    kwargs.update(overrides)
+    parser.add_argument(flag, **kwargs)
+    for alias in meta["aliases"]:
+        add_deprecated_alias(parser, alias, flag, name, **{k: v for k, v in kwargs.items() if k in ("type", "nargs")})
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    # Every TrainConfig field is a flag; defaults are None so that only flags actually given
-    # override the config file (and the saved config when resuming).
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kwargs = dict(dest=f.name, default=None, help=_with_default(_HELP.get(f.name), f))
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
-        elif f.name == "train":  # several globs merge (Kaggle's train and val, split into folds)
-            parser.add_argument(flag, nargs="+", metavar="GLOB", **kwargs)
-        elif f.name == "fold":
-            parser.add_argument(flag, metavar="I|all", **kwargs)
-        else:
-            kwargs["type"] = _OPTIONAL_TYPES.get(f.name) or type(f.default)
-            if f.name in _CHOICES:
-                kwargs["choices"] = _CHOICES[f.name]
-            parser.add_argument(flag, **kwargs)
+    # Every TrainConfig field is a flag, generated from its declaration.
+    for name in _FIELDS:
+        add_setting(parser, name, config_default=True)
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -147,16 +113,14 @@ def register(subparsers) -> None:
                    help="one weight per --checkpoint (default equal; a CV folder's folds share its weight)")
     q.add_argument("--test", required=True, help="glob of test TFRecord files")
     q.add_argument("--out", default="submission.csv", help="CSV to write (id,label)")
-    q.add_argument("--tta", nargs="+", choices=("hflip", "none"), default=None, metavar="MODE",
-                   help="test-time augmentation, hflip or none: one for every --checkpoint or one each "
-                   "(default: what each checkpoint's run used for its out-of-fold predictions)")
+    add_setting(q, "tta", nargs="+", help="test-time augmentation: one for every --checkpoint or one each "
+                "(default: what each checkpoint's run used for its out-of-fold predictions)")
     q.add_argument("--probs", help="also save class probabilities to this .npy")
-    q.add_argument("--batch-size", type=int, default=64)
-    q.add_argument("--image-size", type=int, default=None, help="default: the checkpoint's")
-    q.add_argument("--num-workers", type=num_workers_arg, default="auto", help=_HELP["num_workers"])
-    q.add_argument("--parallel", choices=("pmap", "jit"), default="pmap")
-    q.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    q.add_argument("--quiet", action="store_true")
+    add_setting(q, "batch_size", default=64, help="global batch over every device of every process")
+    add_setting(q, "image_size", help="image size (default: the checkpoint's)")
+    for name in ("num_workers", "parallel", "dtype"):
+        add_setting(q, name, default=_FIELDS[name].default)
+    q.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_distributed_flags(q)
     q.set_defaults(func=run_predict)
 
@@ -177,11 +141,11 @@ def register(subparsers) -> None:
                               description="Write digits TFRecords, convert a timm backbone, fine-tune "
                               "it on every local device, predict the test split, print a summary.")
     d.add_argument("--out", default="runs/demo", help="output folder (default %(default)s)")
-    d.add_argument("--model", default="resnet18", help="timm model name (default %(default)s)")
-    d.add_argument("--epochs", type=int, default=8, help="training epochs (default %(default)s)")
-    d.add_argument("--batch-size", type=int, default=64)
-    d.add_argument("--image-size", type=int, default=32)
-    d.add_argument("--num-workers", type=num_workers_arg, default="auto", help=_HELP["num_workers"])
+    add_setting(d, "model", default="resnet18", help="timm model name (see `torch2flax list`)")
+    add_setting(d, "epochs", default=8)
+    add_setting(d, "batch_size", default=64)
+    add_setting(d, "image_size", default=32)
+    add_setting(d, "num_workers", default="auto")
     d.add_argument("--no-pretrained", action="store_true",
                    help="start from random weights without trying the model hub")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -218,16 +182,11 @@ def register(subparsers) -> None:
                               description="Report package versions, JAX's devices, CPUs, memory and /dev/shm, "
                               "and warn about what breaks or slows a run here (a jax/libtpu mismatch, JAX on "
                               "CPU beside a GPU, /dev/shm too small for the loader workers, ...), each with a fix.")
-    e.add_argument("--batch-size", type=int, default=128, help="global batch to check for (default %(default)s)")
-    e.add_argument("--image-size", type=int, default=224, help="image size to check for (default %(default)s)")
-    e.add_argument("--num-workers", type=num_workers_arg, default="auto", help=_HELP["num_workers"])
+    add_setting(e, "batch_size", default=128, help="global batch to check for")
+    add_setting(e, "image_size", default=224, help="image size to check for")
+    add_setting(e, "num_workers", default="auto")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.set_defaults(func=run_doctor)
-
-
-# What a resumed run cannot change: the model it trains and the data order it sees.
-RESUME_FIXED = ("model", "backend", "pretrained", "checkpoint", "init", "head", "num_classes", "image_size",
-                "train", "val", "batch_size", "seed", "folds", "fold_seed")
 
 
 def cv_folder(resume: str, saved: str) -> str:
@@ -249,6 +208,10 @@ def cv_folder(resume: str, saved: str) -> str:
     return resume
 
 
+def _flag(name: str) -> str:
+    return _FIELDS[name].metadata["flag"] or "--" + name.replace("_", "-")
+
+
 def _given(args: argparse.Namespace) -> dict:
     """The TrainConfig fields the flags set (their defaults are None: unset flags leave the config's)."""
     return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
@@ -264,7 +227,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             raise MissingFileError(f"--resume {args.resume}: {saved} not found (is it a run folder?)")
         config = TrainConfig.from_file(saved, **{**given, "out": cv_folder(args.resume, saved)})
         before = TrainConfig.from_file(saved)
-        changed = [f"--{k.replace('_', '-')} {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in RESUME_FIXED
+        changed = [f"{_flag(k)} {getattr(before, k)!r} -> {getattr(config, k)!r}" for k in fixed_on_resume()
                    if k in given and getattr(config, k) != getattr(before, k)]
         if changed:
             raise ConfigError(f"--resume {args.resume}: the run was started with other model or data settings "

@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from torch2flax.errors import ConfigError
 from torch2flax.loaders import make_mesh, prefetch_to_device
+from torch2flax.loaders.collate import LAYOUTS
 
 AXIS = "batch"
 
@@ -58,8 +59,8 @@ def _first_replica(x: jax.Array) -> np.ndarray:
 
 class Parallel:
     def __init__(self, layout: str, devices: list[jax.Device]):
-        if layout not in ("pmap", "jit"):
-            raise ConfigError(f"parallel layout {layout!r}: expected 'pmap' or 'jit'")
+        if layout not in LAYOUTS:
+            raise ConfigError(f"parallel layout {layout!r}: expected one of {LAYOUTS}")
         self.layout = layout
         self.devices = list(devices)  # this process's
         self.global_devices = global_devices(self.devices)

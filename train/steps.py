@@ -14,11 +14,12 @@ from jax import lax
 
 from torch2flax.errors import ConfigError
 from torch2flax.loaders import normalize_on_device
+from torch2flax.train.config import DTYPES, TTA_MODES
 from torch2flax.train.metrics import confusion_matrix
 from torch2flax.train.mix import MixSpec, mix_batch
 from torch2flax.train.state import TrainState
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = {name: getattr(jnp, name) for name in DTYPES}
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,6 @@ def predict_step(variables: Any, images: jax.Array, *, module: nn.Module, mean, 
     if tta == "hflip":
         flipped = module.apply(variables, jnp.flip(x, axis=-2), train=False).astype(jnp.float32)
         probs = (probs + jax.nn.softmax(flipped, -1)) / 2
-    elif tta is not None:
-        raise ConfigError(f"unknown tta {tta!r}: expected None or 'hflip'")
+    elif tta not in TTA_MODES:
+        raise ConfigError(f"unknown tta {tta!r}: expected one of {TTA_MODES}")
     return probs

@@ -140,14 +140,14 @@ def freeze_kwargs(kwargs: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return freeze_value(dict(kwargs))
 
 
-def timm_model(spec: ExportSpec) -> torch.nn.Module:
+def cached_timm_model(spec: ExportSpec) -> torch.nn.Module:
     """The timm model behind a spec (`CACHE.model`)."""
     return CACHE.model(spec)
 
 
 def feature_names(spec: ExportSpec) -> list[str]:
     """The module names of timm's `feature_info` (the feature stages) for a spec."""
-    return [f["module"] for f in getattr(timm_model(spec), "feature_info", None) or ()]
+    return [f["module"] for f in getattr(cached_timm_model(spec), "feature_info", None) or ()]
 
 
 def resized(spec: ExportSpec, size: tuple[int, int]) -> ExportSpec:
@@ -167,7 +167,7 @@ def resized(spec: ExportSpec, size: tuple[int, int]) -> ExportSpec:
         kwargs["dynamic_img_size"] = True
     new = dataclasses.replace(spec, image_size=size, timm_kwargs=freeze_kwargs(kwargs))
     if spec.instance_key is not None and new not in CACHE:
-        CACHE.put(new, timm_model(spec))
+        CACHE.put(new, cached_timm_model(spec))
     return new
 
 
@@ -274,7 +274,7 @@ class ExportedModel(nn.Module):
                           tuple(self.image_size), self.instance_key)
 
     def setup(self):
-        params, buffers = flat_state(timm_model(self.spec))
+        params, buffers = flat_state(cached_timm_model(self.spec))
         # One Flax variable per top-level timm attribute, each holding the nested subtree; the
         # initialisers return timm's own init (the rng is unused: weights come from conversion).
         self._params = {k: self.param(k, _const(v)) for k, v in nest(params).items()}
@@ -344,7 +344,7 @@ class ExportedModel(nn.Module):
         if unknown:
             raise ConfigError(f"{self.model_name}: no module output named {unknown} in the {method} graph; "
                              f"modules with outputs include {feature_names(self.spec) or sorted(found)[:20]}")
-        nchw = getattr(timm_model(self.spec), "output_fmt", "NCHW") == "NCHW"
+        nchw = getattr(cached_timm_model(self.spec), "output_fmt", "NCHW") == "NCHW"
         captured: dict[str, Array] = {}
 
         def hook(name: str) -> Callable[[Any], Any]:
@@ -366,23 +366,23 @@ class ExportedModel(nn.Module):
 
     def feature_info(self) -> list[dict[str, Any]]:
         """timm's `feature_info` of the model: `{"module", "num_chs", "reduction"}` per feature stage."""
-        return [dict(f) for f in getattr(timm_model(self.spec), "feature_info", None) or ()]
+        return [dict(f) for f in getattr(cached_timm_model(self.spec), "feature_info", None) or ()]
 
     def _nchw_features(self) -> bool:
         """Whether timm's forward_features returns an NCHW map (4-D with channels at dim 1)."""
         out = program(self.spec, "forward_features", False).output_node.args[0][0].meta.get("val")
-        n = getattr(timm_model(self.spec), "num_features", None)
+        n = getattr(cached_timm_model(self.spec), "num_features", None)
         return out is not None and out.ndim == 4 and out.shape[1] == n and out.shape[3] != n
 
     def variable_shapes(self) -> dict[str, Any]:
         """`{"params": ..., "batch_stats": ...}` as `jax.ShapeDtypeStruct`s, without tracing the graph."""
-        params, buffers = flat_state(timm_model(self.spec))
+        params, buffers = flat_state(cached_timm_model(self.spec))
         shape = lambda flat: nest({k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in flat.items()})
         return {"params": shape(params), **({"batch_stats": shape(buffers)} if buffers else {})}
 
     def no_weight_decay(self) -> frozenset[str]:
         """Top-level parameter names timm exempts from weight decay (`pos_embed`, `cls_token`, ...)."""
-        model = timm_model(self.spec)
+        model = cached_timm_model(self.spec)
         names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
         return frozenset(str(n) for n in names)
 
@@ -503,7 +503,7 @@ def timm_from_exported(module: ExportedModel, variables: Mapping[str, Any]) -> t
     """A timm model (eval mode) carrying an `ExportedModel`'s weights: the conversion run backwards."""
     import copy
 
-    model = copy.deepcopy(timm_model(module.spec))
+    model = copy.deepcopy(cached_timm_model(module.spec))
     missing, unexpected = model.load_state_dict(exported_state_dict(variables), strict=False)
     tied = tied_names(model)
     missing = [k for k in missing if not k.endswith("num_batches_tracked") and k not in tied]
