@@ -254,14 +254,14 @@ def single_device_env(**extra: str) -> dict[str, str]:
 # test can signal it mid-epoch from outside; everything else is the command as users run it.
 PACED_CLI = """
 import sys, time
-from torch2flax.train import trainer
-real = trainer.host_batches
+from torch2flax.train import bad_images
+real = bad_images.host_batches
 def paced(loader, bad):
     for batch in real(loader, bad):
         if getattr(loader, "train", False) and loader.epoch == 1:
             time.sleep(0.25)
         yield batch
-trainer.host_batches = paced
+bad_images.host_batches = paced
 from torch2flax.cli import main
 sys.exit(main(sys.argv[1:]))
 """

@@ -46,8 +46,9 @@ def test_bad_checkpoint_names_the_key(r18, tmp_path, defect):
 
 
 def test_generic_mapping_is_strict_both_ways(r18):
-    from torch2flax.converter import build_rules, convert, flax_layers, torch_to_flax
+    from torch2flax.converter import convert
     from torch2flax.models import get_entry
+    from torch2flax.native import build_rules, flax_layers, torch_to_flax
 
     model, state = r18
     module, _ = convert(model)

@@ -71,7 +71,7 @@ def test_each_process_splits_the_merged_files_the_same_way(labelled, monkeypatch
     assigns folds itself) and for the same records as one file list or another."""
     import jax
 
-    from torch2flax.train.trainer import index_splits
+    from torch2flax.train.data import index_splits
 
     globs, labels, _ = labelled
     init = None  # no model is needed to split

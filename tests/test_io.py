@@ -46,15 +46,16 @@ def test_save_load_round_trip_is_bit_identical(r18, tmp_path):
     save(tmp_path / "r.msgpack", module, jax_utils.replicate(variables, jax.local_devices()[:2]))
     _, v3 = load(tmp_path / "r.msgpack")
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), v3, variables)))
-    # ... and a bare replicated msgpack (plain flax.serialization) is unreplicated on load.
+    # ... and a bare msgpack of variables (plain flax.serialization) is not a model file, even beside a
+    # sidecar: the file itself must carry the config (no reader guesses a layout).
     from flax import serialization
 
-    (tmp_path / "bare.msgpack").write_bytes(serialization.to_bytes(
-        jax.tree.map(lambda a: np.stack([a, a, a]), jax.device_get(variables))))
+    from torch2flax.errors import DataError
+
+    (tmp_path / "bare.msgpack").write_bytes(serialization.to_bytes(jax.device_get(variables)))
     (tmp_path / "bare.msgpack.json").write_text((tmp_path / "m.msgpack.json").read_text())
-    _, v4 = load(tmp_path / "bare.msgpack")
-    assert jax.tree.map(np.shape, v4) == jax.tree.map(np.shape, variables)
-    assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), v4, variables)))
+    with pytest.raises(DataError, match=r"bare\.msgpack: a msgpack file, but not a torch2flax model .*torch2flax\.save"):
+        load(tmp_path / "bare.msgpack")
 
 
 def test_load_rejects_a_tree_of_another_model(r18, tmp_path):
@@ -76,49 +77,26 @@ def test_load_rejects_a_tree_of_another_model(r18, tmp_path):
 
 
 def _old_file(tmp_path) -> Path:
-    """A `best.msgpack` written by torch2flax 0.1.0 (before the namespace move and the typed
-    training checkpoint): resnet18 at layers (1, 1, 1, 1), 3 classes, with the trainer's
-    untyped `extra` (image size 32, crop 0.875). Its values are a period-7 pattern, offset per
-    tensor, so the fixture gzips to 50 KB; `_pattern` regenerates them."""
+    """A `best.msgpack` written by a torch2flax 0.1.0 development version (before the namespace move
+    and the typed training checkpoint, format version 1): resnet18 at layers (1, 1, 1, 1), 3 classes,
+    with the trainer's untyped `extra`."""
     path = tmp_path / "old_best.msgpack"
     path.write_bytes(gzip.decompress((DATA / "resnet18_l1111_v0.1.0.msgpack.gz").read_bytes()))
     return path
 
 
-def _pattern(shapes):
-    import jax
-
-    leaves, tree = jax.tree_util.tree_flatten(shapes)
-    values = [((np.arange(int(np.prod(s.shape))) + i) % 7 / 7.0 - 0.4).astype(np.float32).reshape(s.shape) * 0.1
-              for i, s in enumerate(leaves)]
-    return jax.tree_util.tree_unflatten(tree, values)
-
-
-@pytest.mark.slow
-def test_a_file_written_before_the_namespace_move_still_loads(tmp_path):
-    import jax
-
-    from torch2flax import load
-    from torch2flax.converter import flax_layers
-    from torch2flax.train.checkpoint import DataSpec, load_checkpoint
+def test_a_file_written_before_the_format_version_was_checked_is_refused(tmp_path):
+    """A torch2flax 0.1.0 development file (format version 1: no backend named, the trainer's
+    untyped `extra`) is refused with both versions named, not read by a guessing fallback."""
+    from torch2flax import __version__, load
+    from torch2flax.errors import DataError
+    from torch2flax.io import FORMAT_VERSION
 
     path = _old_file(tmp_path)
-    module, variables = load(path)
-    assert (module.layers, module.num_classes, module.pretrained_cfg["architecture"]) == ((1, 1, 1, 1), 3, "resnet18")
-    shapes, _ = flax_layers(module)
-    want = _pattern({k: shapes[k] for k in ("params", "batch_stats")})
-    want["batch_stats"] = jax.tree.map(lambda a: np.abs(a) + 0.5, want["batch_stats"])
-    from flax.traverse_util import flatten_dict
-
-    got, want = flatten_dict(dict(variables)), flatten_dict(want)
-    assert got.keys() == want.keys() and len(got) > 40
-    assert all(np.array_equal(np.asarray(got[k]), want[k]) for k in want)
-    logits = np.asarray(module.apply(variables, np.ones((2, 32, 32, 3), np.float32)))
-    assert logits.shape == (2, 3) and np.isfinite(logits).all()
-    # The trainer's old, untyped `extra` reads back as a typed checkpoint.
-    _, _, saved = load_checkpoint(path)
-    assert saved.data == DataSpec(image_size=32, crop_pct=0.875) and saved.epoch == 0
-    assert saved.best_macro_f1 == 0.5 and saved.opt_state is None
+    with pytest.raises(DataError, match=rf"old_best\.msgpack: model file format version 1; torch2flax "
+                                        rf"{__version__} reads version {FORMAT_VERSION}: .*before the first "
+                                        "release; convert the model again"):
+        load(path)
 
 
 @pytest.mark.parametrize("torn_at", [0, 1], ids=["sidecar", "msgpack"])
@@ -153,3 +131,41 @@ def test_an_interrupted_write_leaves_the_previous_files_whole(r18, tmp_path, mon
     assert sorted(os.listdir(tmp_path)) == ["m.msgpack", "m.msgpack.json"]
     _, loaded = load(path)
     assert all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), loaded, variables)))
+
+
+@pytest.mark.parametrize("version,why", [(3, "written by a newer torch2flax, upgrade"),
+                                         (None, "not a file any torch2flax release wrote")])
+def test_a_model_file_of_another_format_version_is_refused_naming_both(tmp_path, version, why):
+    """Readers check the format version the writer put in the config: a newer file is refused with
+    both versions named (never read as if it were this layout)."""
+    from flax import serialization
+
+    from torch2flax import __version__, load
+    from torch2flax.errors import DataError
+    from torch2flax.io import FORMAT_VERSION, module_config, save
+    from torch2flax.models import create_model
+
+    module = create_model("resnet18", layers=(1, 1, 1, 1), num_classes=3)
+    save(tmp_path / "a.msgpack", module, module.init(__import__("jax").random.key(0), np.zeros((1, 32, 32, 3))))
+    load(tmp_path / "a.msgpack")  # this version's file loads
+    state = serialization.msgpack_restore((tmp_path / "a.msgpack").read_bytes())
+    config = {**module_config(module), "format_version": version}
+    state["config"] = json.dumps(config if version is not None else
+                                 {k: v for k, v in config.items() if k != "format_version"})
+    (tmp_path / "b.msgpack").write_bytes(serialization.msgpack_serialize(state))
+    with pytest.raises(DataError, match=rf"b\.msgpack: model file format version {version!r}; torch2flax "
+                                        rf"{__version__} reads version {FORMAT_VERSION}: .*{why}"):
+        load(tmp_path / "b.msgpack")
+
+
+def test_a_training_state_of_a_newer_format_version_is_refused():
+    from torch2flax.errors import DataError
+    from torch2flax.train.checkpoint import TRAIN_FORMAT_VERSION, TrainCheckpoint, _train_record
+
+    record = TrainCheckpoint(epoch=3, step=30).to_state_dict()
+    assert record["format_version"] == TRAIN_FORMAT_VERSION
+    assert _train_record(record, "run/checkpoints/30").epoch == 3
+    with pytest.raises(DataError, match=rf"run/checkpoints/30: training state format version "
+                                        rf"{TRAIN_FORMAT_VERSION + 1}; .* reads version {TRAIN_FORMAT_VERSION}: "
+                                        "it was written by a newer torch2flax"):
+        _train_record({**record, "format_version": TRAIN_FORMAT_VERSION + 1}, "run/checkpoints/30")

@@ -64,8 +64,8 @@ class Pair:
         import torch
 
         from torch2flax import convert
-        from torch2flax.converter import build_rules, flax_layers
         from torch2flax.models import get_entry
+        from torch2flax.native import build_rules, flax_layers
 
         torch.manual_seed(0)
         self.name = name
@@ -104,8 +104,8 @@ def test_structure_of_every_registered_name(name):
     import timm
     import torch
 
-    from torch2flax.converter import build_rules, flax_kwargs_from_timm, flax_layers
     from torch2flax.models import create_model, get_entry
+    from torch2flax.native import build_rules, flax_kwargs_from_timm, flax_layers
 
     name, narrow = name.split("@")[0], name.endswith("@narrow")
     with torch.device("meta"):  # shapes only: no memory, no init FLOPs
@@ -188,7 +188,7 @@ def test_train_step_loss_grads_and_batch_stats_match_timm(pair):
     import jax
     import optax
 
-    from torch2flax.converter import torch_to_flax
+    from torch2flax.native import torch_to_flax
 
     rng = np.random.default_rng(7)
     x = rng.standard_normal((2, 3, 64, 64)).astype(np.float32)

@@ -57,15 +57,15 @@ for step in json.loads(sys.argv[1]):
         if rc != step.get("rc", 0):
             sys.exit(rc or 1)
     elif "sigterm_in_epoch" in step:
-        from torch2flax.train import trainer
+        from torch2flax.train import bad_images
         # Bound now (the driver's names are globals, rebound by a later step); it fires once.
-        def sending(loader, bad, real=trainer.host_batches, when=step["sigterm_in_epoch"], sent=[]):
+        def sending(loader, bad, real=bad_images.host_batches, when=step["sigterm_in_epoch"], sent=[]):
             for i, batch in enumerate(real(loader, bad)):
                 if getattr(loader, "train", False) and loader.epoch == when and i == 0 and not sent:
                     sent.append(True)
                     os.kill(os.getpid(), signal.SIGTERM)
                 yield batch
-        trainer.host_batches = sending
+        bad_images.host_batches = sending
     elif "copy" in step:
         shutil.copytree(*step["copy"])
     elif "touch" in step:

@@ -119,3 +119,58 @@ def test_train_holds_no_model_surgery():
                  if n.startswith("torch2flax.train")
                  for i, line in enumerate(p.read_text().splitlines(), 1) if surgery.search(line)]
     assert offenders == []
+
+
+def _top_level_names(path: pathlib.Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+
+
+def test_the_trainer_holds_only_the_run():
+    """`train/trainer.py` is setup, the epochs and the result: the stop agreement lives in
+    `preemption`, the bad-image report in `bad_images`, the CV orchestration in `cv`, data
+    assembly in `data`, the epoch loop's parts in `loop`."""
+    homes = {"preemption": {"agree", "Control", "StopReason"}, "bad_images": {"host_batches", "write_bad_images"},
+             "cv": {"fit_folds", "write_oof"}, "data": {"index_splits", "build_loaders", "Folds",
+                                                        "training_augmentation", "check_labels"},
+             "loop": {"train_epoch", "evaluate", "EpochMeter"}}
+    trainer = _top_level_names(ROOT / "train" / "trainer.py")
+    for module, names in homes.items():
+        assert names <= _top_level_names(ROOT / "train" / f"{module}.py"), module
+        assert not names & trainer, f"trainer.py defines {sorted(names & trainer)}, which belong in {module}.py"
+    assert len((ROOT / "train" / "trainer.py").read_text().splitlines()) < 400
+
+
+def test_no_two_public_functions_share_a_name():
+    """One name, one meaning: a public function or class is defined in one module only. The CLI
+    modules' `register(subparsers)` is one protocol (each adds its own subcommands)."""
+    seen: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        for fn in _top_level_names(path):
+            if not fn.startswith("_"):
+                seen.setdefault(fn, []).append(name)
+    shared = {fn: mods for fn, mods in seen.items() if len(mods) > 1 and fn != "register"}
+    assert shared == {}
+    assert sorted(seen["register"]) == ["torch2flax.commands", "torch2flax.loaders.cli", "torch2flax.train.cli"]
+
+
+def test_no_flag_means_two_things_in_two_commands():
+    """A flag's help says what it takes; the same flag in two commands takes the same kind of thing
+    (a timm state dict is --timm-checkpoint everywhere; --checkpoint is a torch2flax file)."""
+    import argparse
+
+    from torch2flax.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    dests: dict[str, set[str]] = {}
+    for parser in sub.choices.values():
+        for action in parser._actions:
+            if action.help == argparse.SUPPRESS:  # a deprecated spelling
+                continue
+            for flag in action.option_strings:
+                dests.setdefault(flag, set()).add(action.dest)
+    assert {f: d for f, d in dests.items() if len(d) > 1} == {}
+    timm_state = {c for c, p in sub.choices.items() if "--timm-checkpoint" in p._option_string_actions}
+    assert timm_state == {"convert", "verify", "train", "tpu-check"}
+    for command in ("predict", "gradcam"):  # --checkpoint: a torch2flax .msgpack or run folder
+        assert "torch2flax" in sub.choices[command]._option_string_actions["--checkpoint"].help

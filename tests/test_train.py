@@ -149,19 +149,16 @@ def test_jit_layout_equals_pmap(flowers, reference, tmp_path):
 @pytest.mark.slow
 @pytest.mark.core
 def test_resume_equals_straight_run(flowers, one_of_two_epochs, one_device, tmp_path):
-    """Epoch 2 resumed from a run stopped after epoch 1 equals the straight 2-epoch run, here from
-    the run folder of an earlier version, whose training state was a `last.msgpack` file (the
-    Orbax checkpoints resume in the signal and time-limit tests below)."""
+    """Epoch 2 resumed from a run stopped after epoch 1 (its Orbax checkpoint at the epoch's end)
+    equals the straight 2-epoch run (mid-epoch checkpoints resume in the signal and time-limit
+    tests below)."""
     import shutil
 
     from torch2flax.train import fit
-    from torch2flax.train.checkpoint import load_checkpoint, save_checkpoint
 
     _, globs = flowers
     _, straight = one_device
     out = shutil.copytree(one_of_two_epochs, tmp_path / "run")
-    save_checkpoint(out / "last.msgpack", *load_checkpoint(out))
-    shutil.rmtree(out / "checkpoints")
     result = fit(_config(globs, out, num_devices=1), resume=True, progress=False)
     assert [r["epoch"] for r in result.history] == [0, 1]
     for a, b in zip(_params(out), _params(straight), strict=True):
@@ -187,7 +184,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, 
     import shutil
 
     from torch2flax.train import fit
-    from torch2flax.train.trainer import NonFiniteLossError
+    from torch2flax.train.loop import NonFiniteLossError
 
     _, globs = flowers
     out = shutil.copytree(one_of_two_epochs, tmp_path / "run")
@@ -360,11 +357,11 @@ def _hints(out: str) -> list[str]:
 
 @pytest.mark.slow
 def test_slow_input_prints_the_data_wait_hint_once(flowers, tmp_path, capsys, monkeypatch):
-    from torch2flax.train import fit, trainer
+    from torch2flax.train import data, fit
 
     _, globs = flowers
-    real = trainer.train_transform
-    monkeypatch.setattr(trainer, "train_transform", lambda *a, **k: _Sleepy(real(*a, **k), 0.02))
+    real = data.train_transform
+    monkeypatch.setattr(data, "train_transform", lambda *a, **k: _Sleepy(real(*a, **k), 0.02))
     result = fit(_config(globs, tmp_path, num_devices=1, epochs=2), progress=False)
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -399,7 +396,7 @@ def test_curves_leave_the_users_matplotlib_backend_alone(tmp_path):
 def test_data_wait_hint_wording_and_bar():
     """The hint's decision and advice (a real fast run measured waits of 0.0% and 2.3% with 2
     workers at batch 64: `benchmarks/loader.py` measures the pipeline, not this suite)."""
-    from torch2flax.train.trainer import DATA_WAIT_HINT, data_wait_hint
+    from torch2flax.train.data import DATA_WAIT_HINT, data_wait_hint
 
     assert data_wait_hint({"data_wait": DATA_WAIT_HINT, "images_per_sec": 900.0}, 2, cpus=16) is None
     row = {"data_wait": 0.23, "images_per_sec": 410.0}

@@ -204,7 +204,7 @@ def test_skip_bad_images_puts_the_next_image_in_place_and_reports_the_bad_one(tm
 
     from tests.helpers import encode_jpeg, synthetic_images
     from torch2flax.loaders import RecordError, RecordTransform, TFRecordDataset, eval_transform, make_loader
-    from torch2flax.train.trainer import host_batches
+    from torch2flax.train.bad_images import host_batches
 
     images, _ = synthetic_images(6, 3, 32)
     path = tmp_path / "train-00.tfrec"
@@ -252,7 +252,7 @@ def test_an_augment_file_must_make_training_sized_images(tmp_path):
     import albumentations as A
 
     from torch2flax.train import TrainConfig
-    from torch2flax.train.trainer import training_augmentation
+    from torch2flax.train.data import training_augmentation
 
     path = tmp_path / "aug.json"
     A.save(A.Compose([A.RandomResizedCrop((24, 24)), A.HorizontalFlip()]), str(path))

@@ -22,6 +22,11 @@ from torch2flax.registry import Registry
 # Where the shipped backends live, imported on first use: `import torch2flax` stays light, and no
 # backend imports another (or this package's dispatch) to be found.
 _BUILTIN = {"native": "torch2flax.native", "export": "torch2flax.export.backend"}
+# Backends that wrap another backend's module rather than convert a timm model (an add-on head:
+# `torch2flax.heads.HeadBackend`); found by module type like the others, never offered as `backend=`.
+_WRAPPERS = {"head": "torch2flax.heads"}
+# A model file whose config has this key holds a wrapped model (its backbone's config beside it).
+HEAD_KEY = "head"
 
 BACKEND_REGISTRY: Registry[Backend] = Registry("backend")
 
@@ -34,6 +39,8 @@ class Backend(abc.ABC):
     # True when the modules run a graph of their own (not Flax submodules): their inner outputs
     # come from `module.intermediates(...)`, not from intercepting Flax methods (`features`).
     runs_own_graph: ClassVar[bool] = False
+    # False for a backend that wraps another's modules (an add-on head) instead of converting timm models.
+    converts: ClassVar[bool] = True
 
     @abc.abstractmethod
     def supports(self, architecture: str) -> bool:
@@ -88,6 +95,28 @@ class Backend(abc.ABC):
         """`module` without its classifier (`num_classes=0`), the other variables unchanged."""
         return module.clone(num_classes=0)
 
+    def add_on_head(self, module: Any) -> Any:
+        """The add-on head module on top of `module` (`torch2flax.heads`), or None."""
+        return None
+
+    def file_config(self, module: Any) -> dict[str, Any]:
+        """The model part of a saved file's config (`torch2flax.io.module_config` adds the format)."""
+        return {"backend": self.name, "model": self.model_name(module), "kwargs": self.config(module), **self.file_fields(module)}
+
+    def from_file_config(self, config: Mapping[str, Any], source: str, head: Any = None) -> Any:
+        """The module a `file_config` describes; `head`: an add-on head module to put on it."""
+        from torch2flax.errors import ConfigError, DataError
+
+        if head is not None:
+            raise ConfigError(f"{source}: the model has no add-on head, but a head was passed; use "
+                              "torch2flax.with_head to add one")
+        try:
+            return self.from_config(config["model"], config.get("kwargs", {}))
+        except (KeyError, TypeError) as e:  # a field missing from the file, or one this version does not take
+            raise DataError(f"{source}: its {config['model']} model config does not fit this torch2flax "
+                            f"({type(e).__name__}: {e}); was it written by another version? Load it with that "
+                            "version, or convert the model again") from e
+
 
 def register_backend(cls: type[Backend]) -> type[Backend]:
     """Class decorator: make a `Backend` subclass available by its `name`."""
@@ -96,14 +125,27 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 
 def get_backend(name: str) -> Backend:
-    """The backend called `name` ("native", "export", or one registered by a plugin)."""
-    if name not in BACKEND_REGISTRY and name in _BUILTIN:
-        importlib.import_module(_BUILTIN[name])
+    """The backend called `name` ("native", "export", "head", or one registered by a plugin)."""
+    shipped = {**_BUILTIN, **_WRAPPERS}
+    if name not in BACKEND_REGISTRY and name in shipped:
+        importlib.import_module(shipped[name])
     return BACKEND_REGISTRY.lookup(name)
 
 
+def file_backend(config: Mapping[str, Any], source: str = "config") -> Backend:
+    """The backend that rebuilds the model a saved file's config describes (`source`: the file, for errors)."""
+    if HEAD_KEY in config:
+        return get_backend("head")
+    if "backend" not in config:
+        from torch2flax.errors import DataError
+
+        raise DataError(f"{source}: its model config names no backend (\"backend\": \"native\" or \"export\")")
+    return get_backend(config["backend"])
+
+
 def backend_names() -> tuple[str, ...]:
-    return tuple(dict.fromkeys([*_BUILTIN, *BACKEND_REGISTRY]))
+    """The backends that convert timm models (what `backend=` takes, with "auto")."""
+    return tuple(dict.fromkeys([*_BUILTIN, *(n for n in BACKEND_REGISTRY if BACKEND_REGISTRY.lookup(n).converts)]))
 
 
 def backend_choices() -> tuple[str, ...]:
@@ -118,8 +160,8 @@ def find_backend(module: Any, load: bool = True) -> Backend | None:
         for backend in BACKEND_REGISTRY.values():
             if isinstance(module, backend.module_types):
                 return backend
-        if attempt == 0 and any(name not in BACKEND_REGISTRY for name in _BUILTIN):
-            for name in _BUILTIN:
+        if attempt == 0 and any(name not in BACKEND_REGISTRY for name in {**_BUILTIN, **_WRAPPERS}):
+            for name in {**_BUILTIN, **_WRAPPERS}:
                 get_backend(name)
         else:
             break
@@ -155,3 +197,14 @@ def fixed_input_size(module: Any) -> tuple[int, int] | None:
     """The (H, W) `module` must be called at, or None (any size; also for modules no backend built)."""
     backend = find_backend(module)
     return backend.fixed_input_size(module) if backend is not None else None
+
+
+def input_hw(module: Any, size: int | tuple[int, int] | None = None) -> tuple[int, int]:
+    """The (H, W) to run `module` at: its fixed size if it has one, else `size`, else its pretrained size."""
+    fixed = fixed_input_size(module)
+    if fixed is not None:
+        return fixed
+    if size:
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    _, h, w = (module.pretrained_cfg or {}).get("input_size", (3, 224, 224))
+    return (int(h), int(w))

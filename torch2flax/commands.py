@@ -55,11 +55,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _check_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--image-size", dest="size", type=int, default=None,
+    p.add_argument("--image-size", type=int, default=None,
                    help="square input size of the check (default: the model's pretrained input size)")
-    p.add_argument("--batch-size", dest="batch", type=int, default=2, help="batch size of the check (default 2)")
-    add_deprecated_alias(p, "--size", "--image-size", "size", type=int)
-    add_deprecated_alias(p, "--batch", "--batch-size", "batch", type=int)
+    p.add_argument("--batch-size", type=int, default=2, help="batch size of the check (default 2)")
+    add_deprecated_alias(p, "--size", "--image-size", "image_size", type=int)
+    add_deprecated_alias(p, "--batch", "--batch-size", "batch_size", type=int)
     p.add_argument("--tol", type=float, default=DEFAULT_TOL,
                    help="max |flax - timm| / max(1, max |timm|) allowed (default %(default)g)")
 
@@ -94,7 +94,7 @@ def _report(errors: dict[str, float], tol: float) -> bool:
 
 
 def _hw(module, size: int | None) -> tuple[int, int]:
-    from torch2flax.converter import input_hw
+    from torch2flax.backend import input_hw
 
     return input_hw(module, size)  # an exported graph runs at the size it was exported at
 
@@ -116,7 +116,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         result, model = convert_with_timm(args.name, pretrained=args.pretrained, checkpoint=args.checkpoint,
                                           num_classes=args.num_classes, backend=args.backend,
-                                          image_size=args.size)
+                                          image_size=args.image_size)
         module, variables = result
         bar.update()
         seconds = time.perf_counter() - t0
@@ -124,7 +124,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         errors = None
         if not args.no_verify:
             bar.set_postfix_str("checking parity (compiling)")
-            errors = parity_errors(model, module, variables, batch=args.batch, input_hw=_hw(module, args.size))
+            errors = parity_errors(model, module, variables, batch=args.batch_size, input_hw=_hw(module, args.image_size))
             bar.update()
         bar.set_postfix_str("saving")
         paths = io.save(args.out, module, variables)
@@ -134,7 +134,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     print(f"converted {args.name} in {seconds:.1f}s"
           + (f" (head re-initialised: {', '.join(result.reinitialized)})" if result.reinitialized else ""))
     if errors is not None:
-        print(f"parity vs timm, batch {args.batch} at {'x'.join(map(str, _hw(module, args.size)))}:")
+        print(f"parity vs timm, batch {args.batch_size} at {'x'.join(map(str, _hw(module, args.image_size)))}:")
         ok = _report(errors, args.tol)
     for p in paths:
         print(f"wrote {p} ({os.path.getsize(p) / 1e6:.1f} MB)")
@@ -143,8 +143,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     from torch2flax import io
-    from torch2flax.converter import load_into_timm, load_timm_state_dict, parity_errors, timm_from_flax
-    from torch2flax.models import model_name
+    from torch2flax.converter import parity_errors, timm_from_flax
+    from torch2flax.prepare import model_name
+    from torch2flax.timm_source import load_into_timm, load_timm_state_dict
 
     module, variables = io.load(args.file)
     name = model_name(module)
@@ -155,8 +156,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         model = timm_from_flax(module, variables)
         reference = f"{args.file} converted back to torch"
-    hw = _hw(module, args.size)
+    hw = _hw(module, args.image_size)
     print(f"verifying {args.file} ({name}) against timm with weights from {reference}, "
-          f"batch {args.batch} at {hw[0]}x{hw[1]}:")
-    errors = parity_errors(model, module, variables, batch=args.batch, input_hw=hw)
+          f"batch {args.batch_size} at {hw[0]}x{hw[1]}:")
+    errors = parity_errors(model, module, variables, batch=args.batch_size, input_hw=hw)
     return 0 if _report(errors, args.tol) else 1

@@ -13,23 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from torch2flax.backend import backend_choices, backend_of, fixed_input_size, get_backend  # noqa: F401 - backend_choices re-exported
+from torch2flax.backend import backend_choices, backend_of, get_backend
 from torch2flax.errors import ConfigError
-from torch2flax.native import (  # noqa: F401 - the mapping rules' public home before the backends split
-    Rule,
-    build_rules,
-    flax_kwargs_from_timm,
-    flax_layers,
-    flax_to_torch,
-    torch_to_flax,
-)
-from torch2flax.timm_source import (  # noqa: F401 - re-exported: `torch2flax.converter.load_timm_state_dict`, ...
-    IGNORED_TORCH_SUFFIXES,
-    head_keys,
-    load_into_timm,
-    load_timm_state_dict,
-    timm_model,
-)
+from torch2flax.timm_source import timm_model
 
 
 class Converted(tuple):
@@ -127,26 +113,9 @@ def convert_with_timm(
     return Converted(module, variables, source.reinitialized), source.model
 
 
-def variable_shapes(module: Any) -> Any:
-    """The shapes of a converted module's variables (no FLOPs spent); an add-on head included."""
-    from torch2flax.heads import variable_shapes as shapes
-
-    return shapes(module)
-
-
 def timm_from_flax(module: Any, variables: Any) -> Any:
     """The timm model with the weights of a Flax module (the converter run backwards), in eval mode."""
     return backend_of(module).to_timm(module, variables)
-
-
-def input_hw(module: Any, size: int | None = None) -> tuple[int, int]:
-    """The (H, W) to run `module` at: its fixed size if it has one, else `size`, else its pretrained size."""
-    fixed = fixed_input_size(module)
-    if fixed is not None:
-        return fixed
-    if size:
-        return (size, size)
-    return tuple(module.pretrained_cfg.get("input_size", (3, 224, 224))[1:])  # type: ignore[return-value]
 
 
 def parity_errors(model: Any, module: Any, variables: Any, *, batch: int = 2,

@@ -21,18 +21,20 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.core import freeze, unfreeze
 
-from torch2flax.backend import fixed_input_size
-from torch2flax.backend import variable_shapes as variable_shapes_of
-from torch2flax.errors import ConfigError
+from torch2flax.backend import Backend, backend_of, file_backend, input_hw, register_backend, variable_shapes
+from torch2flax.errors import ConfigError, DataError
 from torch2flax.layers import BatchNorm, Dense
+from torch2flax.utils import freeze_value
 
 Array = jax.Array
 
@@ -189,26 +191,10 @@ def check_map(feats: Any, backbone: Any, head: Any) -> None:
                          "(e.g. --head mlp) with this model")
 
 
-def input_hw(module: Any, image_size: int | tuple[int, int] | None = None) -> tuple[int, int]:
-    """The input size to trace a backbone at: `image_size`, else an exported graph's fixed size,
-    else the pretrained_cfg's."""
-    if image_size is not None:
-        return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)  # type: ignore[return-value]
-    fixed = fixed_input_size(module)
-    if fixed is not None:
-        return fixed
-    size = (module.pretrained_cfg or {}).get("input_size", (3, 224, 224))
-    return (int(size[1]), int(size[2]))
-
-
-def backbone_shapes(module: Any) -> Any:
-    return variable_shapes_of(module)
-
-
 def head_input_shape(backbone: Any, head: nn.Module, image_size: int | tuple[int, int] | None = None,
                      shapes: Any = None) -> jax.ShapeDtypeStruct:
     """The (abstract) head input for a batch of 1, by `jax.eval_shape` of the backbone: no FLOPs."""
-    shapes = backbone_shapes(backbone) if shapes is None else shapes
+    shapes = variable_shapes(backbone) if shapes is None else shapes
     x = jax.ShapeDtypeStruct((1, *input_hw(backbone, image_size), backbone.in_chans), jnp.float32)
     pooled = head_input(head) == "pooled"
 
@@ -255,22 +241,131 @@ def with_head(module: nn.Module, variables: Mapping[str, Any], head: nn.Module, 
     return model, freeze(out)
 
 
-def variable_shapes(module: Any) -> Any:
-    """Variable shapes of any torch2flax model, a `HeadModel` included (no FLOPs spent)."""
-    if not isinstance(module, HeadModel):
-        return backbone_shapes(module)
-    return _head_model_shapes(module)
-
-
 @functools.lru_cache(maxsize=8)
 def _head_model_shapes(module: HeadModel) -> Any:
     # Cached: the trainer saves the same model every epoch, and tracing a big backbone twice
     # (its variables, then the head's input) is seconds each time.
-    shapes = backbone_shapes(module.backbone)
+    shapes = variable_shapes(module.backbone)
     feats = head_input_shape(module.backbone, module.head, shapes=shapes)
     head = jax.eval_shape(lambda x: _init_head(module.head, x, 0), feats)
     return {c: {**({"backbone": shapes[c]} if c in shapes else {}), **({"head": head[c]} if c in head else {})}
             for c in sorted(set(shapes) | set(head))}
+
+
+# ---------------------------------------------------------------------- the head backend
+# The one place that knows a model may carry an add-on head: io, prepare and the trainer ask a
+# model's backend (`torch2flax.backend`), and a HeadModel's is this one, which answers for the
+# backbone through the backbone's own backend and adds the head.
+
+# Head fields that follow the HeadModel (its dtype and BatchNorm sync axis), not saved with the head.
+_HEAD_MODEL_FIELDS = ("parent", "name", "dtype", "axis_name")
+
+
+def head_config(head: Any) -> dict[str, Any]:
+    """The class (module path + qualname) and JSON-able fields of an add-on head."""
+    cls = type(head)
+    kwargs = {}
+    for f in dataclasses.fields(head):
+        if f.name in _HEAD_MODEL_FIELDS:
+            continue
+        v = getattr(head, f.name)
+        if f.name.endswith("dtype"):
+            v = np.dtype(v).name
+        try:
+            json.dumps(v)
+        except TypeError:
+            raise ConfigError(f"{cls.__qualname__}.{f.name}={v!r} cannot be saved: head fields must be "
+                             "JSON values (numbers, strings, bools, None, lists/tuples of them)") from None
+        kwargs[f.name] = list(v) if isinstance(v, tuple) else v
+    return {"module": cls.__module__, "qualname": cls.__qualname__, "kwargs": kwargs}
+
+
+def head_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
+    """The head `head_config` describes; a class this process cannot import raises, saying how to pass it."""
+    import importlib
+
+    import jax.numpy as jnp
+
+    try:
+        module_name, qualname = config["module"], config["qualname"]
+    except KeyError as e:
+        raise DataError(f"{source}: the add-on head's config lacks {e}: the file is damaged") from None
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError):
+        where = ("the __main__ of the process that saved it (a notebook or script)" if module_name == "__main__"
+                 else f"module {module_name!r}")
+        raise DataError(f"{source}: its head class {qualname} was defined in {where} and cannot be imported "
+                         f"here; pass the head module: torch2flax.load(path, head={qualname}(...)), or define "
+                         "the class in an importable module") from None
+    kwargs = {k: getattr(jnp, v) if k.endswith("dtype") else freeze_value(v) for k, v in config.get("kwargs", {}).items()}
+    return obj(**kwargs)
+
+
+@register_backend
+class HeadBackend(Backend):
+    """The backend of a `HeadModel`: a converted backbone (any backend) with an add-on head."""
+
+    name = "head"
+    module_types = (HeadModel,)
+    converts = False
+
+    def supports(self, architecture: str) -> bool:
+        return False
+
+    def convert(self, source: Any, image_size: int | tuple[int, int] | None = None) -> tuple[Any, Any]:
+        raise ConfigError("an add-on head goes on a converted model: torch2flax.with_head(module, variables, head)")
+
+    def variable_shapes(self, module: Any) -> Any:
+        return _head_model_shapes(module)
+
+    def to_timm(self, module: Any, variables: Mapping[str, Any]) -> Any:
+        raise ConfigError(f"a model with an add-on head ({type(module.head).__name__}) has no timm twin; its "
+                          "backbone has (module.backbone, with variables['params']['backbone'])")
+
+    def model_name(self, module: Any) -> str:
+        return backend_of(module.backbone).model_name(module.backbone)
+
+    def config(self, module: Any) -> dict[str, Any]:
+        return backend_of(module.backbone).config(module.backbone)
+
+    def from_config(self, model_name: str, config: Mapping[str, Any]) -> Any:
+        raise ConfigError("a model with an add-on head is rebuilt from its file config (from_file_config)")
+
+    def with_run_settings(self, module: Any, *, drop_rate: float, drop_path_rate: float,
+                          image_size: int | None = None) -> Any:
+        # The rates are the backbone's; the head's own are in its spec.
+        backbone = backend_of(module.backbone).with_run_settings(
+            module.backbone, drop_rate=drop_rate, drop_path_rate=drop_path_rate, image_size=image_size)
+        return module.clone(backbone=backbone)
+
+    def file_fields(self, module: Any) -> dict[str, Any]:
+        return backend_of(module.backbone).file_fields(module.backbone)
+
+    def fixed_input_size(self, module: Any) -> tuple[int, int] | None:
+        return backend_of(module.backbone).fixed_input_size(module.backbone)
+
+    def headless(self, module: Any) -> Any:
+        raise ConfigError("the model already has an add-on head: its backbone (module.backbone) has no classifier")
+
+    def add_on_head(self, module: Any) -> Any:
+        return module.head
+
+    def file_config(self, module: Any) -> dict[str, Any]:
+        return {**backend_of(module.backbone).file_config(module.backbone), "head": head_config(module.head)}
+
+    def from_file_config(self, config: Mapping[str, Any], source: str, head: Any = None) -> Any:
+        inner = {k: v for k, v in config.items() if k != "head"}
+        backbone = file_backend(inner, source).from_file_config(inner, source)
+        if head is None:
+            head = head_from_config(config["head"], source)
+        return HeadModel(backbone, head, dtype=backbone.dtype, axis_name=backbone.axis_name)
+
+    def mismatch_hint(self, config: Mapping[str, Any]) -> str:
+        inner = {k: v for k, v in config.items() if k != "head"}
+        return file_backend(inner).mismatch_hint(inner)
 
 
 # ---------------------------------------------------------------------- spec strings (CLI)
@@ -327,4 +422,4 @@ def parse_head(spec: str, num_classes: int) -> nn.Module:
     return cls(num_classes=num_classes, **kwargs)
 
 
-__all__ = ["HeadModel", "MLPHead", "GeMHead", "gem", "with_head", "parse_head", "variable_shapes", "HEADS"]
+__all__ = ["HeadModel", "MLPHead", "GeMHead", "gem", "with_head", "parse_head", "head_config", "head_from_config", "HEADS"]

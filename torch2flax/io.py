@@ -17,7 +17,6 @@ may carry more top-level keys (the trainer's checkpoints add `"train"`), which
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections.abc import Mapping
@@ -25,12 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from torch2flax.backend import backend_of, get_backend
-from torch2flax.errors import ConfigError, DataError, MissingFileError
-from torch2flax.utils import atomic_write, freeze_value
+from torch2flax.backend import backend_of, file_backend, variable_shapes
+from torch2flax.errors import DataError, MissingFileError
+from torch2flax.utils import atomic_write
 
 FORMAT = "torch2flax"
-FORMAT_VERSION = 1
+# 2: every file names its backend, and its training state (`train`) has a version of its own. No
+# release wrote version 1 (0.1.0 development files); readers take only this version.
+FORMAT_VERSION = 2
 COLLECTIONS = ("params", "batch_stats")
 
 
@@ -40,95 +41,37 @@ def sidecar_path(path: str | os.PathLike) -> str:
 
 
 def module_config(module: Any) -> dict[str, Any]:
-    """Registry name, backend and constructor arguments of a Flax model, JSON-ready.
-
-    A backend other than "native" records its name (`"backend": "export"`) and what rebuilding
-    the module needs (an exported graph: timm name and kwargs, image size, and the torch/timm
-    that exported it): `load` asks that backend to rebuild it. A model with an add-on head
-    (`torch2flax.heads.HeadModel`) is its backbone's config plus `"head"`: the head's class
-    (module and qualname) and its fields.
-    """
-    from torch2flax.heads import HeadModel
-
-    if isinstance(module, HeadModel):
-        return {**module_config(module.backbone), "head": head_config(module.head)}
-    backend = backend_of(module)
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION}
-    if backend.name != "native":  # files from before the backends had no "backend": native
-        config["backend"] = backend.name
-    return {**config, "model": backend.model_name(module), "kwargs": backend.config(module),
-            **backend.file_fields(module)}
+    """The JSON-ready config of a Flax model: format and version, then what its backend says
+    rebuilds it (`Backend.file_config`: registry name and constructor arguments; a backend other
+    than "native" adds its name and what rebuilding needs, an exported graph its timm name, image
+    size and the torch/timm that exported it; an add-on head, `torch2flax.heads`, adds `"head"`)."""
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, **backend_of(module).file_config(module)}
 
 
-# Head fields that follow the HeadModel (its dtype and BatchNorm sync axis), not saved with the head.
-_HEAD_MODEL_FIELDS = ("parent", "name", "dtype", "axis_name")
+def check_format(config: Mapping[str, Any], source: str) -> None:
+    """A torch2flax model config of a format version this release reads, or a DataError saying
+    which versions are which."""
+    if not isinstance(config, Mapping) or config.get("format") != FORMAT or "model" not in config:
+        got = config.get("format") if isinstance(config, Mapping) else type(config).__name__
+        raise DataError(f"{source}: not a torch2flax model config (format={got!r})")
+    version = config.get("format_version")
+    if version != FORMAT_VERSION:
+        from torch2flax import __version__
 
-
-def head_config(head: Any) -> dict[str, Any]:
-    """The class (module path + qualname) and JSON-able fields of an add-on head."""
-    cls = type(head)
-    kwargs = {}
-    for f in dataclasses.fields(head):
-        if f.name in _HEAD_MODEL_FIELDS:
-            continue
-        v = getattr(head, f.name)
-        if f.name.endswith("dtype"):
-            v = np.dtype(v).name
-        try:
-            json.dumps(v)
-        except TypeError:
-            raise ConfigError(f"{cls.__qualname__}.{f.name}={v!r} cannot be saved: head fields must be "
-                             "JSON values (numbers, strings, bools, None, lists/tuples of them)") from None
-        kwargs[f.name] = list(v) if isinstance(v, tuple) else v
-    return {"module": cls.__module__, "qualname": cls.__qualname__, "kwargs": kwargs}
-
-
-def head_from_config(config: Mapping[str, Any], source: str = "config") -> Any:
-    """The head `head_config` describes; a class this process cannot import raises, saying how to pass it."""
-    import importlib
-
-    import jax.numpy as jnp
-
-    try:
-        module_name, qualname = config["module"], config["qualname"]
-    except KeyError as e:
-        raise DataError(f"{source}: the add-on head's config lacks {e}: the file is damaged") from None
-    try:
-        obj: Any = importlib.import_module(module_name)
-        for part in qualname.split("."):
-            obj = getattr(obj, part)
-    except (ImportError, AttributeError):
-        where = ("the __main__ of the process that saved it (a notebook or script)" if module_name == "__main__"
-                 else f"module {module_name!r}")
-        raise DataError(f"{source}: its head class {qualname} was defined in {where} and cannot be imported "
-                         f"here; pass the head module: torch2flax.load(path, head={qualname}(...)), or define "
-                         "the class in an importable module") from None
-    kwargs = {k: getattr(jnp, v) if k.endswith("dtype") else freeze_value(v) for k, v in config.get("kwargs", {}).items()}
-    return obj(**kwargs)
+        known = isinstance(version, int) and not isinstance(version, bool)
+        why = (": it was written by a newer torch2flax, upgrade to load it (pip install -U torch2flax)"
+               if known and version > FORMAT_VERSION else
+               ": it was written by a development version before the first release; convert the model again"
+               if known else ": not a file any torch2flax release wrote")
+        raise DataError(f"{source}: model file format version {version!r}; torch2flax {__version__} reads "
+                        f"version {FORMAT_VERSION}{why}")
 
 
 def module_from_config(config: Mapping[str, Any], source: str = "config", head: Any = None) -> Any:
     """The Flax module a `module_config` describes. `head`: the add-on head module to use instead
     of rebuilding the saved one (a head class defined in a notebook cannot be imported elsewhere)."""
-    if config.get("format") != FORMAT or "model" not in config:
-        raise DataError(f"{source}: not a torch2flax model config (format={config.get('format')!r})")
-    if "head" in config or head is not None:
-        from torch2flax.heads import HeadModel
-
-        if "head" not in config:
-            raise ConfigError(f"{source}: the model has no add-on head, but a head was passed; use "
-                             "torch2flax.with_head to add one")
-        backbone = module_from_config({k: v for k, v in config.items() if k != "head"}, source)
-        if head is None:
-            head = head_from_config(config["head"], source)
-        return HeadModel(backbone, head, dtype=backbone.dtype, axis_name=backbone.axis_name)
-    backend = get_backend(config.get("backend", "native"))
-    try:
-        return backend.from_config(config["model"], config.get("kwargs", {}))
-    except (KeyError, TypeError) as e:  # a field missing from the file, or one this version does not take
-        raise DataError(f"{source}: its {config['model']} model config does not fit this torch2flax "
-                        f"({type(e).__name__}: {e}); was it written by another version? Load it with that "
-                        "version, or convert the model again") from e
+    check_format(config, source)
+    return file_backend(config, source).from_file_config(config, source, head=head)
 
 
 def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variables") -> tuple[dict, int]:
@@ -168,8 +111,6 @@ def model_payload(module: Any, variables: Mapping, source: str = "variables") ->
     import jax
     from flax import serialization
 
-    from torch2flax.heads import variable_shapes
-
     shapes = variable_shapes(module)
     state = serialization.to_state_dict(variables)
     state = {k: v for k, v in state.items() if k in COLLECTIONS}
@@ -189,11 +130,8 @@ def write_payload(path: str | os.PathLike, payload: Mapping[str, Any]) -> tuple[
 
 
 def read_payload(path: str | os.PathLike) -> dict[str, Any]:
-    """The raw top-level mapping of a file `save` (or the trainer) wrote.
-
-    A bare `flax.serialization.to_bytes(variables)` file is accepted when a sidecar
-    `path + ".json"` names the model.
-    """
+    """The raw top-level mapping of a file `save` (or the trainer) wrote: its `config` (the model's,
+    checked by `module_from_config`), `variables` and, in a training checkpoint, `train`."""
     from flax import serialization
 
     path = os.fspath(path)
@@ -204,14 +142,12 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
             state = serialization.msgpack_restore(f.read())
         except Exception as e:
             raise DataError(f"{path}: not a msgpack checkpoint ({e})") from e
-    if isinstance(state, dict) and "config" in state:
-        return state
-    side = sidecar_path(path)
-    if not os.path.isfile(side):
-        raise DataError(f"{path}: carries no model config and there is no sidecar {side}: pass a file "
-                        "torch2flax.save, `torch2flax convert` or the trainer wrote")
-    with open(side) as f:
-        return {"config": f.read(), "variables": state}
+    if not (isinstance(state, dict) and isinstance(state.get("config"), str)):
+        raise DataError(f"{path}: a msgpack file, but not a torch2flax model (it carries no model config): "
+                        "pass a file torch2flax.save, `torch2flax convert` or the trainer wrote (variables saved "
+                        "with flax.serialization: restore them and write them with torch2flax.save(path, module, "
+                        "variables))")
+    return state
 
 
 def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None) -> tuple[Any, Any]:
@@ -220,8 +156,6 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
     import jax
     import jax.numpy as jnp
     from flax.core import freeze
-
-    from torch2flax.heads import variable_shapes
 
     tree = payload.get("variables")
     if not isinstance(tree, dict) or "params" not in tree:
@@ -236,7 +170,7 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
     try:
         tree, _ = unreplicate_like(tree, dict(shapes), source=source)
     except DataError as e:
-        hint = get_backend(config.get("backend", "native")).mismatch_hint(config)
+        hint = file_backend(config, source).mismatch_hint(config)
         if not hint:
             raise
         raise DataError(f"{e}. {hint}") from None

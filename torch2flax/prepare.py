@@ -36,8 +36,6 @@ def prepare_model(
     `torch2flax.parse_head`); the head's weights come from `seed`, and so do a randomly
     initialised timm model's.
     """
-    from torch2flax.heads import HeadModel
-
     if init:
         import torch2flax.io as io
 
@@ -46,13 +44,14 @@ def prepare_model(
         if model is not None and model != saved:
             raise ConfigError(f"{init} holds a {saved} model, but the run names model {model!r}: drop --model "
                              "(the file decides), or convert the model you want")
-        if head and not isinstance(module, HeadModel):
+        saved_head = backend_of(module).add_on_head(module)
+        if head and saved_head is None:
             module, variables = headless(module, variables)
             module = with_run_settings(module, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                                        image_size=image_size, source=init)
             return add_head(module, variables, head, num_classes, seed=seed, image_size=image_size)
-        if head and not same_head(module.head, head, num_classes):
-            raise ConfigError(f"{init} already has an add-on head ({type(module.head).__name__}) that "
+        if head and not same_head(saved_head, head, num_classes):
+            raise ConfigError(f"{init} already has an add-on head ({type(saved_head).__name__}) that "
                              f"--head {head} does not describe: drop --head to fine-tune the saved one")
         if module.num_classes != num_classes:
             raise ConfigError(f"{init} has a {module.num_classes}-class head, but the run "
@@ -79,11 +78,8 @@ def prepare_model(
 
 
 def model_name(module: Any) -> str:
-    """The timm name of a converted model, an add-on head's backbone included."""
-    from torch2flax.heads import HeadModel
-
-    backbone = module.backbone if isinstance(module, HeadModel) else module
-    return backend_of(backbone).model_name(backbone)
+    """The timm name of a converted model (an add-on head's: its backbone's)."""
+    return backend_of(module).model_name(module)
 
 
 def add_head(module: Any, variables: Any, head: str, num_classes: int, *, seed: int = 0,
@@ -102,8 +98,7 @@ def add_head(module: Any, variables: Any, head: str, num_classes: int, *, seed: 
 
 def same_head(head_module: Any, head: str, num_classes: int) -> bool:
     """Whether a saved head module is the one the spec `head` describes."""
-    from torch2flax.heads import parse_head
-    from torch2flax.io import head_config
+    from torch2flax.heads import head_config, parse_head
 
     return head_config(head_module) == head_config(parse_head(head, num_classes))
 
@@ -124,12 +119,6 @@ def headless(module: Any, variables: Any) -> tuple[Any, Any]:
 def with_run_settings(module: Any, *, drop_rate: float, drop_path_rate: float, image_size: int | None = None,
                       source: str | os.PathLike | None = None) -> Any:
     """`module` with a run's dropout rates; raises (naming `source`) if it cannot run at `image_size`."""
-    from torch2flax.heads import HeadModel
-
-    if isinstance(module, HeadModel):  # the rates are the backbone's; the head's are in its spec
-        return module.clone(backbone=with_run_settings(module.backbone, drop_rate=drop_rate,
-                                                       drop_path_rate=drop_path_rate, image_size=image_size,
-                                                       source=source))
     try:
         return backend_of(module).with_run_settings(module, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
                                                     image_size=image_size)

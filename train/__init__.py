@@ -11,7 +11,7 @@ from torch2flax.train.config import TrainConfig
 from torch2flax.utils import lazy_exports
 
 # Imported on first use so that `torch2flax --help` does not load jax and torch.
-_LAZY = {"fit": ".trainer", "FitResult": ".trainer", "NonFiniteLossError": ".trainer",
+_LAZY = {"fit": ".trainer", "FitResult": ".result", "NonFiniteLossError": ".loop",
          "predict": ".inference", "PredictResult": ".inference", "tpu_check": ".tpu_check", "TPUReport": ".tpu_check"}
 __all__ = ["TrainConfig", *_LAZY]
 __getattr__, __dir__ = lazy_exports(__name__, _LAZY)

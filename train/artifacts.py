@@ -25,7 +25,7 @@ def write_metrics_csv(path: str, rows: Sequence[dict]) -> None:
 
 
 def read_metrics_csv(path: str) -> list[dict]:
-    """The rows of `metrics.csv`; columns a file from an earlier version lacks stay absent."""
+    """The rows of `metrics.csv` (an empty cell, such as an epoch's missing throughput, stays absent)."""
     with open(path, newline="") as f:
         return [{k: (int(v) if k in ("epoch", "step", "bad_images") else float(v)) for k, v in row.items()
                  if v not in ("", None)} for row in csv.DictReader(f)]

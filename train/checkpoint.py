@@ -6,13 +6,14 @@ the model was validated with, and the run's config):
 
 - a single `.msgpack` file, the exchange format that `torch2flax.load`, `predict`, `verify`,
   `gradcam` and `--init` read: a `torch2flax.io` model payload with one more key, `"train"`.
-  A run writes its `best.msgpack` this way; earlier versions also wrote `last.msgpack`.
+  A run writes its `best.msgpack` this way.
 - an Orbax checkpoint, `OUT/checkpoints/<step>/` (`TrainingCheckpoints`): the training state a
   run resumes from, written by `orbax.checkpoint.CheckpointManager` (Flax's recommended
   checkpointer): the newest N kept, each committed atomically, saved in the background.
 
-`load_checkpoint` reads either, and files written before `TrainCheckpoint` existed (training
-state under an untyped `"extra"` key). The model file format knows nothing of training.
+`load_checkpoint` reads either. The training state carries its own format version
+(`TRAIN_FORMAT_VERSION`, checked on reading, as the model's is by `torch2flax.io`); the model file
+format knows nothing of training.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import numpy as np
 
 from torch2flax import io
 from torch2flax.errors import DataError, MissingFileError
+
+TRAIN_FORMAT_VERSION = 1  # of `TrainCheckpoint.to_state_dict`'s layout
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ class TrainCheckpoint:
                              dropout_rng=jnp.asarray(self.dropout_rng), ema_params=ema)
 
     def to_state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "step": self.step, "batch": self.batch,
+        return {"format_version": TRAIN_FORMAT_VERSION, "epoch": self.epoch, "step": self.step, "batch": self.batch,
                 "partial": json.dumps(self.partial), "best_macro_f1": self.best_macro_f1,
                 "data": None if self.data is None else vars(self.data),
                 "opt_state": self.opt_state, "dropout_rng": self.dropout_rng,
@@ -103,7 +106,7 @@ class TrainCheckpoint:
         data = d.get("data") or None
         partial = json.loads(d["partial"]) if isinstance(d.get("partial"), str) else None
         return cls(epoch=int(d["epoch"]), step=int(d.get("step", 0)), batch=int(d.get("batch", 0)), partial=partial,
-                   best_macro_f1=float(d.get("best_macro_f1", d.get("val_macro_f1", -float("inf")))),
+                   best_macro_f1=float(d.get("best_macro_f1", -float("inf"))),
                    data=DataSpec(int(data["image_size"]), float(data["crop_pct"])) if data else None,
                    opt_state=d.get("opt_state"), dropout_rng=d.get("dropout_rng"),
                    ema_params=d.get("ema_params"),
@@ -122,26 +125,33 @@ def save_checkpoint(path: str | os.PathLike, module: Any, variables: Any, train:
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, TrainCheckpoint | None]:
     """`(module, variables, train)` from a `.msgpack` file, an Orbax step folder
     (`OUT/checkpoints/<step>`), a checkpoints folder or a run folder (its newest training
-    checkpoint, or the `last.msgpack` of an earlier version); `train` is None for a plain model file."""
+    checkpoint); `train` is None for a plain model file."""
     if os.path.isdir(path):
         name = os.path.basename(os.fspath(path).rstrip("/"))
         found = (os.fspath(path) if _STEP.fullmatch(name) else
                  latest_step_dir(path) if name == CHECKPOINTS else resume_source(path))
         if found is None:
-            raise MissingFileError(f"{path}: holds no training checkpoint ({CHECKPOINTS}/<step> or last.msgpack)")
+            raise MissingFileError(f"{path}: holds no training checkpoint ({CHECKPOINTS}/<step>)")
         if os.path.isdir(found):
             return _read_orbax(found)
         path = found
     payload = io.read_payload(path)
     module, variables = io.model_from_payload(payload, source=os.fspath(path))
     raw = payload.get("train")
-    if raw is None:
-        raw = payload.get("extra")  # the layout of checkpoints written before TrainCheckpoint
     return module, variables, _train_record(raw, os.fspath(path)) if raw else None
 
 
 def _train_record(d: Any, source: str) -> TrainCheckpoint:
     """`TrainCheckpoint.from_state_dict`, with a checkpoint's malformed training state named as the file's fault."""
+    version = d.get("format_version") if isinstance(d, dict) else None
+    if version != TRAIN_FORMAT_VERSION:
+        from torch2flax import __version__
+
+        newer = isinstance(version, int) and version > TRAIN_FORMAT_VERSION
+        raise DataError(f"{source}: training state format version {version!r}; torch2flax {__version__} reads "
+                        f"version {TRAIN_FORMAT_VERSION}" + (": it was written by a newer torch2flax, upgrade to "
+                                                             "resume it" if newer else
+                                                             ": not a checkpoint any torch2flax release wrote"))
     try:
         return TrainCheckpoint.from_state_dict(d)
     except (AttributeError, KeyError, TypeError, ValueError) as e:
@@ -198,11 +208,8 @@ def latest_step_dir(directory: str | os.PathLike) -> str | None:
 
 
 def resume_source(out: str | os.PathLike) -> str | None:
-    """What `--resume OUT` reads: the newest Orbax checkpoint, else an earlier version's last.msgpack."""
-    newest = latest_step_dir(os.path.join(out, CHECKPOINTS))
-    if newest is None and os.path.isfile(os.path.join(out, "last.msgpack")):
-        return os.path.join(os.fspath(out), "last.msgpack")
-    return newest
+    """What `--resume OUT` reads: its newest Orbax checkpoint (None: it has none)."""
+    return latest_step_dir(os.path.join(out, CHECKPOINTS))
 
 
 class TrainingCheckpoints:

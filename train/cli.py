@@ -103,7 +103,7 @@ def register(subparsers) -> None:
                    "not fit, else print the HBM they take and train")
     _add_config_flags(p)
     _add_distributed_flags(p)
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=cmd_train)
 
     q = subparsers.add_parser("predict", help="predict a test split and write submission.csv")
     q.add_argument("--checkpoint", required=True, nargs="+", metavar="CKPT",
@@ -122,7 +122,7 @@ def register(subparsers) -> None:
         add_setting(q, name, default=_FIELDS[name].default)
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_distributed_flags(q)
-    q.set_defaults(func=run_predict)
+    q.set_defaults(func=cmd_predict)
 
     g = subparsers.add_parser("gradcam", help="Grad-CAM overlays of a trained model on images",
                               description="Write one Grad-CAM overlay PNG per image (the image at the model's "
@@ -135,7 +135,7 @@ def register(subparsers) -> None:
     g.add_argument("--num", type=int, default=16, help="how many images (default %(default)s)")
     g.add_argument("--method", choices=("gradcam", "gradcam++"), default="gradcam")
     g.add_argument("--out", required=True, help="folder to write the PNGs to")
-    g.set_defaults(func=run_gradcam)
+    g.set_defaults(func=cmd_gradcam)
 
     d = subparsers.add_parser("demo", help="the whole job on scikit-learn's digits (no downloads)",
                               description="Write digits TFRecords, convert a timm backbone, fine-tune "
@@ -146,10 +146,10 @@ def register(subparsers) -> None:
     add_setting(d, "batch_size", default=64)
     add_setting(d, "image_size", default=32)
     add_setting(d, "num_workers", default="auto")
-    d.add_argument("--no-pretrained", action="store_true",
-                   help="start from random weights without trying the model hub")
+    add_setting(d, "pretrained", default=True, help="start from timm's pretrained weights when the hub is "
+                "reachable (--no-pretrained: random weights, without trying the hub)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
-    d.set_defaults(func=run_demo)
+    d.set_defaults(func=cmd_demo)
 
     c = subparsers.add_parser("cv", help="the cross-validation score of a `train --folds` run",
                               description="Gather the out-of-fold predictions of the finished folds of a "
@@ -159,7 +159,7 @@ def register(subparsers) -> None:
                    help="the run folder (holding fold0/, fold1/, ...); several: the CV score of their weighted "
                    "ensemble (out-of-fold probabilities averaged), to choose weights before submitting")
     c.add_argument("--weights", nargs="+", type=float, metavar="W", help="one weight per OUT (default equal)")
-    c.set_defaults(func=run_cv)
+    c.set_defaults(func=cmd_cv)
 
     t = subparsers.add_parser(
         "tpu-check", help="compile a run's train and eval steps for a TPU (here, without one): fit, HBM, FLOPs",
@@ -176,7 +176,7 @@ def register(subparsers) -> None:
     t.add_argument("--quiet", action="store_true", help="no progress lines (one per compile)")
     t.add_argument("--config", metavar="FILE", help="YAML/JSON run config (flags override it)")
     _add_config_flags(t)
-    t.set_defaults(func=run_tpu_check)
+    t.set_defaults(func=cmd_tpu_check)
 
     e = subparsers.add_parser("doctor", help="report versions, devices and host limits, and what will hurt a run",
                               description="Report package versions, JAX's devices, CPUs, memory and /dev/shm, "
@@ -186,7 +186,7 @@ def register(subparsers) -> None:
     add_setting(e, "image_size", default=224, help="image size to check for")
     add_setting(e, "num_workers", default="auto")
     e.add_argument("--json", action="store_true", help="print the report as JSON")
-    e.set_defaults(func=run_doctor)
+    e.set_defaults(func=cmd_doctor)
 
 
 def cv_folder(resume: str, saved: str) -> str:
@@ -243,7 +243,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(given)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if not (config.init or args.resume):
         from torch2flax.timm_names import check_model_name
@@ -256,10 +256,10 @@ def run_train(args: argparse.Namespace) -> int:
         print(summary_line(collect(batch_size=config.batch_size, image_size=config.image_size,
                                    num_workers=config.num_workers)), flush=True)
     if args.tpu_check and main_process:
-        from torch2flax.train.tpu_check import format_report, tpu_check
+        from torch2flax.train.tpu_check import format_tpu_report, tpu_check
 
         report = tpu_check(config, args.tpu_check, search=False, log=lambda s: print(s, flush=True))
-        print(format_report(report), flush=True)
+        print(format_tpu_report(report), flush=True)
         if not report.fits:
             raise ConfigError(f"--tpu-check {args.tpu_check}: " + (
                 f"the train step does not fit in HBM at --batch-size {config.batch_size}: lower it (or "
@@ -307,13 +307,13 @@ def tpu_check_config(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(given)
 
 
-def run_tpu_check(args: argparse.Namespace) -> int:
+def cmd_tpu_check(args: argparse.Namespace) -> int:
     config = tpu_check_config(args)
     if config.init is None and config.model is not None:
         from torch2flax.timm_names import check_model_name
 
         check_model_name(config.model)
-    from torch2flax.train.tpu_check import format_report, tpu_check
+    from torch2flax.train.tpu_check import format_tpu_report, tpu_check
 
     report = tpu_check(config, args.tpu, search=args.search,
                        log=None if args.json or args.quiet else (lambda s: print(s, flush=True)))
@@ -322,11 +322,11 @@ def run_tpu_check(args: argparse.Namespace) -> int:
 
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(format_report(report))
+        print(format_tpu_report(report))
     return 0 if report.fits else 1  # a script can branch on it; the report says why
 
 
-def run_predict(args: argparse.Namespace) -> int:
+def cmd_predict(args: argparse.Namespace) -> int:
     main_process = _start_distributed(args)
     from torch2flax.train.inference import RUN_TTA, predict
 
@@ -339,7 +339,7 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_gradcam(args: argparse.Namespace) -> int:
+def cmd_gradcam(args: argparse.Namespace) -> int:
     from torch2flax.train.explain import write_gradcam
 
     files, layer = write_gradcam(args.checkpoint, args.images, args.out, layer=args.layer, target=args.target,
@@ -348,16 +348,16 @@ def run_gradcam(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_demo(args: argparse.Namespace) -> int:
-    from torch2flax.train.demo import run_demo as demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from torch2flax.train.demo import run_demo
 
-    demo(args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-         image_size=args.image_size, num_workers=args.num_workers, pretrained=not args.no_pretrained,
+    run_demo(args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
+         image_size=args.image_size, num_workers=args.num_workers, pretrained=args.pretrained,
          progress=not args.quiet)
     return 0
 
 
-def run_doctor(args: argparse.Namespace) -> int:
+def cmd_doctor(args: argparse.Namespace) -> int:
     from torch2flax.train.doctor import collect, format_report
 
     report = collect(batch_size=args.batch_size, image_size=args.image_size, num_workers=args.num_workers)
@@ -370,7 +370,7 @@ def run_doctor(args: argparse.Namespace) -> int:
     return 0  # warnings are advice, not failure: a notebook cell or a script goes on
 
 
-def run_cv(args: argparse.Namespace) -> int:
+def cmd_cv(args: argparse.Namespace) -> int:
     from torch2flax.train.cv import CV, OOF, ensemble_report, summary, write_cv
 
     if len(args.out) > 1 or args.weights:

@@ -292,6 +292,16 @@ def field_value(f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def config_kwargs(fn: Callable, config: TrainConfig) -> dict[str, Any]:
+    """The config's values of `fn`'s keyword-only parameters that are also config fields (by name):
+    a function's settings after its `*`, such as `prepare_model`'s or `predict_dataset`'s."""
+    import inspect
+
+    names = {f.name for f in dataclasses.fields(config)}
+    return {name: getattr(config, name) for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is p.KEYWORD_ONLY and name in names}
+
+
 def fixed_on_resume() -> tuple[str, ...]:
     """What a resumed run cannot change: the model it trains and the data order it sees."""
     return tuple(f.name for f in dataclasses.fields(TrainConfig) if f.metadata["fixed_on_resume"])

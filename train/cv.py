@@ -12,15 +12,21 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from torch2flax.errors import ConfigError, DataError, MissingFileError
 from torch2flax.train import artifacts
 from torch2flax.train.metrics import accuracy, macro_f1
+
+if TYPE_CHECKING:
+    from torch2flax.train.config import TrainConfig
+    from torch2flax.train.result import FitResult
 
 OOF = "oof.csv"
 CV = "cv.json"
@@ -29,13 +35,6 @@ FOLDS = "folds.csv"
 
 def fold_dir(out: str, fold: int) -> str:
     return os.path.join(out, f"fold{fold}")
-
-
-def fold_assignment(dataset: Any, ids: Any, labels: Any, folds: int, seed: int) -> np.ndarray:
-    """The fold of every record of `dataset` (a TFRecordDataset), given its `id` and `class` columns."""
-    from torch2flax.loaders import stratified_folds
-
-    return stratified_folds(ids, labels, folds, seed, where=dataset.where)
 
 
 def folds_csv(ids: Any, labels: Any, assignment: np.ndarray) -> str:
@@ -164,20 +163,12 @@ def summary(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def ensemble_weights(weights: Sequence[float] | None, count: int, what: str) -> list[float]:
-    """One non-negative weight per member (default equal), normalised to sum to 1."""
-    weights = [1.0] * count if weights is None else [float(w) for w in weights]
-    if len(weights) != count:
-        raise ConfigError(f"{len(weights)} weights for {count} {what}s: give one weight per {what}")
-    if any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ConfigError(f"weights {weights}: need non-negative weights with a positive sum")
-    return [w / sum(weights) for w in weights]
-
-
 def ensemble_report(outs: list[str], weights: list[float] | None = None) -> dict[str, Any]:
     """The CV score of a weighted mean of several runs' out-of-fold probabilities (each `out` a
     cross-validation folder with its `oof.csv`, or an oof.csv itself): choose ensemble weights on
     OOF rows before submitting. Rows are matched by id; every run must hold the same ids."""
+    from torch2flax.train.inference import ensemble_weights  # jax: not on `torch2flax cv`'s import path
+
     weights = ensemble_weights(weights, len(outs), "run")
     runs = []
     for out in outs:
@@ -203,3 +194,71 @@ def ensemble_report(outs: list[str], weights: list[float] | None = None) -> dict
         run["label"], run["pred"], mixed.shape[1]).items() if k != "count"}} for (path, run), w in zip(runs, weights)]
     return {"oof_macro_f1": result["macro_f1"], "oof_accuracy": result["accuracy"], "records": result["count"],
             "members": members}
+
+
+# ---------------------------------------------------------------------------
+# the cross-validation run (`fit` with `config.folds`)
+
+
+def fit_folds(config: TrainConfig, fit_run: Callable[..., FitResult], *, resume: bool = False,
+              stop_after_epochs: int | None = None, progress: bool = True) -> FitResult:
+    """`fit` for `config.folds` (see there): each fold of `config.fold` trained by `fit_run`, its
+    out-of-fold predictions written, then the CV score of the folds finished so far. `fit_run`
+    trains one fold (`trainer.fit_run`, passed in: the trainer calls here)."""
+    from tqdm.auto import tqdm
+
+    from torch2flax.train import distributed
+    from torch2flax.train.checkpoint import resume_source
+    from torch2flax.train.config import dumps
+    from torch2flax.train.data import Folds
+    from torch2flax.train.result import FitResult
+
+    folds = Folds.index(config)
+    if distributed.is_main():
+        os.makedirs(config.out, exist_ok=True)
+        artifacts.atomic_write(os.path.join(config.out, "config.json"), dumps(config))
+        artifacts.atomic_write(os.path.join(config.out, FOLDS),
+                               folds_csv(folds.ids, folds.labels, folds.assignment))
+    results: dict[int, FitResult] = {}
+    last: FitResult | None = None
+    for k in config.fold_numbers():
+        run_config = replace(config, fold=k, out=fold_dir(config.out, k))
+        oof = os.path.join(run_config.out, OOF)
+        if resume and os.path.exists(oof):
+            if distributed.is_main() and progress:
+                tqdm.write(f"fold {k}: finished earlier ({oof})")
+            continue
+        if distributed.is_main() and progress:
+            tqdm.write(f"fold {k} of {config.folds}: training in {run_config.out}")
+        last = results[k] = fit_run(run_config, resume=resume and resume_source(run_config.out) is not None,
+                                    stop_after_epochs=stop_after_epochs, progress=progress, folds=folds)
+        if last.stopped or not last.history or last.history[-1]["epoch"] < config.epochs - 1:
+            break  # stopped, or `stop_after_epochs` ended this call: no OOF rows from an unfinished fold
+        write_oof(run_config, folds, k, progress=progress)
+    report = write_cv(config.out, config.folds) if distributed.is_main() else None
+    distributed.barrier("torch2flax: cv written")  # the others read what process 0 wrote
+    report = report if report is not None else cv_report(config.out, config.folds)
+    if distributed.is_main() and progress:
+        tqdm.write(summary(report))
+    files = [os.path.join(config.out, name) for name in ("config.json", FOLDS, OOF, CV)]
+    return FitResult(out=config.out, best_macro_f1=report.get("oof_macro_f1", -math.inf), history=[],
+                     files=[f for f in files if os.path.exists(f)],
+                     images_per_sec=last.images_per_sec if last else 0.0,
+                     reinitialized=last.reinitialized if last else (), stopped=last.stopped if last else None,
+                     exit_status=last.exit_status if last else 0, cv=report, folds=results)
+
+
+def write_oof(config: TrainConfig, folds: Any, fold: int, *, progress: bool) -> str:
+    """Fold `fold`'s held-out records predicted by its best checkpoint: `config.out/oof.csv`."""
+    from torch2flax.train import distributed
+    from torch2flax.train.config import config_kwargs
+    from torch2flax.train.inference import predict_dataset
+
+    held_out = folds.split(fold)["val"]
+    labels = folds.labels[folds.assignment == fold]  # the held-out records, in the same order
+    ids, probs = predict_dataset(os.path.join(config.out, "best.msgpack"), held_out, progress=progress,
+                                 source=f"fold {fold}", **config_kwargs(predict_dataset, config))
+    path = os.path.join(config.out, OOF)
+    if distributed.is_main():
+        artifacts.atomic_write(path, oof_csv(ids, fold, labels, probs))
+    return path

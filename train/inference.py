@@ -18,7 +18,6 @@ from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform,
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import load_checkpoint
 from torch2flax.train.config import TTA_MODES
-from torch2flax.train.cv import ensemble_weights
 from torch2flax.train.parallel import Parallel, select_devices
 from torch2flax.train.steps import COMPUTE_DTYPES, predict_step
 
@@ -45,6 +44,16 @@ def submission_csv(ids: np.ndarray, labels: np.ndarray) -> str:
 # `tta=RUN_TTA`: each checkpoint predicts with the test-time augmentation its run's out-of-fold
 # predictions used (its config's `tta`; none for a model file), as it does with its image size.
 RUN_TTA = "run"
+
+
+def ensemble_weights(weights: Sequence[float] | None, count: int, what: str) -> list[float]:
+    """One non-negative weight per member (default equal), normalised to sum to 1."""
+    weights = [1.0] * count if weights is None else [float(w) for w in weights]
+    if len(weights) != count:
+        raise ConfigError(f"{len(weights)} weights for {count} {what}s: give one weight per {what}")
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ConfigError(f"weights {weights}: need non-negative weights with a positive sum")
+    return [w / sum(weights) for w in weights]
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@ Spot VMs get SIGTERM about 30 s before they go; Ctrl-C and a notebook's interrup
 SIGINT; Kaggle and Colab end sessions after a fixed time. `StopRequests` turns the first SIGTERM or
 SIGINT into a request the training loop honours after the current step (it writes a checkpoint
 with the loader position, so `--resume` continues exactly); a second SIGINT aborts at once.
-`Schedule` decides, after each step, whether to checkpoint and whether to stop.
+`Schedule` decides, after each step, whether to checkpoint and whether to stop; `Control` asks it
+after each step of an epoch and, in a multi-host run, makes every process agree (`agree`).
 """
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
 
 from torch2flax.errors import ConfigError
 
@@ -61,6 +64,21 @@ class Every:
         return f"{self.steps} steps" if self.steps else f"{self.seconds:g} s"
 
 
+class StopReason(StrEnum):
+    """Why a run ended before its last epoch (`FitResult.stopped`); a str, as the CLI prints it."""
+
+    TIME_LIMIT = "time limit"
+    SIGINT = "SIGINT"
+    SIGTERM = "SIGTERM"
+
+
+class Action(StrEnum):
+    """What `Control.decide` asks of the loop after a step."""
+
+    SAVE = "save"  # write a checkpoint and go on
+    STOP = "stop"  # write a checkpoint and end the run
+
+
 class StopRequests:
     """While entered (in the main thread), SIGTERM and SIGINT set `signal_name` instead of killing
     the process; a second SIGINT raises KeyboardInterrupt. Handlers are restored on exit.
@@ -72,7 +90,7 @@ class StopRequests:
     def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)):
         self.signals = signals
         self.signal_name: str | None = None
-        self.reason: str | None = None
+        self.reason: StopReason | None = None
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
@@ -91,18 +109,18 @@ class StopRequests:
         if self.signal_name is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt(f"second {name}: aborted without a checkpoint")
         if self.signal_name is None:
-            self.signal_name = self.reason = name
+            self.signal_name, self.reason = name, StopReason(name)
             print(f"torch2flax: {name} received: finishing this step and writing a checkpoint "
                   "(Ctrl-C again aborts at once)", file=sys.stderr, flush=True)
 
-    def request(self, reason: str) -> None:
+    def request(self, reason: StopReason) -> None:
         if self.reason is None:
-            self.reason = reason
+            self.reason = StopReason(reason)
 
-    def adopt(self, reason: str) -> None:
+    def adopt(self, reason: StopReason) -> None:
         """Another process's stop (multi-host): stop the same way, with the same exit status."""
         if self.reason is None:
-            self.reason = reason
+            self.reason = StopReason(reason)
             if reason in signal.Signals.__members__:
                 self.signal_name = reason
 
@@ -162,3 +180,63 @@ class Schedule:
     def resumed_batches(self) -> None:
         """Forget the step timer (after an epoch's evaluation, which is not a step)."""
         self._last_step = None
+
+
+# Multi-process runs agree on a stop, or on a checkpoint due by the clock, every SYNC_STEPS steps
+# (a host collective every step would stall the asynchronous dispatch); cadences in steps need no
+# agreement. A stop's reason travels as its index here (the largest wins).
+SYNC_STEPS = 10
+_REASONS = (None, *StopReason)
+
+
+def agree(stop: StopRequests, timed_save: bool = False) -> bool:
+    """Every process's stop request and clock-due checkpoint, combined; returns whether to save.
+    Adopts another process's stop reason (single process: nothing to combine)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return timed_save
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    mine = np.int32([_REASONS.index(stop.reason) if stop.reason in _REASONS else 0, timed_save])
+    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 2)
+    reason = _REASONS[int(every[:, 0].max())]
+    if reason is not None and stop.reason is None:
+        stop.adopt(reason)
+    return bool(every[:, 1].any())
+
+
+class Control:
+    """The training loop's hooks for one epoch: checkpoint cadence, stop requests and time limit.
+
+    `save(done, state, meter)` writes a mid-epoch checkpoint after batch `done` and returns the
+    seconds its write took (`TrainingCheckpoints.write_seconds`: an asynchronous write's too)."""
+
+    def __init__(self, epoch: int, steps_per_epoch: int, stop: StopRequests, schedule: Schedule,
+                 save: Callable[[int, Any, Any], float]):
+        self.epoch, self.total, self.stop, self.schedule, self._save = epoch, steps_per_epoch, stop, schedule, save
+
+    def decide(self, done: int) -> Action | None:
+        """After batch `done` of this epoch: stop, save or nothing."""
+        import jax
+
+        schedule = self.schedule
+        schedule.step_done()
+        step = self.epoch * self.total + done
+        by_steps = schedule.every is not None and schedule.every.steps is not None
+        save = by_steps and schedule.save_due(step)  # the same step on every process: no agreement needed
+        if jax.process_count() > 1 and step % SYNC_STEPS:
+            return Action.SAVE if save else None
+        if schedule.out_of_time():
+            self.stop.request(StopReason.TIME_LIMIT)
+        save = agree(self.stop, not by_steps and schedule.save_due(step)) or save
+        if self.stop.requested:
+            return Action.STOP
+        return Action.SAVE if save else None
+
+    def save(self, done: int, state: Any, meter: Any) -> None:
+        started = self.schedule.clock()
+        write_seconds = self._save(done, state, meter)
+        # A stop waits for the write to finish: the time limit's margin counts all of it.
+        self.schedule.saved(max(self.schedule.clock() - started, write_seconds))

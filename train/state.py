@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass, fields
 from typing import Any
 
 import jax
@@ -31,7 +32,7 @@ def decay_mask(params: Any, exempt: frozenset[str] = frozenset()) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+def make_schedule(config: TrainConfig | OptimizerSpec, steps_per_epoch: int) -> optax.Schedule:
     """Linear warmup then cosine decay, counted in optimiser updates (after accumulation)."""
     updates_per_epoch = max(1, steps_per_epoch // config.accum_steps)
     total = max(1, config.epochs * updates_per_epoch)
@@ -41,37 +42,51 @@ def make_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
         decay_steps=total, end_value=config.lr * config.min_lr_ratio)
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int,
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The settings the optimiser is made of: hashable, so equal settings give the same optimiser."""
+
+    optimizer: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    grad_clip: float | None
+    accum_steps: int
+    epochs: int
+    warmup_epochs: float
+    min_lr_ratio: float
+
+    @classmethod
+    def of(cls, config: TrainConfig) -> OptimizerSpec:
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
+
+
+def make_optimizer(config: TrainConfig | OptimizerSpec, steps_per_epoch: int,
                    no_weight_decay: frozenset[str] = frozenset()) -> optax.GradientTransformation:
     """Optional clipping, AdamW or SGD on the schedule, optional gradient accumulation.
 
     The same hyper-parameters give the same optimiser object: it is static data of the
     `TrainState`, so an equal one lets a later run reuse the compiled steps.
     """
-    return _optimizer(*(getattr(config, f) for f in OPTIMIZER_FIELDS), steps_per_epoch=steps_per_epoch,
-                      no_weight_decay=frozenset(no_weight_decay))
-
-
-OPTIMIZER_FIELDS = ("optimizer", "lr", "momentum", "weight_decay", "grad_clip", "accum_steps",
-                    "epochs", "warmup_epochs", "min_lr_ratio")
+    spec = config if isinstance(config, OptimizerSpec) else OptimizerSpec.of(config)
+    return _optimizer(spec, steps_per_epoch, frozenset(no_weight_decay))
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer(*values: Any, steps_per_epoch: int, no_weight_decay: frozenset[str]) -> optax.GradientTransformation:
-    config = TrainConfig(**dict(zip(OPTIMIZER_FIELDS, values)))
-    schedule = make_schedule(config, steps_per_epoch)
+def _optimizer(spec: OptimizerSpec, steps_per_epoch: int, no_weight_decay: frozenset[str]) -> optax.GradientTransformation:
+    schedule = make_schedule(spec, steps_per_epoch)
     mask = functools.partial(decay_mask, exempt=no_weight_decay)
     parts = []
-    if config.grad_clip:
-        parts.append(optax.clip_by_global_norm(config.grad_clip))
-    if config.optimizer == "adamw":
-        parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask))
+    if spec.grad_clip:
+        parts.append(optax.clip_by_global_norm(spec.grad_clip))
+    if spec.optimizer == "adamw":
+        parts.append(optax.adamw(schedule, weight_decay=spec.weight_decay, mask=mask))
     else:
-        parts.append(optax.add_decayed_weights(config.weight_decay, mask=mask))
-        parts.append(optax.sgd(schedule, momentum=config.momentum, nesterov=True))
+        parts.append(optax.add_decayed_weights(spec.weight_decay, mask=mask))
+        parts.append(optax.sgd(schedule, momentum=spec.momentum, nesterov=True))
     tx = optax.chain(*parts)
-    if config.accum_steps > 1:
-        tx = optax.MultiSteps(tx, every_k_schedule=config.accum_steps)
+    if spec.accum_steps > 1:
+        tx = optax.MultiSteps(tx, every_k_schedule=spec.accum_steps)
     return tx
 
 

@@ -561,7 +561,7 @@ def _gib(n: float | None) -> str:
     return f"{n / GiB:.2f} GiB" if abs(n) >= GiB / 4 else f"{n / 1024**2:.1f} MiB"
 
 
-def format_report(r: TPUReport) -> str:
+def format_tpu_report(r: TPUReport) -> str:
     lines = [f"tpu-check: {r.model} on a {r.tpu} ({r.devices} x {r.device_kind}; {r.compiled_for})",
              f"  step: {r.parallel}, {r.dtype}, {r.image_size} px, global batch {r.global_batch} "
              f"({r.per_device_batch} per device)"]

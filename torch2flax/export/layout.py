@@ -96,23 +96,23 @@ def _fallback(target: Any, *args: Any) -> Any:
 
 
 @aware(operator.getitem)
-def getitem(seq, i):
+def _getitem(seq, i):
     # Picks one output of a tuple-returning op (BatchNorm, max_pool, split); a tensor index needs NCHW.
     return operator.getitem(materialize(seq) if isinstance(seq, ChannelsLast) else seq, i)
 
 
 @aware(aten.clone.default, aten.alias.default, aten.lift_fresh_copy.default, aten.contiguous.default)
-def identity(x, *_):
+def _identity(x, *_):
     return x
 
 
 @aware(aten.detach.default)
-def detach(x):
+def _detach(x):
     return ChannelsLast(lax.stop_gradient(x.data)) if isinstance(x, ChannelsLast) else ops.detach(x)
 
 
 @aware(aten._to_copy.default)
-def to_copy(x, *rest):
+def _to_copy(x, *rest):
     if isinstance(x, ChannelsLast):
         return ChannelsLast(ops.to_copy(x.data, *rest))
     return ops.to_copy(x, *rest)
@@ -162,7 +162,7 @@ for _t in _ELEMENTWISE:
 
 
 @aware(aten.convolution.default)
-def convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+def _convolution(x, w, b, stride, padding, dilation, transposed, output_padding, groups):
     if transposed or w.ndim != 4 or ops.CONV_LAYOUT != "NHWC":
         return _fallback(aten.convolution.default, x, w, b, stride, padding, dilation, transposed,
                          output_padding, groups)
@@ -194,7 +194,7 @@ for _t in (aten._native_batch_norm_legit_no_training.default, aten._native_batch
 
 
 @aware(aten.max_pool2d_with_indices.default)
-def max_pool2d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+def _max_pool2d(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     if not isinstance(x, ChannelsLast) or max(ops._spatial(dilation, 2)) > 1:
         return _fallback(aten.max_pool2d_with_indices.default, x, kernel_size, stride, padding, dilation, ceil_mode)
     k = ops._spatial(kernel_size, 2)
@@ -227,7 +227,7 @@ OPS[aten.sum.dim_IntList] = _reduction(aten.sum.dim_IntList)
 
 
 @aware(aten.view.default, aten._unsafe_view.default, aten.reshape.default)
-def view(x, size):
+def _view(x, size):
     if isinstance(x, ChannelsLast):
         n, c, h, w = x.shape
         if c == 1 or h * w == 1:  # NCHW and NHWC orders coincide: a reshape of the data is exact
@@ -237,7 +237,7 @@ def view(x, size):
 
 
 @aware(aten.permute.default)
-def permute(x, dims):
+def _permute(x, dims):
     dims = [d % max(x.ndim, 1) for d in dims]
     if isinstance(x, ChannelsLast):
         return jnp.transpose(x.data, [_POS[d] for d in dims])
@@ -247,35 +247,35 @@ def permute(x, dims):
 
 
 @aware(aten.cat.default)
-def cat(tensors, dim=0):
+def _cat(tensors, dim=0):
     if not tensors or not all(isinstance(t, ChannelsLast) for t in tensors):
         return ops.cat(materialize(tensors), dim)
     return ChannelsLast(jnp.concatenate([t.data for t in tensors], axis=_axis(dim)))
 
 
 @aware(aten.split_with_sizes.default)
-def split_with_sizes(x, sizes, dim=0):
+def _split_with_sizes(x, sizes, dim=0):
     if not isinstance(x, ChannelsLast):
         return ops.split_with_sizes(x, sizes, dim)
     return [ChannelsLast(t) for t in ops.split_with_sizes(x.data, sizes, _axis(dim))]
 
 
 @aware(aten.split.Tensor)
-def split(x, size, dim=0):
+def _split(x, size, dim=0):
     if not isinstance(x, ChannelsLast):
         return ops.split(x, size, dim)
     return [ChannelsLast(t) for t in ops.split(x.data, size, _axis(dim))]
 
 
 @aware(aten.slice.Tensor)
-def slice_(x, dim=0, start=None, end=None, step=1):
+def _slice(x, dim=0, start=None, end=None, step=1):
     if not isinstance(x, ChannelsLast):
         return ops.slice_(x, dim, start, end, step)
     return ChannelsLast(ops.slice_(x.data, _axis(dim), start, end, step))
 
 
 @aware(aten.constant_pad_nd.default)
-def constant_pad_nd(x, pad, value=0):
+def _constant_pad_nd(x, pad, value=0):
     if not isinstance(x, ChannelsLast):
         return ops.constant_pad_nd(x, pad, value)
     config = [(0, 0, 0)] * 4

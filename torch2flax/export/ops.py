@@ -715,7 +715,7 @@ def _batch_norm_train(x, weight, bias, eps, sync, axis=1):
 
 
 @register(aten._native_batch_norm_legit_functional.default)
-def batch_norm_train(x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis=1):
+def native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, channel_axis=1):
     """Training BatchNorm: batch statistics, and running stats updated as PyTorch does
     (new = (1 - momentum) * old + momentum * stat, with the unbiased batch variance).
     `channel_axis=-1` takes channels-last data (`layout.ChannelsLast`)."""
@@ -779,7 +779,7 @@ def _spatial(v, nd):
 
 
 @register(aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
-def max_pool(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
+def max_pool_with_indices(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
     nd = x.ndim - 2
     k = _spatial(kernel_size, nd)
     s, p, d = _spatial(stride or k, nd), _spatial(padding, nd), _spatial(dilation, nd)
@@ -802,7 +802,7 @@ def max_pool(x, kernel_size, stride=(), padding=0, dilation=1, ceil_mode=False):
 
 
 @register(aten.avg_pool2d.default, aten.avg_pool3d.default)
-def avg_pool(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
+def avg_pool_nd(x, kernel_size, stride=(), padding=0, ceil_mode=False, count_include_pad=True, divisor_override=None):
     nd = x.ndim - 2
     k = _spatial(kernel_size, nd)
     s, p = _spatial(stride or k, nd), _spatial(padding, nd)

@@ -148,11 +148,4 @@ def registry_name(module: Any) -> str:
                       "torch2flax.create_model(name, ...) or torch2flax.convert, which record its timm name")
 
 
-def model_name(module: Any) -> str:
-    """The timm name any converted module was built for (native or exported)."""
-    from torch2flax.backend import backend_of
-
-    return backend_of(module).model_name(module)
-
-
-__all__ = ["PretrainedCfg", "ModelEntry", "list_models", "create_model", "get_entry", "model_name", "model_classes"]
+__all__ = ["PretrainedCfg", "ModelEntry", "list_models", "create_model", "get_entry", "model_classes"]
