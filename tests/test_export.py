@@ -166,3 +166,4 @@ def test_unsupported_op_fails_at_conversion_naming_op_node_and_line():
     msg = str(info.value)
     assert "aten.i0.default" in msg and "BesselNet" in msg and "'i0'" in msg
     assert "test_export.py" in msg and "the unsupported line" in msg
+    assert "\n" not in msg  # one line, as the CLI prints every user error

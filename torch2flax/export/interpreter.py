@@ -150,9 +150,10 @@ def lower(ep: ExportedProgram, *, name: str, prefix: str = "", aliases: Mapping[
         else:
             missing.setdefault(f"{node.op} {node.target}", node)
     if missing:
-        lines = [f"  {op}: node {n.name!r} at {source_line(n)}" for op, n in missing.items()]
-        raise UnsupportedOpError(f"{name}: {len(missing)} op(s) not in torch2flax's op table:\n" + "\n".join(lines)
-                                 + "\nconvert another model (`torch2flax list`), or report the op(s) to torch2flax")
+        found = [f"{op} (node {n.name!r} at {source_line(n)})" for op, n in missing.items()]
+        # One line, like every user error the CLI prints (`torch2flax: error: ...`).
+        raise UnsupportedOpError(f"{name}: {len(missing)} op(s) not in torch2flax's op table: " + "; ".join(found)
+                                 + ". Convert another model (`torch2flax list`), or report the op(s) to torch2flax")
 
     sig = ep.graph_signature
     persistent = set(ep.state_dict)
