@@ -39,6 +39,7 @@ def _mistakes(root, globs) -> dict[str, list[str]]:
         "cv": [missing],
         "tpu-check": ["resnet_18_typo", "--tpu", "v5e-8"],
         "doctor": ["--json", "--batch-size", "many"],  # argparse's own error
+        "export-timm": [missing, "--out", os.path.join(root, "m.safetensors")],
     }
 
 
@@ -82,7 +83,8 @@ def test_an_internal_error_shows_its_traceback_says_bug_and_exits_1(command, dat
     monkeypatch.setattr(argparse.ArgumentParser, "set_defaults", set_defaults)
     args = {"make-tfrecords": ["src", "--out", "o"], "convert": ["resnet18", "--out", "x"], "verify": ["f.msgpack"],
             "train": [], "predict": ["--checkpoint", "c", "--test", "t"],
-            "gradcam": ["--checkpoint", "c", "--images", "i", "--out", "o"], "cv": ["o"], "tpu-check": ["resnet18"]}
+            "gradcam": ["--checkpoint", "c", "--images", "i", "--out", "o"], "cv": ["o"], "tpu-check": ["resnet18"],
+            "export-timm": ["f.msgpack", "--out", "m.safetensors"]}
     assert main([command, *args.get(command, [])]) == 1
     err = capsys.readouterr().err
     assert "Traceback (most recent call last)" in err and "cannot reshape array of size 800" in err

@@ -63,6 +63,7 @@ def test_train_then_predict_from_the_shell(flowers, tmp_path, capsys, model, siz
     losses, f1 = [float(r["train_loss"]) for r in rows], [float(r["val_macro_f1"]) for r in rows]
     assert losses[-1] < 0.7 * losses[0], rows
     assert max(f1) >= 0.9, rows
+    assert_exports_to_timm(out, tmp_path / f"{model}.safetensors", size)
     if not predict:  # one `predict` run shows the submission path; each costs an export and a compile
         return
 
@@ -79,3 +80,32 @@ def test_train_then_predict_from_the_shell(flowers, tmp_path, capsys, model, siz
         rows = list(csv.DictReader(f))
     assert [r["id"] for r in rows] == sets["test"].ids
     assert {int(r["label"]) for r in rows} <= set(range(NUM_CLASSES))
+
+
+def assert_exports_to_timm(run, path, size: int) -> None:
+    """`torch2flax export-timm RUN`: the fine-tuned weights as a timm state dict, which the
+    printed `timm.create_model(..., pretrained_cfg_overlay=dict(file=...))` call loads into a
+    model whose eval logits equal the Flax model's within 1e-5 (relative to the largest)."""
+    import json
+
+    import numpy as np
+    import timm
+    import torch
+    from safetensors import safe_open
+
+    from torch2flax import load
+    from torch2flax.cli import main
+
+    assert main(["export-timm", str(run), "--out", str(path)]) == 0
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    kwargs = json.loads(meta["timm_kwargs"])
+    model = timm.create_model(meta["timm_model"], **kwargs, pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path), num_classes=kwargs["num_classes"])).eval()
+    module, variables = load(run / "best.msgpack")
+    x = np.random.default_rng(0).standard_normal((2, size, size, 3)).astype(np.float32)
+    want = np.asarray(module.apply(variables, x))
+    with torch.no_grad():
+        got = model(torch.from_numpy(x.transpose(0, 3, 1, 2))).numpy()
+    assert got.shape == want.shape == (2, kwargs["num_classes"])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())

@@ -37,6 +37,28 @@ def small():
 
 
 @pytest.mark.slow
+def test_a_model_with_an_add_on_head_is_refused_by_export_timm_and_its_backbone_is_not(small, tmp_path):
+    import numpy as np
+    import torch
+
+    import torch2flax
+    from torch2flax.errors import ConfigError
+
+    module, variables = small
+    model, both = torch2flax.with_head(module, variables, torch2flax.MLPHead(num_classes=3, hidden=16))
+    with pytest.raises(ConfigError, match="add-on head \\(MLPHead\\) has no timm twin; its backbone has"):
+        torch2flax.save_timm(tmp_path / "m.safetensors", model, both)
+    assert not (tmp_path / "m.safetensors").exists()
+    name, kwargs = torch2flax.save_timm(tmp_path / "b.pth", module, variables)  # .pth: torch.save
+    assert name == "resnet18" and kwargs["num_classes"] == 0 and kwargs["layers"] == [1, 1, 1, 1]
+    state = torch.load(tmp_path / "b.pth", weights_only=True)
+    assert np.array_equal(state["conv1.weight"].numpy(),
+                          np.asarray(variables["params"]["conv1"]["kernel"]).transpose(3, 2, 0, 1))
+    with pytest.raises(ConfigError, match=r"b\.npz: a timm state dict is a \.safetensors or \.pth"):
+        torch2flax.save_timm(tmp_path / "b.npz", module, variables)
+
+
+@pytest.mark.slow
 def test_with_head_keeps_the_backbone_bit_identical(small):
     import jax
 

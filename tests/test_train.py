@@ -180,6 +180,15 @@ def one_of_two_epochs(flowers, tmp_path_factory, request):
 
 
 @pytest.mark.slow
+def test_a_fine_tuned_native_run_exports_to_timm(one_of_two_epochs, tmp_path):
+    """`export-timm` of a run folder of the native reduced resnet18 (its best.msgpack, trained one
+    epoch): timm loads the state dict and gives the Flax model's eval logits (1e-5)."""
+    from tests.test_finetune import assert_exports_to_timm
+
+    assert_exports_to_timm(one_of_two_epochs, tmp_path / "r18.safetensors", SIZE)
+
+
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_checkpoint(flowers, one_of_two_epochs, tmp_path):
     import shutil
 

@@ -17,7 +17,7 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was ne
 # Public API, imported on first use so that `import torch2flax` (and the CLI's
 # `--help`) does not pay for jax, flax and torch.
 _LAZY = {
-    "convert": ".converter", "prepare_model": ".prepare", "save": ".io", "load": ".io",
+    "convert": ".converter", "save_timm": ".converter", "prepare_model": ".prepare", "save": ".io", "load": ".io",
     "with_head": ".heads", "parse_head": ".heads", "HeadModel": ".heads", "MLPHead": ".heads", "GeMHead": ".heads",
     "list_models": ".models", "create_model": ".models",
     "forward_intermediates": ".features", "feature_info": ".features",

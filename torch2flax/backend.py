@@ -62,6 +62,13 @@ class Backend(abc.ABC):
     def to_timm(self, module: Any, variables: Mapping[str, Any]) -> Any:
         """The timm model (eval mode) carrying `variables`: the conversion run backwards."""
 
+    def timm_create_kwargs(self, module: Any) -> dict[str, Any]:
+        """The `timm.create_model(model_name(module), **kwargs)` arguments that build `module`'s
+        architecture (class count included), for `torch2flax.save_timm`'s users."""
+        from torch2flax.errors import ConfigError
+
+        raise ConfigError(f"the {self.name} backend cannot say how timm builds {type(module).__name__}")
+
     @abc.abstractmethod
     def model_name(self, module: Any) -> str:
         """The timm architecture `module` was built for."""

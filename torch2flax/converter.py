@@ -118,6 +118,41 @@ def timm_from_flax(module: Any, variables: Any) -> Any:
     return backend_of(module).to_timm(module, variables)
 
 
+TIMM_STATE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def save_timm(path: str | os.PathLike, module: Any, variables: Any) -> tuple[str, dict[str, Any]]:
+    """Write a converted (or fine-tuned) model's weights, BatchNorm statistics included, as a timm
+    state dict: `.safetensors`, or `.pth`/`.pt`/`.bin` (`torch.save`). Returns `(name, kwargs)`:
+    `timm.create_model(name, **kwargs)` builds the architecture it loads into (a `.safetensors`
+    file also names both in its metadata). A model with an add-on head has no timm twin: refused."""
+    import json
+
+    import torch
+
+    from torch2flax.utils import atomic_write
+
+    path = os.fspath(path)
+    if not path.endswith(TIMM_STATE_SUFFIXES):
+        raise ConfigError(f"{path}: a timm state dict is a {' or '.join(TIMM_STATE_SUFFIXES)} file")
+    backend = backend_of(module)
+    model = backend.to_timm(module, variables)  # first: says why a model has no timm twin
+    name, kwargs = backend.model_name(module), backend.timm_create_kwargs(module)
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}  # tied weights: own copies (safetensors refuses shared storage)
+    if path.endswith(".safetensors"):
+        from safetensors.torch import save
+
+        data = save(state, metadata={"timm_model": name, "timm_kwargs": json.dumps(kwargs), "format": "pt"})
+    else:
+        import io as _io
+
+        buf = _io.BytesIO()
+        torch.save(state, buf)
+        data = buf.getvalue()
+    atomic_write(path, data)
+    return name, kwargs
+
+
 def parity_errors(model: Any, module: Any, variables: Any, *, batch: int = 2,
                   input_hw: tuple[int, int] | None = None, seed: int = 0) -> dict[str, float]:
     """Max abs and relative (to max(1, max|timm|)) errors of logits and features on a random batch."""

@@ -295,9 +295,7 @@ class NativeBackend(Backend):
 
         name = self.model_name(module)
         entry = get_entry(name)
-        kwargs = dict(num_classes=module.num_classes, in_chans=module.in_chans, global_pool=module.global_pool,
-                      drop_rate=module.drop_rate, drop_path_rate=module.drop_path_rate, **entry.timm_kwargs(module))
-        model = timm.create_model(name, pretrained=False, **kwargs)
+        model = timm.create_model(name, pretrained=False, **self.timm_create_kwargs(module))
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.eps, m.momentum = module.bn_eps, 1.0 - module.bn_momentum
@@ -307,6 +305,11 @@ class NativeBackend(Backend):
         load_into_timm(model, {k: torch.from_numpy(np.array(v)) for k, v in arrays.items()},
                        source="Flax variables")
         return model.eval()
+
+    def timm_create_kwargs(self, module: Any) -> dict[str, Any]:
+        return dict(num_classes=module.num_classes, in_chans=module.in_chans, global_pool=module.global_pool,
+                    drop_rate=module.drop_rate, drop_path_rate=module.drop_path_rate,
+                    **get_entry(self.model_name(module)).timm_kwargs(module))
 
     def model_name(self, module: Any) -> str:
         return registry_name(module)

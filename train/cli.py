@@ -178,6 +178,17 @@ def register(subparsers) -> None:
     _add_config_flags(t)
     t.set_defaults(func=cmd_tpu_check)
 
+    x = subparsers.add_parser(
+        "export-timm", help="write a model's weights as a timm state dict (.safetensors or .pth), for PyTorch",
+        description="Write the weights of a torch2flax model (converted or fine-tuned; BatchNorm statistics "
+        "included) as a timm state dict, and print the timm.create_model call that loads it. A model with an "
+        "add-on head has no timm twin and is refused.")
+    x.add_argument("source", metavar="FILE|RUN", help="a torch2flax .msgpack (from convert or train) or a run "
+                   "folder (its best.msgpack)")
+    x.add_argument("--out", required=True, metavar="FILE", help="the state dict to write: .safetensors, or "
+                   ".pth/.pt/.bin (torch.save)")
+    x.set_defaults(func=cmd_export_timm)
+
     e = subparsers.add_parser("doctor", help="report versions, devices and host limits, and what will hurt a run",
                               description="Report package versions, JAX's devices, CPUs, memory and /dev/shm, "
                               "and warn about what breaks or slows a run here (a jax/libtpu mismatch, JAX on "
@@ -386,4 +397,23 @@ def cmd_cv(args: argparse.Namespace) -> int:
     print(summary(report))
     written = [OOF] if report["done"] else []
     print(f"wrote {', '.join(os.path.join(out, f) for f in [*written, CV])}")
+    return 0
+
+
+def cmd_export_timm(args: argparse.Namespace) -> int:
+    from torch2flax.converter import save_timm
+    from torch2flax.train.checkpoint import load_checkpoint
+    from torch2flax.train.inference import ensemble_members
+
+    members = ensemble_members([args.source])  # a run folder: its best.msgpack
+    if len(members) != 1:
+        raise ConfigError(f"{args.source}: a cross-validation folder holds {len(members)} models: export one "
+                          f"fold's ({os.path.join(args.source, 'fold0')}, ...)")
+    module, variables, _ = load_checkpoint(members[0].checkpoint)
+    name, kwargs = save_timm(args.out, module, variables)
+    n = kwargs.get("num_classes")
+    rest = "".join(f", {k}={v!r}" for k, v in kwargs.items() if k != "num_classes")
+    print(f"wrote {os.path.abspath(args.out)} ({os.path.getsize(args.out) / 1e6:.1f} MB), the timm state dict of "
+          f"{members[0].checkpoint}; in PyTorch:\n  timm.create_model({name!r}, num_classes={n}{rest}, pretrained=True, "
+          f"pretrained_cfg_overlay=dict(file={args.out!r}, num_classes={n}))")
     return 0

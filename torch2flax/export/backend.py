@@ -12,6 +12,7 @@ from torch2flax.export.model import (
     from_source,
     timm_from_exported,
 )
+from torch2flax.utils import thaw_value
 
 
 def fixed_size_kwargs(name: str, image_size: int | tuple[int, int] | None) -> dict[str, Any]:
@@ -59,6 +60,14 @@ class ExportBackend(Backend):
 
     def to_timm(self, module: Any, variables: Mapping[str, Any]) -> Any:
         return timm_from_exported(module, variables)
+
+    def timm_create_kwargs(self, module: Any) -> dict[str, Any]:
+        spec = module.spec
+        if spec.instance_key is not None:
+            raise ConfigError(f"{spec.model_name} was converted from a timm model instance, whose "
+                              "create_model arguments are unknown: convert it by name to export it to timm")
+        return {**{k: thaw_value(v) for k, v in spec.timm_kwargs}, "num_classes": spec.num_classes,
+                "in_chans": spec.in_chans}
 
     def model_name(self, module: Any) -> str:
         return module.model_name
