@@ -11,16 +11,26 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def small():
-    """A reduced resnet18 (one block per stage, a quarter of the width) with randomised BatchNorm statistics."""
-    import timm
-    import torch
+    """The native reduced resnet18 (one block per stage, a quarter of the width) with random
+    weights and BatchNorm statistics (variances in [0.5, 1.5)): the linen model is the reference
+    here (its parity with timm is tests/test_models_resnet.py's)."""
+    import jax
+    import numpy as np
 
-    import torch2flax
-    from tests.helpers import REDUCED_RESNET18, randomize_batchnorm
+    from tests.helpers import REDUCED_RESNET18
+    from torch2flax.backend import variable_shapes
+    from torch2flax.models import create_model
 
-    torch.manual_seed(0)
-    model = randomize_batchnorm(timm.create_model("resnet18", num_classes=3, **REDUCED_RESNET18), seed=1).eval()
-    return torch2flax.convert(model)
+    module = create_model("resnet18", num_classes=3, **{k: tuple(v) for k, v in REDUCED_RESNET18.items()})
+    rng = np.random.default_rng(0)
+
+    def draw(path, s):
+        name = jax.tree_util.keystr(path)
+        if "'var'" in name:
+            return (0.5 + rng.random(s.shape)).astype(np.float32)
+        return (0.1 * rng.standard_normal(s.shape) + (1.0 if "'scale'" in name else 0.0)).astype(np.float32)
+
+    return module, jax.tree_util.tree_map_with_path(draw, variable_shapes(module))
 
 
 def test_eval_logits_equal_the_linen_models(small):
@@ -42,6 +52,8 @@ def test_eval_logits_equal_the_linen_models(small):
     assert not np.allclose(np.asarray(model(x)), want, atol=1e-6)  # the updated running statistics
 
 
+@pytest.mark.slow  # two programs compiled (15 s)
+@pytest.mark.core
 def test_two_nnx_steps_equal_the_linen_trainers(small):
     """Two steps through `nnx.Optimizer` + `nnx.jit` leave the parameters and BatchNorm statistics
     the linen trainer's own `train_step` leaves (float32, within 1e-5; measured 2.6e-7), with the
