@@ -63,7 +63,7 @@ def pytest_configure(config):
 # sent the 2-test, 3-minute shell fine-tune file last: one worker ran it alone for 3 minutes).
 _LONGEST_FIRST = ("test_export.py", "test_tpu_check.py", "test_train.py", "test_demo.py", "test_finetune.py", "test_multihost.py",
                   "test_models_resnet.py", "test_notebook.py", "test_export_api.py", "test_heads.py", "test_ops.py",
-                  "test_cv.py", "test_explain.py", "test_io.py", "test_layers.py")
+                  "test_cv.py", "test_explain.py", "test_nnx.py", "test_io.py", "test_layers.py")
 
 
 # The tiers are markers on the tests (registered in setup.cfg). `slow`: subprocess and shell runs,

@@ -219,6 +219,7 @@ def test_jit_layout_compiles_with_the_same_flops_as_pmap(reports):
 
 
 @pytest.mark.slow
+@pytest.mark.core  # Kaggle's stack (jax 0.7.2, libtpu 0.0.23) checks its cost analysis too; Colab's shares them
 def test_flops_match_torch_flop_counter_for_a_conv_net(reports):
     """The train and eval steps' FLOPs per image against torch's count of timm's own passes
     (FlopCounterMode counts convolutions and matmuls, where it agrees with XLA for dense ones).
