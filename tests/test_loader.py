@@ -131,7 +131,10 @@ def test_epochs_and_seeds_differ(train_runs):
         assert all(not np.array_equal(img_a[pos_a[k]], img_b[pos_b[k]]) for k in common)
 
 
-@pytest.mark.parametrize("augment", ["kaggle", "trivialaugment", "file"])
+# The saved pipeline in the fast tier; the two recipes (the same seeding path, other transforms:
+# ~3 s each with their worker processes) in the slow and core tiers.
+@pytest.mark.parametrize("augment", [pytest.param(a, marks=[pytest.mark.slow, pytest.mark.core])
+                                     for a in ("kaggle", "trivialaugment")] + ["file"])
 def test_recipes_and_saved_pipelines_give_the_same_batches_for_any_worker_count(flowers, augment, tmp_path):
     """The named recipes and a pipeline saved with `A.save` (YAML) are reseeded per sample like the
     default augmentation: 2 workers and the main process give the same batches; the extra ops

@@ -182,6 +182,15 @@ def _timm_train_step(model, x, labels):
     return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+# The train-step comparison in the fast tier for a basic block (resnet18) and the deep-stem,
+# avg-down bottleneck (resnet50d); the other flavours' (SE, grouped, wide, plain bottleneck) run
+# in the slow and core tiers: the same step code, ~3 s of the fast tier's 90 each.
+_TRAIN_FAST = ("resnet18-l1111", "resnet50d-l1111", "resnet18-l1111-narrow")
+TRAIN_MODELS = [p if p.id in _TRAIN_FAST or p.marks else
+                pytest.param(*p.values, id=p.id, marks=[pytest.mark.slow, pytest.mark.core]) for p in MODELS]
+
+
+@pytest.mark.parametrize("pair", TRAIN_MODELS, indirect=True)
 def test_train_step_loss_grads_and_batch_stats_match_timm(pair):
     import copy
 

@@ -33,6 +33,8 @@ def small():
     return module, jax.tree_util.tree_map_with_path(draw, variable_shapes(module))
 
 
+@pytest.mark.slow  # builds and runs the model (~7 s): the core tier, not the edit loop's
+@pytest.mark.core
 def test_eval_logits_equal_the_linen_models(small):
     from flax import nnx
 
