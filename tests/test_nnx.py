@@ -36,6 +36,7 @@ def small():
 @pytest.mark.slow  # builds and runs the model (~7 s): the core tier, not the edit loop's
 @pytest.mark.core
 def test_eval_logits_equal_the_linen_models(small):
+    import jax
     from flax import nnx
 
     from torch2flax.nnx import NNXModel, to_nnx
@@ -43,7 +44,9 @@ def test_eval_logits_equal_the_linen_models(small):
     module, variables = small
     model = to_nnx(module, variables)
     assert isinstance(model, nnx.Module) and isinstance(model, NNXModel) and model.num_classes == 3
-    assert isinstance(model.params, nnx.Param) and isinstance(model.batch_stats, nnx.BatchStat)
+    assert isinstance(model.params.conv1.kernel, nnx.Param) and isinstance(model.batch_stats.bn1.var, nnx.BatchStat)
+    for kind, collection in ((nnx.Param, "params"), (nnx.BatchStat, "batch_stats")):  # one Variable per array
+        assert len(jax.tree_util.tree_leaves(nnx.state(model, kind))) == len(jax.tree_util.tree_leaves(variables[collection]))
     x = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
     want = np.asarray(module.apply(variables, x))
     np.testing.assert_array_equal(np.asarray(model(x)), want)  # eval mode to start

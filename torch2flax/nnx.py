@@ -2,7 +2,8 @@
 
 `to_nnx(module, variables)` wraps a converted linen model (native, exported, or with an add-on
 head) and its variables in an `NNXModel` holding them as `nnx.Param` and `nnx.BatchStat`;
-`convert(name, ...)` is `torch2flax.convert` followed by it. After `model.eval()`, `model(x)`
+`convert(name, ...)` is `torch2flax.convert` followed by it. The variables keep linen's nesting
+(`model.params.conv1.kernel`, one `nnx.Variable` per array). After `model.eval()`, `model(x)`
 gives the linen model's eval logits; after `model.train()`, a call runs the training forward
 (dropout from the model's `nnx.Rngs`, BatchNorm statistics updated in place as the linen trainer
 updates them), so `nnx.Optimizer(model, tx, wrt=nnx.Param)` and `nnx.jit` fine-tune it.
@@ -22,7 +23,31 @@ import jax
 from flax import nnx
 from flax.core import unfreeze
 
-__all__ = ["NNXModel", "convert", "to_nnx"]
+__all__ = ["NNXModel", "Tree", "convert", "to_nnx"]
+
+
+class Tree(nnx.Module):
+    """One level of a linen variable collection: an attribute per key, a sub-`Tree` or an
+    `nnx.Variable` per array (`nnx.Optimizer` keeps one state per Variable holding one array)."""
+
+    def __init__(self, tree: Mapping[str, Any], kind: type[nnx.Variable]):
+        for key, value in tree.items():
+            setattr(self, key, Tree(value, kind) if isinstance(value, Mapping) else kind(value))
+
+    def _items(self) -> list[tuple[str, Any]]:
+        return [(k, v) for k, v in vars(self).items() if isinstance(v, (Tree, nnx.Variable))]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The nested dict of arrays linen's `apply` takes."""
+        return {k: v.to_dict() if isinstance(v, Tree) else v[...] for k, v in self._items()}
+
+    def assign(self, tree: Mapping[str, Any]) -> None:
+        """Put the arrays of `tree` (the same nesting) into the Variables."""
+        for key, value in self._items():
+            if isinstance(value, Tree):
+                value.assign(tree[key])
+            else:
+                _set(value, tree[key])
 
 
 class NNXModel(nnx.Module):
@@ -30,8 +55,8 @@ class NNXModel(nnx.Module):
 
     def __init__(self, module: Any, variables: Any, *, rngs: nnx.Rngs | None = None):
         self.module = module  # the linen module: static structure, like an NNX layer's hyper-parameters
-        self.params = nnx.Param(unfreeze(variables["params"]))
-        self.batch_stats = nnx.BatchStat(unfreeze(variables.get("batch_stats", {})))
+        self.params = Tree(unfreeze(variables["params"]), nnx.Param)
+        self.batch_stats = Tree(unfreeze(variables.get("batch_stats", {})), nnx.BatchStat)
         self.rngs = rngs if rngs is not None else nnx.Rngs(dropout=0)
         # `model.eval()` / `model.train()` set these, as on NNX's Dropout and BatchNorm.
         self.deterministic = True
@@ -43,8 +68,8 @@ class NNXModel(nnx.Module):
 
     def variables(self) -> dict[str, Any]:
         """The linen variables (`{"params": ..., "batch_stats": ...}`), for `torch2flax.save` and the trainer."""
-        out = {"params": _plain(self.params.value)}
-        stats = _plain(self.batch_stats.value)
+        out = {"params": self.params.to_dict()}
+        stats = self.batch_stats.to_dict()
         if stats:
             out["batch_stats"] = stats
         return out
@@ -56,14 +81,8 @@ class NNXModel(nnx.Module):
         logits, updates = self.module.apply(self.variables(), x, train=True, mutable=["batch_stats"],
                                             rngs={"dropout": self.rngs.dropout()})
         if "batch_stats" in updates:  # models without BatchNorm (a ViT) have none
-            _set(self.batch_stats, unfreeze(updates["batch_stats"]))
+            self.batch_stats.assign(updates["batch_stats"])
         return logits
-
-
-def _plain(tree: Any) -> Any:
-    """Nested dicts of arrays: `nnx.Optimizer.update` writes a Variable's nested value back as an
-    `nnx.State`, which linen's `apply` does not take."""
-    return {k: _plain(v) for k, v in tree.items()} if isinstance(tree, Mapping) else tree
 
 
 def _set(variable: nnx.Variable, value: Any) -> None:
