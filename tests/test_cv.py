@@ -269,3 +269,23 @@ def test_member_tta_modes_are_one_for_all_or_one_per_checkpoint():
 
     with pytest.raises(ConfigError, match="2 TTA modes for 3 checkpoints"):
         member_ttas(["hflip", "none"], 3)
+
+
+@pytest.mark.parametrize("folds", [0, 2])
+def test_fit_joins_a_multi_host_run_before_any_other_work(folds, tmp_path, monkeypatch):
+    """`fit` from Python (a notebook or script with the TORCH2FLAX_* variables set) must call
+    `distributed.initialize` before JAX or the data are touched, on the cross-validation path too:
+    `fit_folds` indexes the records and asks which process writes before it trains a fold."""
+    from torch2flax.train import TrainConfig, distributed, fit
+
+    class Joined(Exception):
+        pass
+
+    def initialize(*args, **kwargs):
+        raise Joined
+
+    monkeypatch.setattr(distributed, "initialize", initialize)
+    split = {"folds": folds} if folds else {"val": str(tmp_path / "none" / "*.tfrec")}
+    config = TrainConfig(train=str(tmp_path / "none" / "*.tfrec"), num_classes=3, out=str(tmp_path / "run"), **split)
+    with pytest.raises(Joined):  # not the DataError of the missing files: initialize came first
+        fit(config, progress=False)

@@ -25,6 +25,7 @@ _BUILTIN = {"native": "torch2flax.native", "export": "torch2flax.export.backend"
 # Backends that wrap another backend's module rather than convert a timm model (an add-on head:
 # `torch2flax.heads.HeadBackend`); found by module type like the others, never offered as `backend=`.
 _WRAPPERS = {"head": "torch2flax.heads"}
+_SHIPPED = {**_BUILTIN, **_WRAPPERS}
 # A model file whose config has this key holds a wrapped model (its backbone's config beside it).
 HEAD_KEY = "head"
 
@@ -133,9 +134,8 @@ def register_backend(cls: type[Backend]) -> type[Backend]:
 
 def get_backend(name: str) -> Backend:
     """The backend called `name` ("native", "export", "head", or one registered by a plugin)."""
-    shipped = {**_BUILTIN, **_WRAPPERS}
-    if name not in BACKEND_REGISTRY and name in shipped:
-        importlib.import_module(shipped[name])
+    if name not in BACKEND_REGISTRY and name in _SHIPPED:
+        importlib.import_module(_SHIPPED[name])
     return BACKEND_REGISTRY.lookup(name)
 
 
@@ -167,8 +167,8 @@ def find_backend(module: Any, load: bool = True) -> Backend | None:
         for backend in BACKEND_REGISTRY.values():
             if isinstance(module, backend.module_types):
                 return backend
-        if attempt == 0 and any(name not in BACKEND_REGISTRY for name in {**_BUILTIN, **_WRAPPERS}):
-            for name in {**_BUILTIN, **_WRAPPERS}:
+        if attempt == 0 and any(name not in BACKEND_REGISTRY for name in _SHIPPED):
+            for name in _SHIPPED:
                 get_backend(name)
         else:
             break

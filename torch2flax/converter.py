@@ -15,7 +15,7 @@ import numpy as np
 
 from torch2flax.backend import backend_choices, backend_of, get_backend
 from torch2flax.errors import ConfigError
-from torch2flax.timm_source import timm_model
+from torch2flax.timm_source import STATE_DICT_SUFFIXES, timm_model
 
 
 class Converted(tuple):
@@ -118,12 +118,10 @@ def timm_from_flax(module: Any, variables: Any) -> Any:
     return backend_of(module).to_timm(module, variables)
 
 
-TIMM_STATE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
-
-
 def save_timm(path: str | os.PathLike, module: Any, variables: Any) -> tuple[str, dict[str, Any]]:
     """Write a converted (or fine-tuned) model's weights, BatchNorm statistics included, as a timm
-    state dict: `.safetensors`, or `.pth`/`.pt`/`.bin` (`torch.save`). Returns `(name, kwargs)`:
+    state dict: `.safetensors`, or `.pth`/`.pt`/`.bin`/`.ckpt` (`torch.save`), what
+    `timm_source.load_timm_state_dict` reads. Returns `(name, kwargs)`:
     `timm.create_model(name, **kwargs)` builds the architecture it loads into (a `.safetensors`
     file also names both in its metadata). A model with an add-on head has no timm twin: refused."""
     import json
@@ -133,8 +131,8 @@ def save_timm(path: str | os.PathLike, module: Any, variables: Any) -> tuple[str
     from torch2flax.utils import atomic_write
 
     path = os.fspath(path)
-    if not path.endswith(TIMM_STATE_SUFFIXES):
-        raise ConfigError(f"{path}: a timm state dict is a {' or '.join(TIMM_STATE_SUFFIXES)} file")
+    if not path.endswith(STATE_DICT_SUFFIXES):
+        raise ConfigError(f"{path}: a timm state dict is a {' or '.join(STATE_DICT_SUFFIXES)} file")
     backend = backend_of(module)
     model = backend.to_timm(module, variables)  # first: says why a model has no timm twin
     name, kwargs = backend.model_name(module), backend.timm_create_kwargs(module)

@@ -31,7 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import freeze, unfreeze
 
-from torch2flax.backend import Backend, backend_of, file_backend, input_hw, register_backend, variable_shapes
+from torch2flax.backend import (
+    HEAD_KEY,
+    Backend,
+    backend_of,
+    file_backend,
+    input_hw,
+    register_backend,
+    variable_shapes,
+)
 from torch2flax.errors import ConfigError, DataError
 from torch2flax.layers import BatchNorm, Dense
 from torch2flax.utils import freeze_value
@@ -354,18 +362,23 @@ class HeadBackend(Backend):
         return module.head
 
     def file_config(self, module: Any) -> dict[str, Any]:
-        return {**backend_of(module.backbone).file_config(module.backbone), "head": head_config(module.head)}
+        return {**backend_of(module.backbone).file_config(module.backbone), HEAD_KEY: head_config(module.head)}
 
     def from_file_config(self, config: Mapping[str, Any], source: str, head: Any = None) -> Any:
-        inner = {k: v for k, v in config.items() if k != "head"}
+        inner = _backbone_config(config)
         backbone = file_backend(inner, source).from_file_config(inner, source)
         if head is None:
-            head = head_from_config(config["head"], source)
+            head = head_from_config(config[HEAD_KEY], source)
         return HeadModel(backbone, head, dtype=backbone.dtype, axis_name=backbone.axis_name)
 
     def mismatch_hint(self, config: Mapping[str, Any]) -> str:
-        inner = {k: v for k, v in config.items() if k != "head"}
+        inner = _backbone_config(config)
         return file_backend(inner).mismatch_hint(inner)
+
+
+def _backbone_config(config: Mapping[str, Any]) -> dict[str, Any]:
+    """A head model's file config without its head: the backbone's, as its own backend wrote it."""
+    return {k: v for k, v in config.items() if k != HEAD_KEY}
 
 
 # ---------------------------------------------------------------------- spec strings (CLI)

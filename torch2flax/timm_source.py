@@ -42,6 +42,12 @@ class TimmSource:
 # checkpoints
 
 
+# The files a timm state dict comes in: `torch.save`'s, and `.safetensors` (read and written here
+# and by `converter.save_timm`).
+TORCH_SAVE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+STATE_DICT_SUFFIXES = (".safetensors", *TORCH_SAVE_SUFFIXES)
+
+
 def load_timm_state_dict(path: str | os.PathLike) -> dict[str, Any]:
     """A torch state dict from `.pth/.pt/.bin` (weights_only: no code runs) or `.safetensors`.
 
@@ -61,7 +67,7 @@ def load_timm_state_dict(path: str | os.PathLike) -> dict[str, Any]:
             state: Any = load_file(path, device="cpu")
         except Exception as e:  # a truncated download, or not a safetensors file at all
             raise DataError(f"{path}: cannot load as a safetensors checkpoint: {e}") from e
-    elif suffix in (".pth", ".pt", ".bin", ".ckpt"):
+    elif suffix in TORCH_SAVE_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # pickle with code in it, or not a torch file at all

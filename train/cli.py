@@ -28,7 +28,7 @@ def add_setting(parser: argparse.ArgumentParser | argparse._ArgumentGroup, name:
     so that only flags given override a config file or a resumed run; other commands give theirs."""
     f = _FIELDS[name]
     meta = f.metadata
-    flag = meta["flag"] or "--" + name.replace("_", "-")
+    flag = _flag(name)
     shown = f.default if config_default else default
     text = help or meta["help"]
     kwargs: dict[str, Any] = dict(dest=name, default=None if config_default else default,
@@ -225,7 +225,7 @@ def _flag(name: str) -> str:
 
 def _given(args: argparse.Namespace) -> dict:
     """The TrainConfig fields the flags set (their defaults are None: unset flags leave the config's)."""
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if getattr(args, f.name) is not None}
+    return {name: getattr(args, name) for name in _FIELDS if getattr(args, name) is not None}
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -363,8 +363,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from torch2flax.train.demo import run_demo
 
     run_demo(args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
-         image_size=args.image_size, num_workers=args.num_workers, pretrained=args.pretrained,
-         progress=not args.quiet)
+             image_size=args.image_size, num_workers=args.num_workers, pretrained=args.pretrained,
+             progress=not args.quiet)
     return 0
 
 

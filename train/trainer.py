@@ -32,7 +32,7 @@ from torch2flax.train.checkpoint import (
     save_checkpoint,
 )
 from torch2flax.train.config import TrainConfig, config_kwargs, dumps
-from torch2flax.train.loop import EpochMeter, NonFiniteLossError, evaluate, train_epoch  # noqa: F401 - re-exported
+from torch2flax.train.loop import EpochMeter, evaluate, train_epoch
 from torch2flax.train.mix import MixSpec
 from torch2flax.train.parallel import AXIS, Parallel, select_devices
 from torch2flax.train.preemption import (
@@ -44,7 +44,7 @@ from torch2flax.train.preemption import (
     agree,
     parse_duration,
 )
-from torch2flax.train.result import FitResult  # noqa: F401 - re-exported
+from torch2flax.train.result import FitResult
 from torch2flax.train.state import create_train_state, learning_rate, make_optimizer
 from torch2flax.train.steps import COMPUTE_DTYPES, StepSpec, eval_step, train_step
 
@@ -309,6 +309,7 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | N
     or the `TORCH2FLAX_*` environment variables it reads); `config.batch_size` is the global
     batch; progress and files come from process 0; the processes stop at the same step.
     """
+    distributed.initialize()  # before any JAX work, on either path (fit_folds indexes and writes first)
     if config.folds:
         from torch2flax.train.cv import fit_folds
 
