@@ -62,12 +62,14 @@ test-fast: $(STAMP)
 test-platform:
 	.ci/stack $(STACK) test $(TIER)
 
-# The lower end, Kaggle's TPU image, with the cross-stack tests (model files written there load
-# here and back). Not with XLA's default optimisation any more (TORCH2FLAX_TEST_XLA_DEFAULTS=1): on
+# The lower end, Kaggle's TPU image, with the cross-stack tests (model files and portable programs
+# written there load on the upper end and back). Not with XLA's default optimisation any more (TORCH2FLAX_TEST_XLA_DEFAULTS=1): on
 # jax 0.7.2 + torch 2.8 the wide_resnet50_2 (layers 1,1,1,1) train-step parity is then 8.6e-4 off in
 # 2 of 53 gradients, also at 685d0a3 with today's venv (2026-12-07, open: measure against float64).
+# The other end is the newest releases' stack (jax 0.12) where .ci/stack made it, else .venv's.
+OTHER_PYTHON = $(if $(wildcard .venv-newest/pyvenv.cfg),.ci/trixie run $(abspath .venv-newest/bin/python),$(abspath $(PY)))
 test-oldest: $(STAMP)
-	TORCH2FLAX_OTHER_PYTHON=$(abspath $(PY)) .ci/stack kaggle-tpu test $(TIER)
+	TORCH2FLAX_OTHER_PYTHON="$(OTHER_PYTHON)" .ci/stack kaggle-tpu test $(TIER)
 
 # torch2flax's wheel plus the wheels of what the platform lacks, for an offline install (a Kaggle
 # dataset): pip install --no-index --find-links DIR torch2flax. Built for the platform's Python, from here.

@@ -21,6 +21,8 @@ MODELS = {
     "native": ("resnet18", "native", {"layers": (1, 1, 1, 1)}, 32),
     # timm's own small test network through torch.export: BatchNorm, depthwise convs, squeeze-excite
     "exported": ("test_efficientnet", "export", {}, 32),
+    # the same with its eval forward as a portable program (torch2flax.portable), which `load` runs
+    "portable": ("test_efficientnet", "export", {}, 32),
 }
 
 
@@ -58,7 +60,7 @@ def write(out: str) -> None:
                                                image_size=size if backend == "export" else None, **kwargs)
         variables = _randomized(variables, seed=len(key))
         x = np.random.default_rng(0).standard_normal((4, size, size, 3)).astype(np.float32)
-        torch2flax.save(os.path.join(out, f"{key}.msgpack"), module, variables)
+        torch2flax.save(os.path.join(out, f"{key}.msgpack"), module, variables, portable=key == "portable")
         np.save(os.path.join(out, f"{key}.x.npy"), x)
         np.save(os.path.join(out, f"{key}.logits.npy"), logits(module, variables, x))
 
@@ -69,6 +71,8 @@ def check(out: str) -> dict[str, float]:
     errors = {}
     for key in MODELS:
         module, variables = torch2flax.load(os.path.join(out, f"{key}.msgpack"))
+        if (type(module).__name__ == "PortableModule") != (key == "portable"):
+            raise AssertionError(f"{key}.msgpack loaded as a {type(module).__name__}")
         ref = np.load(os.path.join(out, f"{key}.logits.npy"))
         got = logits(module, variables, np.load(os.path.join(out, f"{key}.x.npy")))
         errors[key] = float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))

@@ -1,14 +1,19 @@
 """A model file written on one end of the supported range loads on the other with the same logits.
 
-The other stack is the Python in $TORCH2FLAX_OTHER_PYTHON: `make test-oldest` sets it to the upper
-stack's venv (CI builds both), so this runs, in both directions, on the lower stack's suite;
-`make test` leaves it out (`-m "not cross_stack"`).
+The other stack is the command in $TORCH2FLAX_OTHER_PYTHON: `make test-oldest` sets it to the upper
+end's Python (the newest releases' venv, run in the Debian 13 root by `.ci/trixie run`, when it has
+been made; else .venv's), so this runs, in both directions, on the lower stack's suite; `make test`
+leaves it out (`-m "not cross_stack"`). The files go under the checkout's build/, which the Debian
+root sees at the same path (not /tmp).
 """
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
 import subprocess
+import tempfile
 
 import pytest
 
@@ -28,25 +33,38 @@ def other_python() -> str:
     return python
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def shared_dir():
+    """A folder both stacks see at one path (under build/, bind-mounted into the Debian root)."""
+    os.makedirs(os.path.join(ROOT, "build"), exist_ok=True)
+    path = tempfile.mkdtemp(prefix="cross-stack-", dir=os.path.join(ROOT, "build"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _other(python: str, *args: str) -> dict:
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = single_device_env()  # one CPU device is enough, and starts faster
-    proc = subprocess.run([python, "-m", "tests.cross_stack", *args], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=600)
+    # One CPU device is enough and starts faster; none of this stack's XLA flags (conftest's are
+    # chosen for this jax: another XLA aborts on a flag it does not know).
+    env = {**single_device_env(), "XLA_FLAGS": ""}
+    proc = subprocess.run([*shlex.split(python), "-m", "tests.cross_stack", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-def test_files_written_on_the_other_stack_load_here_with_the_same_logits(other_python, tmp_path):
-    theirs = _other(other_python, "write", str(tmp_path))
+def test_files_written_on_the_other_stack_load_here_with_the_same_logits(other_python, shared_dir):
+    theirs = _other(other_python, "write", shared_dir)
     assert theirs != cross_stack.versions(), "the other python runs the same stack"
-    errors = cross_stack.check(str(tmp_path))
+    errors = cross_stack.check(shared_dir)
     assert set(errors) == set(cross_stack.MODELS)
     assert all(e <= TOL for e in errors.values()), (errors, theirs, cross_stack.versions())
 
 
-def test_files_written_here_load_on_the_other_stack_with_the_same_logits(other_python, tmp_path):
-    cross_stack.write(str(tmp_path))
-    report = _other(other_python, "check", str(tmp_path))
+def test_files_written_here_load_on_the_other_stack_with_the_same_logits(other_python, shared_dir):
+    cross_stack.write(shared_dir)
+    report = _other(other_python, "check", shared_dir)
     assert set(report["errors"]) == set(cross_stack.MODELS)
     assert all(e <= TOL for e in report["errors"].values()), report

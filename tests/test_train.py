@@ -106,7 +106,8 @@ def one_device(flowers, tmp_path_factory, request):
 
     _, globs = flowers
     failed, out = request.session.testsfailed, tmp_path_factory.mktemp("one")
-    yield fit(_config(globs, out, num_devices=1), progress=False), out
+    # portable: best.msgpack gets its program when the run ends (test_predict_runs_portable_programs)
+    yield fit(_config(globs, out, num_devices=1, portable=True), progress=False), out
     remove_unless_failed(request, out, failed)
 
 
@@ -345,6 +346,42 @@ def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference
         rows = list(csv.reader(f))
     assert [r[0] for r in rows[1:]] == sets["test"].ids and [int(r[1]) for r in rows[1:]] == list(ens.argmax(1))
     assert f"predicted {len(sets['test'].ids)} records" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.core
+def test_predict_runs_portable_programs_and_train_writes_one(flowers, one_device, tmp_path, monkeypatch):
+    """`train --portable` (the one-device run) adds best.msgpack's program; `predict` of it with an
+    exported test_efficientnet at 48 px (`io.add_portable`) runs both programs, rebuilding nothing
+    from timm, and gives the probabilities of the full models (`portable=False`) within 1e-6."""
+    import torch
+
+    import torch2flax
+    from torch2flax import io
+    from torch2flax.portable import PortableModule
+    from torch2flax.train import predict
+    from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, save_checkpoint
+
+    _, globs = flowers
+    _, out = one_device
+    best = os.path.join(out, "best.msgpack")
+    assert isinstance(torch2flax.load(best)[0], PortableModule)
+    torch.manual_seed(1)
+    effnet = str(tmp_path / "effnet48.msgpack")
+    save_checkpoint(effnet, *torch2flax.convert("test_efficientnet", num_classes=NUM_CLASSES, image_size=48),
+                    TrainCheckpoint(epoch=0, data=DataSpec(48, 1.0)))
+    io.add_portable(effnet, image_size=48)
+    common = dict(tta=["hflip", "none"], batch_size=16, num_workers=0, progress=False)
+    full = predict([best, effnet], globs["test"], str(tmp_path / "full.csv"), portable=False, **common)
+
+    def rebuilt(*args, **kwargs):
+        raise AssertionError("a model was rebuilt from its config")
+
+    monkeypatch.setattr(io, "module_from_config", rebuilt)
+    fast = predict([best, effnet], globs["test"], str(tmp_path / "fast.csv"), **common)
+    np.testing.assert_array_equal(fast.ids, full.ids)
+    np.testing.assert_allclose(fast.probs, full.probs, rtol=0, atol=1e-6)
+    assert (tmp_path / "fast.csv").read_text() == (tmp_path / "full.csv").read_text()
 
 
 class _Sleepy:

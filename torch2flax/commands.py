@@ -39,6 +39,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="native Flax twin, exported graph, or auto (native where one exists)")
     p.add_argument("--out", required=True, metavar="FILE.msgpack", help="output file (+ FILE.msgpack.json)")
     p.add_argument("--no-verify", action="store_true", help="skip the parity check")
+    p.add_argument("--portable", action="store_true",
+                   help="also store the eval forward as a jax.export program for cpu, cuda and tpu (at --image-size), "
+                        "which torch2flax.load and predict run with no torch or timm installed")
     _check_args(p)
     p.set_defaults(func=cmd_convert)
 
@@ -127,7 +130,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
             errors = parity_errors(model, module, variables, batch=args.batch_size, input_hw=_hw(module, args.image_size))
             bar.update()
         bar.set_postfix_str("saving")
-        paths = io.save(args.out, module, variables)
+        if args.portable:
+            bar.set_postfix_str("writing the portable program")
+        paths = io.save(args.out, module, variables, portable=args.portable, image_size=args.image_size)
         bar.update()
     finally:  # an error is reported by the command line (torch2flax.cli.main), after the bar
         bar.close()
@@ -147,7 +152,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from torch2flax.prepare import model_name
     from torch2flax.timm_source import load_into_timm, load_timm_state_dict
 
-    module, variables = io.load(args.file)
+    module, variables = io.load(args.file, portable=False)
     name = model_name(module)
     if args.checkpoint:
         model = timm_from_flax(module, variables)  # the architecture, then the checkpoint's weights

@@ -5,6 +5,8 @@
 * `path` (e.g. `r50.msgpack`): `flax.serialization.msgpack_serialize` of
   `{"config": <json str>, "variables": <state dict>}`. It is self-contained and
   authoritative: `load` needs nothing else.
+  With `portable=True` it also holds `"portable"`: the eval forward as a serialized
+  `jax.export` program (`torch2flax.portable`), which `load` runs without torch or timm.
 * `path + ".json"` (e.g. `r50.msgpack.json`): the same config, human-readable
   (registry name, constructor arguments, format version; a model with an add-on head,
   `torch2flax.heads`, adds `"head"`: the head's class and fields).
@@ -106,8 +108,10 @@ def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variabl
     raise DataError(f"{source}: some variables carry a leading device axis and others do not")
 
 
-def model_payload(module: Any, variables: Mapping, source: str = "variables") -> dict[str, Any]:
-    """The model part of a file: config and `variables` (unreplicated, on the host)."""
+def model_payload(module: Any, variables: Mapping, source: str = "variables", *, portable: bool = False,
+                  image_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
+    """The model part of a file: config and `variables` (unreplicated, on the host); with
+    `portable`, the eval forward program at `image_size` too (`torch2flax.portable.program`)."""
     import jax
     from flax import serialization
 
@@ -115,7 +119,12 @@ def model_payload(module: Any, variables: Mapping, source: str = "variables") ->
     state = serialization.to_state_dict(variables)
     state = {k: v for k, v in state.items() if k in COLLECTIONS}
     state, _ = unreplicate_like(state, dict(shapes), source=source)
-    return {"config": json.dumps(module_config(module)), "variables": jax.device_get(state)}
+    payload = {"config": json.dumps(module_config(module)), "variables": jax.device_get(state)}
+    if portable:
+        from torch2flax.portable import program
+
+        payload["portable"] = program(module, payload["variables"], image_size=image_size)
+    return payload
 
 
 def write_payload(path: str | os.PathLike, payload: Mapping[str, Any]) -> tuple[str, str]:
@@ -150,9 +159,10 @@ def read_payload(path: str | os.PathLike) -> dict[str, Any]:
     return state
 
 
-def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None) -> tuple[Any, Any]:
+def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None,
+                       portable: bool | None = False) -> tuple[Any, Any]:
     """`(module, variables)` from `read_payload`'s mapping; a replicated tree is unreplicated.
-    `head`: as in `module_from_config`."""
+    `head`: as in `module_from_config`. `portable`: as in `load`."""
     import jax
     import jax.numpy as jnp
     from flax.core import freeze
@@ -164,6 +174,19 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
         config = json.loads(payload["config"])
     except ValueError as e:  # a hand-edited or truncated JSON sidecar
         raise DataError(f"{source}: its model config is not valid JSON ({e})") from None
+    if portable is True and "portable" not in payload:
+        raise DataError(f"{source}: holds no portable program; write one with `torch2flax convert ... --portable`, "
+                        "`train --portable` or torch2flax.save(path, module, variables, portable=True)")
+    if portable is not False and "portable" in payload:
+        from torch2flax.portable import PortableModule, check_record, check_variables
+
+        check_format(config, source)
+        record = payload["portable"]
+        check_record(record, source)
+        tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
+        check_variables(record, tree, source)
+        module = PortableModule(record, record.get("pretrained_cfg", {}), config, source=source)
+        return module, freeze(jax.tree.map(jnp.asarray, tree))
     module = module_from_config(config, source=source, head=head)
     shapes = variable_shapes(module)
     tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
@@ -177,19 +200,40 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
     return module, freeze(jax.tree.map(jnp.asarray, tree))
 
 
-def save(path: str | os.PathLike, module: Any, variables: Mapping) -> tuple[str, str]:
+def save(path: str | os.PathLike, module: Any, variables: Mapping, *, portable: bool = False,
+         image_size: int | tuple[int, int] | None = None) -> tuple[str, str]:
     """Write `variables` (unreplicated, on host) to `path`, the config to `path + ".json"`.
 
     A pmap-replicated tree (every leaf with a leading device axis) is saved as one copy.
-    Returns the two paths written.
+    `portable=True` adds the eval forward as a `jax.export` program for cpu, cuda and tpu, at
+    `image_size` (default: the model's fixed or pretrained size), in float32 and bfloat16, which
+    `load` runs with no torch or timm installed (`torch2flax.portable`). Returns the two paths written.
     """
-    return write_payload(path, model_payload(module, variables, source=f"save({os.fspath(path)})"))
+    return write_payload(path, model_payload(module, variables, source=f"save({os.fspath(path)})",
+                                             portable=portable, image_size=image_size))
 
 
-def load(path: str | os.PathLike, *, head: Any = None) -> tuple[Any, Any]:
+def load(path: str | os.PathLike, *, head: Any = None, portable: bool | None = None) -> tuple[Any, Any]:
     """`(module, variables)` from a `save`d file (or any training checkpoint).
+
+    A file with a portable program (`save(..., portable=True)`) loads as a
+    `torch2flax.portable.PortableModule` that runs it: no torch, no timm, no re-export; it predicts
+    (`module.apply(variables, x)`) but does not train. `portable=False` rebuilds the full Flax
+    module instead, `portable=True` insists on the program.
 
     A model with an add-on head rebuilds its head from the saved class and fields; a head class
     that cannot be imported here (defined in a notebook's `__main__`) is passed as `head=`.
     """
-    return model_from_payload(read_payload(path), source=os.fspath(path), head=head)
+    return model_from_payload(read_payload(path), source=os.fspath(path), head=head, portable=portable)
+
+
+def add_portable(path: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> str:
+    """Add (or replace) the portable program of the model file `path`, at `image_size` (see
+    `save`); the rest of the file (a training checkpoint's `train` state too) is kept as it is."""
+    from torch2flax.portable import program
+
+    payload = read_payload(path)
+    module, variables = model_from_payload(payload, source=os.fspath(path), portable=False)
+    payload["portable"] = program(module, variables, image_size=image_size)
+    write_payload(path, payload)
+    return os.fspath(path)

@@ -39,7 +39,7 @@ def prepare_model(
     if init:
         import torch2flax.io as io
 
-        module, variables = io.load(init)
+        module, variables = io.load(init, portable=False)
         saved = model_name(module)
         if model is not None and model != saved:
             raise ConfigError(f"{init} holds a {saved} model, but the run names model {model!r}: drop --model "

@@ -122,10 +122,11 @@ def save_checkpoint(path: str | os.PathLike, module: Any, variables: Any, train:
     return os.fspath(path)
 
 
-def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, TrainCheckpoint | None]:
+def load_checkpoint(path: str | os.PathLike, portable: bool | None = False) -> tuple[Any, Any, TrainCheckpoint | None]:
     """`(module, variables, train)` from a `.msgpack` file, an Orbax step folder
     (`OUT/checkpoints/<step>`), a checkpoints folder or a run folder (its newest training
-    checkpoint); `train` is None for a plain model file."""
+    checkpoint); `train` is None for a plain model file. `portable`: as in `torch2flax.load`
+    (default: the full model, which everything but prediction needs)."""
     if os.path.isdir(path):
         name = os.path.basename(os.fspath(path).rstrip("/"))
         found = (os.fspath(path) if _STEP.fullmatch(name) else
@@ -136,7 +137,7 @@ def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, TrainCheckpoint 
             return _read_orbax(found)
         path = found
     payload = io.read_payload(path)
-    module, variables = io.model_from_payload(payload, source=os.fspath(path))
+    module, variables = io.model_from_payload(payload, source=os.fspath(path), portable=portable)
     raw = payload.get("train")
     return module, variables, _train_record(raw, os.fspath(path)) if raw else None
 

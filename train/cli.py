@@ -120,6 +120,9 @@ def register(subparsers) -> None:
     add_setting(q, "image_size", help="image size (default: the checkpoint's)")
     for name in ("num_workers", "parallel", "dtype"):
         add_setting(q, name, default=_FIELDS[name].default)
+    q.add_argument("--full-model", action="store_true",
+                   help="rebuild each model from timm even where its file holds a portable program (the default "
+                        "runs the program: no torch.export, no timm needed)")
     q.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_distributed_flags(q)
     q.set_defaults(func=cmd_predict)
@@ -344,7 +347,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict(args.checkpoint, args.test, args.out, tta=args.tta or RUN_TTA, probs=args.probs,
                      weights=args.weights, batch_size=args.batch_size, image_size=args.image_size,
                      num_workers=args.num_workers, parallel=args.parallel, dtype=args.dtype,
-                     progress=not args.quiet)
+                     portable=False if args.full_model else None, progress=not args.quiet)
     if main_process:
         print(f"predicted {len(result.ids)} records; wrote " + ", ".join(result.files))
     return 0

@@ -143,6 +143,8 @@ class TrainConfig:
     num_devices: int | None = setting(None, "local devices to use (default: every one)", check=_at_least(1))
     seed: int = setting(0, "seed of initialisation, shuffling and augmentation", fixed_on_resume=True)
     out: str = setting("runs/train", "output folder")
+    portable: bool = setting(False, "when training ends, add best.msgpack's eval forward as a portable jax.export "
+                             "program (cpu, cuda, tpu): predict and torch2flax.load then need no torch or timm")
     # preemption (train.preemption): checkpoints within epochs, and a clean stop before a limit
     checkpoint_every: str | None = setting(
         None, "also checkpoint every N steps (500) or every period (10m), with the loader position: --resume "

@@ -14,6 +14,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from torch2flax.errors import ConfigError, DataError, MissingFileError
+from torch2flax.portable import PortableModule
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import load_checkpoint
@@ -113,7 +114,7 @@ def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.c
             probs: str | None = None, batch_size: int = 64, image_size: int | None = None,
             crop_pct: float | None = None, num_workers: int | str = "auto", parallel: str = "pmap",
             num_devices: int | None = None, dtype: str = "float32", weights: Sequence[float] | None = None,
-            progress: bool = True) -> PredictResult:
+            portable: bool | None = None, progress: bool = True) -> PredictResult:
     """Predict every record of `test` (in file order) and write `id,label` to `out`.
 
     Image size and centre crop default to what the checkpoint was validated with, and `tta` to
@@ -123,6 +124,9 @@ def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.c
     make an ensemble: each member predicts with its own eval transform, image size and TTA
     (`tta` one mode for all, or one per checkpoint), and the probabilities are averaged with
     `weights` (default equal), so backbones, backends and image sizes mix.
+
+    A file with a portable program (`train --portable`, `save(..., portable=True)`) is predicted by
+    that program (no `torch.export`, no timm); `portable=False` rebuilds every model from timm.
 
     Multi-host: every process runs `predict` with the same arguments (`batch_size` is the
     global batch) and predicts its slice of each batch; process 0 gathers the rows and
@@ -137,8 +141,8 @@ def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.c
     for member in ensemble_members(checkpoint, weights, tta):
         member_ids, member_prob = predict_dataset(
             member.checkpoint, dataset, tta=member.tta, batch_size=batch_size, image_size=image_size, crop_pct=crop_pct,
-            num_workers=num_workers, parallel=parallel, num_devices=num_devices, dtype=dtype, progress=progress,
-            source=test)
+            num_workers=num_workers, parallel=parallel, num_devices=num_devices, dtype=dtype, portable=portable,
+            progress=progress, source=test)
         ids = member_ids if ids is None else ids
         prob = prob + member.weight * member_prob.astype(np.float64)
     prob = np.asarray(prob, dtype=np.float32)
@@ -165,13 +169,13 @@ def predict_program(par_key: tuple, module: Any, mean: tuple, std: tuple, dtype:
 def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | None = RUN_TTA, batch_size: int = 64,
                     image_size: int | None = None, crop_pct: float | None = None,
                     num_workers: int | str = "auto", parallel: str = "pmap", num_devices: int | None = None,
-                    dtype: str = "float32", progress: bool = True,
+                    dtype: str = "float32", portable: bool | None = None, progress: bool = True,
                     source: str = "the dataset") -> tuple[np.ndarray, np.ndarray]:
     """`(ids, probabilities)` of every record of `dataset`, in dataset order, from `checkpoint`
     with its eval transform (the dataset's own transform is replaced) and `tta` (`RUN_TTA`: its
-    run's). Multi-host: every process calls it and gets every row."""
+    run's); `portable`: as in `predict`. Multi-host: every process calls it and gets every row."""
     progress = progress and distributed.is_main()
-    module, variables, saved = load_checkpoint(checkpoint)
+    module, variables, saved = load_checkpoint(checkpoint, portable=portable)
     data = saved.data if saved is not None else None  # None: a plain model file
     if tta == RUN_TTA:
         tta = saved.config.get("tta") if saved is not None else None
@@ -180,6 +184,10 @@ def predict_dataset(checkpoint: str, dataset: TFRecordDataset, *, tta: str | Non
                             "give predict's tta (--tta hflip or none)")
     size = image_size or (data.image_size if data else int(module.pretrained_cfg["input_size"][-1]))
     crop = crop_pct if crop_pct is not None else (data.crop_pct if data else float(module.pretrained_cfg["crop_pct"]))
+    if isinstance(module, PortableModule) and module.input_hw != (size, size):
+        hw = module.input_hw
+        raise ConfigError(f"{checkpoint}: its portable program takes {hw[0]}x{hw[1]} images, not {size}x{size}: "
+                          f"predict at {hw[0]} (--image-size) or rebuild the full model (--full-model)")
     par = Parallel(parallel, select_devices(num_devices))
     dataset.transform = RecordTransform(eval_transform(size, crop_pct=crop))
     loader = make_loader(dataset, batch_size, train=False, num_devices=len(par.devices),

@@ -488,7 +488,7 @@ def tpu_check(config: TrainConfig, tpu: str = "v5e-8", *, search: bool = True, e
         if config.init:
             import torch2flax.io as io
 
-            config = replace(config, num_classes=io.load(config.init)[0].num_classes)
+            config = replace(config, num_classes=io.load(config.init, portable=False)[0].num_classes)
         else:
             config = replace(config, num_classes=1000)
     if config.batch_size % spec.devices:

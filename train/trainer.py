@@ -20,6 +20,7 @@ import jax
 from tqdm.auto import tqdm
 
 import torch2flax
+from torch2flax import io
 from torch2flax.errors import MissingFileError
 from torch2flax.train import artifacts, bad_images, data, distributed
 from torch2flax.train.checkpoint import (
@@ -345,6 +346,12 @@ def fit_run(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int
             run.checkpoints.close()  # the save in flight is committed (or its error raised) here
     if stop.requested and distributed.is_main():
         print(stop_line(run, prog, stop.reason), flush=True)
+    best = run.paths["best.msgpack"]
+    if config.portable and not stop.requested and distributed.is_main() and os.path.exists(best):
+        # Once, at the end: lowering for three platforms takes seconds, too long at every improvement.
+        io.add_portable(best, image_size=run.data.image_size)
+        if show:
+            print(f"wrote the portable program of {best} (cpu, cuda, tpu; float32 and bfloat16)", flush=True)
     files = [run.checkpoints.latest() if name == CHECKPOINTS else p  # the one a resume reads
              for name, p in run.paths.items() if os.path.exists(p)]
     return FitResult(out=config.out, best_macro_f1=prog.best, history=prog.history, files=files,

@@ -184,18 +184,27 @@ def copy(dst, src, non_blocking=False):
     return jnp.broadcast_to(src, dst.shape).astype(dst.dtype)
 
 
+def _index(x, dim, start, end, step) -> tuple:
+    """The index of torch's `x[..., start:end:step]` on `dim`. torch.export writes an open end as
+    2**63 - 1; clamped here to the dimension's size, because under a symbolic batch size
+    (`torch2flax.portable`) jnp indexing converts the bounds to int32 and refuses it."""
+    idx = [slice(None)] * x.ndim
+    n = x.shape[dim]
+    if isinstance(n, int):
+        idx[dim] = slice(*slice(start, end, step).indices(n))
+    else:  # the symbolic batch: an open end stays open
+        idx[dim] = slice(start, None if end is not None and end >= 2**62 else end, step)
+    return tuple(idx)
+
+
 @register(aten.slice.Tensor)
 def slice_(x, dim=0, start=None, end=None, step=1):
-    idx = [slice(None)] * x.ndim
-    idx[dim] = slice(start, end, step)
-    return x[tuple(idx)]
+    return x[_index(x, dim, start, end, step)]
 
 
 @register(aten.slice_scatter.default)
 def slice_scatter(x, src, dim=0, start=None, end=None, step=1):
-    idx = [slice(None)] * x.ndim
-    idx[dim] = slice(start, end, step)
-    return x.at[tuple(idx)].set(src.astype(x.dtype))
+    return x.at[_index(x, dim, start, end, step)].set(src.astype(x.dtype))
 
 
 @register(aten.select.int)
