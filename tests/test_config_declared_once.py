@@ -105,4 +105,5 @@ def test_no_choice_list_is_written_twice():
     for name, places in found.items():
         assert len(places) <= 1, f"{name} spelled in {places}: use train.config.{name}"
     assert len(found["PARALLEL_MODES"]) == 1 and found["PARALLEL_MODES"][0].startswith("loaders/collate.py")
-    assert len(found["DTYPES"]) == 1 and found["DTYPES"][0].startswith("train/config.py")
+    # declared where a portable program is written for each (torch2flax knows nothing of training)
+    assert len(found["DTYPES"]) == 1 and found["DTYPES"][0].startswith("torch2flax/portable.py")

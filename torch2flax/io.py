@@ -111,7 +111,7 @@ def unreplicate_like(variables: Mapping, shapes: Mapping, source: str = "variabl
 def model_payload(module: Any, variables: Mapping, source: str = "variables", *, portable: bool = False,
                   image_size: int | tuple[int, int] | None = None) -> dict[str, Any]:
     """The model part of a file: config and `variables` (unreplicated, on the host); with
-    `portable`, the eval forward program at `image_size` too (`torch2flax.portable.program`)."""
+    `portable`, the eval forward program at `image_size` too (`torch2flax.portable.portable_program`)."""
     import jax
     from flax import serialization
 
@@ -121,9 +121,9 @@ def model_payload(module: Any, variables: Mapping, source: str = "variables", *,
     state, _ = unreplicate_like(state, dict(shapes), source=source)
     payload = {"config": json.dumps(module_config(module)), "variables": jax.device_get(state)}
     if portable:
-        from torch2flax.portable import program
+        from torch2flax.portable import portable_program
 
-        payload["portable"] = program(module, payload["variables"], image_size=image_size)
+        payload["portable"] = portable_program(module, payload["variables"], image_size=image_size)
     return payload
 
 
@@ -230,10 +230,10 @@ def load(path: str | os.PathLike, *, head: Any = None, portable: bool | None = N
 def add_portable(path: str | os.PathLike, image_size: int | tuple[int, int] | None = None) -> str:
     """Add (or replace) the portable program of the model file `path`, at `image_size` (see
     `save`); the rest of the file (a training checkpoint's `train` state too) is kept as it is."""
-    from torch2flax.portable import program
+    from torch2flax.portable import portable_program
 
     payload = read_payload(path)
     module, variables = model_from_payload(payload, source=os.fspath(path), portable=False)
-    payload["portable"] = program(module, variables, image_size=image_size)
+    payload["portable"] = portable_program(module, variables, image_size=image_size)
     write_payload(path, payload)
     return os.fspath(path)

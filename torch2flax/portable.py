@@ -1,6 +1,6 @@
 """Portable inference programs: a model's eval-mode forward, serialized beside its weights.
 
-`program(module, variables)` lowers `module.apply(variables, x, train=False)` with `jax.export`
+`portable_program(module, variables)` lowers `module.apply(variables, x, train=False)` with `jax.export`
 for cpu, cuda and tpu (lowering needs no such hardware), with a symbolic batch size and the
 image size fixed, once per compute dtype. `io.save(..., portable=True)` stores it in the model
 file; `io.load` then returns a `PortableModule` that runs the program: loading needs neither
@@ -49,7 +49,7 @@ def _shape(shape: Sequence[Any]) -> list[Any]:
     return [d if isinstance(d, int) else str(d) for d in shape]
 
 
-def program(module: Any, variables: Mapping, *, image_size: int | tuple[int, int] | None = None,
+def portable_program(module: Any, variables: Mapping, *, image_size: int | tuple[int, int] | None = None,
             dtypes: Sequence[str] = DTYPES, platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
     """The serialized eval forward of `module` at `image_size` (its fixed size if it has one, else
     this, else its pretrained size), one program per dtype: the record `io.save(..., portable=True)`

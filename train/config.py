@@ -17,12 +17,15 @@ from typing import Any
 from torch2flax.backend import backend_choices
 from torch2flax.errors import ConfigError, MissingFileError
 from torch2flax.loaders.collate import LAYOUTS
+from torch2flax.portable import DTYPES as PORTABLE_DTYPES
 
 DEFAULT_MODEL = "resnet18"
 
 # Each choice list, named once (`tests/test_config_declared_once.py` greps for a second spelling).
 TTA_MODES = (None, "hflip")  # test-time augmentation: none, or the mirrored images too
-DTYPES = ("float32", "bfloat16")  # compute dtypes; parameters stay float32 (train.steps.COMPUTE_DTYPES)
+# compute dtypes, parameters staying float32 (train.steps.COMPUTE_DTYPES): torch2flax.portable's,
+# which writes a program for each
+DTYPES = PORTABLE_DTYPES
 OPTIMIZERS = ("adamw", "sgd")
 PARALLEL_MODES = LAYOUTS  # pmap | jit: the batch layouts loaders.device puts on the devices
 BACKEND_CHOICES = backend_choices()

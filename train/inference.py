@@ -14,8 +14,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from torch2flax.errors import ConfigError, DataError, MissingFileError
-from torch2flax.portable import PortableModule
 from torch2flax.loaders import RecordTransform, TFRecordDataset, eval_transform, make_loader
+from torch2flax.portable import PortableModule
 from torch2flax.train import artifacts, distributed
 from torch2flax.train.checkpoint import load_checkpoint
 from torch2flax.train.config import TTA_MODES

@@ -274,12 +274,24 @@ def roll(x, shifts, dims=()):
 def as_strided(x, size, stride, storage_offset=None):
     """Gather from the row-major flattening of `x`: exact when `x` is contiguous, which the
     functional graphs timm exports give it (it follows a view/clone of a dense tensor)."""
+    if size and not isinstance(size[0], int):
+        # A symbolic batch (torch2flax.portable): one gather per sample, when samples are whole
+        # blocks of the flattening (the view of a dense batch).
+        per_sample = math.prod(x.shape[1:])
+        if stride[0] != per_sample or (storage_offset or 0) >= per_sample:
+            raise NotImplementedError(f"as_strided over a symbolic batch with strides {tuple(stride)} of an input "
+                                      f"shaped {tuple(x.shape)}")
+        return jnp.reshape(x, (x.shape[0], -1))[:, _strided_index(size[1:], stride[1:], storage_offset)]
+    return jnp.reshape(x, (-1,))[_strided_index(size, stride, storage_offset)]
+
+
+def _strided_index(size, stride, storage_offset) -> np.ndarray:
     index = np.full(tuple(size), storage_offset or 0, dtype=np.int64)
     for d, (n, s) in enumerate(zip(size, stride)):
         shape = [1] * len(size)
         shape[d] = n
         index = index + np.arange(n).reshape(shape) * s
-    return jnp.reshape(x, (-1,))[index]
+    return index
 
 
 @register(aten.index.Tensor, aten._unsafe_index.Tensor)
