@@ -68,3 +68,16 @@ def test_files_written_here_load_on_the_other_stack_with_the_same_logits(other_p
     report = _other(other_python, "check", shared_dir)
     assert set(report["errors"]) == set(cross_stack.MODELS)
     assert all(e <= TOL for e in report["errors"].values()), report
+
+
+def test_a_compile_cache_the_other_stack_wrote_is_compiled_again_here(other_python, shared_dir):
+    """jax's cache key holds jaxlib's version: the other stack's entries are misses here (nothing
+    loaded, nothing fatal), and this stack adds its own beside them."""
+    from tests.test_compile_cache import run_program
+
+    cache = os.path.join(shared_dir, "cache")
+    theirs = run_program(cache, shlex.split(other_python), cwd=ROOT, xla_flags="")
+    ours = run_program(cache, cwd=ROOT, xla_flags="")  # the same (no) flags: only the versions differ
+    assert theirs["entries"] and ours["hits"] == 0
+    assert set(theirs["entries"]) < set(ours["entries"])
+    assert abs(ours["value"] - theirs["value"]) <= 1e-5 * abs(theirs["value"])

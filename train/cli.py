@@ -120,6 +120,7 @@ def register(subparsers) -> None:
     add_setting(q, "image_size", help="image size (default: the checkpoint's)")
     for name in ("num_workers", "parallel", "dtype"):
         add_setting(q, name, default=_FIELDS[name].default)
+    add_setting(q, "compile_cache", default="auto")
     q.add_argument("--full-model", action="store_true",
                    help="rebuild each model from timm even where its file holds a portable program (the default "
                         "runs the program: no torch.export, no timm needed)")
@@ -149,6 +150,7 @@ def register(subparsers) -> None:
     add_setting(d, "batch_size", default=64)
     add_setting(d, "image_size", default=32)
     add_setting(d, "num_workers", default="auto")
+    add_setting(d, "compile_cache", default="auto")
     add_setting(d, "pretrained", default=True, help="start from timm's pretrained weights when the hub is "
                 "reachable (--no-pretrained: random weights, without trying the hub)")
     d.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -347,7 +349,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     result = predict(args.checkpoint, args.test, args.out, tta=args.tta or RUN_TTA, probs=args.probs,
                      weights=args.weights, batch_size=args.batch_size, image_size=args.image_size,
                      num_workers=args.num_workers, parallel=args.parallel, dtype=args.dtype,
-                     portable=False if args.full_model else None, progress=not args.quiet)
+                     portable=False if args.full_model else None, compile_cache=args.compile_cache,
+                     progress=not args.quiet)
     if main_process:
         print(f"predicted {len(result.ids)} records; wrote " + ", ".join(result.files))
     return 0
@@ -367,7 +370,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, model=args.model, epochs=args.epochs, batch_size=args.batch_size,
              image_size=args.image_size, num_workers=args.num_workers, pretrained=args.pretrained,
-             progress=not args.quiet)
+             compile_cache=args.compile_cache, progress=not args.quiet)
     return 0
 
 

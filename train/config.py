@@ -146,6 +146,10 @@ class TrainConfig:
     num_devices: int | None = setting(None, "local devices to use (default: every one)", check=_at_least(1))
     seed: int = setting(0, "seed of initialisation, shuffling and augmentation", fixed_on_resume=True)
     out: str = setting("runs/train", "output folder")
+    compile_cache: str = setting(
+        "auto", "JAX's persistent compilation cache folder, so a resumed session or the next run does not compile "
+        "again (auto: $TORCH2FLAX_COMPILE_CACHE, else OUT/compile-cache on Kaggle, else "
+        "~/.cache/torch2flax/jax-compile-cache; none: off)", metavar="DIR|auto|none")
     portable: bool = setting(False, "when training ends, add best.msgpack's eval forward as a portable jax.export "
                              "program (cpu, cuda, tpu): predict and torch2flax.load then need no torch or timm")
     # preemption (train.preemption): checkpoints within epochs, and a clean stop before a limit

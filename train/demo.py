@@ -57,8 +57,10 @@ def digits_tfrecords(out_dir: str, *, image_size: int = 32, seed: int = 0) -> De
 
 def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8,
              batch_size: int = 64, image_size: int = 32, lr: float = 2e-3,
-             num_workers: int | str = "auto", seed: int = 0, pretrained: bool = True, progress: bool = True) -> dict:
+             num_workers: int | str = "auto", seed: int = 0, pretrained: bool = True,
+             compile_cache: str = "auto", progress: bool = True) -> dict:
     """Run the five steps into `out`; returns the summary, the files written and the test ids.
+    `compile_cache`: as `TrainConfig.compile_cache` (the run folder is `out`).
 
     `pretrained=False` starts from random weights without trying the hub (offline machines, tests).
     """
@@ -75,6 +77,9 @@ def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8
     check_model_name(model)  # a typo is refused before the data is written
     start = time.perf_counter()
     os.makedirs(out, exist_ok=True)
+    from torch2flax.train import compile_cache as cache
+
+    compile_cache = cache.enable(compile_cache, run_out=out) or "none"  # parity's compiles too
     print(f"[1/5] writing digits TFRecords to {os.path.join(out, 'data')}")
     data = digits_tfrecords(os.path.join(out, "data"), image_size=image_size, seed=seed)
     print("      " + ", ".join(f"{k}: {v} records" for k, v in data.counts.items()))
@@ -107,13 +112,14 @@ def run_demo(out: str = "runs/demo", *, model: str = "resnet18", epochs: int = 8
         init=init_path, image_size=image_size, crop_pct=1.0, scale_min=0.6, hflip=False,
         batch_size=batch_size - batch_size % n_dev or n_dev, epochs=epochs, lr=lr,
         warmup_epochs=1.0, weight_decay=0.05, label_smoothing=0.1, num_workers=num_workers,
-        seed=seed, out=os.path.join(out, "train"))
+        seed=seed, out=os.path.join(out, "train"), compile_cache=compile_cache)
     result = fit(config, progress=progress)
 
     submission = os.path.join(out, "submission.csv")
     print(f"[4/5] predicting the test split to {submission}")
     pred = predict(os.path.join(config.out, "best.msgpack"), data.globs["test"], submission,
-                   batch_size=config.batch_size, num_workers=num_workers, progress=progress)
+                   batch_size=config.batch_size, num_workers=num_workers, compile_cache=compile_cache,
+                   progress=progress)
     test_acc = float(np.mean([data.test_labels[i] == int(p) for i, p in zip(pred.ids, pred.labels)]))
 
     best = max(result.history, key=lambda r: r["val_macro_f1"])

@@ -114,7 +114,7 @@ def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.c
             probs: str | None = None, batch_size: int = 64, image_size: int | None = None,
             crop_pct: float | None = None, num_workers: int | str = "auto", parallel: str = "pmap",
             num_devices: int | None = None, dtype: str = "float32", weights: Sequence[float] | None = None,
-            portable: bool | None = None, progress: bool = True) -> PredictResult:
+            portable: bool | None = None, compile_cache: str = "auto", progress: bool = True) -> PredictResult:
     """Predict every record of `test` (in file order) and write `id,label` to `out`.
 
     Image size and centre crop default to what the checkpoint was validated with, and `tta` to
@@ -127,12 +127,19 @@ def predict(checkpoint: str | Sequence[str], test: str, out: str = "submission.c
 
     A file with a portable program (`train --portable`, `save(..., portable=True)`) is predicted by
     that program (no `torch.export`, no timm); `portable=False` rebuilds every model from timm.
+    `compile_cache`: JAX's persistent compilation cache folder, as `TrainConfig.compile_cache`
+    (`train.compile_cache`; on Kaggle the first checkpoint's folder when it is writable).
 
     Multi-host: every process runs `predict` with the same arguments (`batch_size` is the
     global batch) and predicts its slice of each batch; process 0 gathers the rows and
     writes the files; every process returns the whole result.
     """
     distributed.initialize()
+    from torch2flax.train import compile_cache as cache
+
+    first = os.fspath(checkpoint if isinstance(checkpoint, (str, os.PathLike)) else checkpoint[0])
+    run = first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first))
+    cache.enable(compile_cache, run_out=run if os.access(run, os.W_OK) else None)
     # Indexed once, before the model is loaded; the transform needs the checkpoint's image size.
     dataset = TFRecordDataset(test, features=TEST_FEATURES)
     if len(dataset) == 0:

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 import torch2flax
 from torch2flax import io
 from torch2flax.errors import MissingFileError
-from torch2flax.train import artifacts, bad_images, data, distributed
+from torch2flax.train import artifacts, bad_images, compile_cache, data, distributed
 from torch2flax.train.checkpoint import (
     CHECKPOINTS,
     DataSpec,
@@ -311,6 +311,9 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | N
     batch; progress and files come from process 0; the processes stop at the same step.
     """
     distributed.initialize()  # before any JAX work, on either path (fit_folds indexes and writes first)
+    cache = compile_cache.enable(config.compile_cache, run_out=config.out)  # one cache for every fold
+    if progress and distributed.is_main():
+        print(f"compile cache: {cache or 'off'}", flush=True)
     if config.folds:
         from torch2flax.train.cv import fit_folds
 
