@@ -15,6 +15,9 @@ import pytest
 from tests.cross_stack import _randomized, logits
 from tests.helpers import save_reduced_resnet18, single_device_env
 
+# slow: every test lowers a model for three platforms (seconds each); core: every stack runs them
+pytestmark = [pytest.mark.slow, pytest.mark.core]
+
 TOL = 1e-6  # of the largest logit: the program is the same computation, compiled in another process
 
 
@@ -123,9 +126,6 @@ print(json.dumps({"module": type(module).__name__,
 """
 
 
-# slow: timm's test_efficientnet through torch.export, and a second Python; core: every stack runs it
-@pytest.mark.slow
-@pytest.mark.core
 def test_an_exported_familys_portable_file_predicts_without_torch_or_timm(tmp_path):
     """`torch2flax convert test_efficientnet --portable` (the exported backend: any timm family),
     then the same model with randomised BatchNorm statistics: a venv without torch and timm loads

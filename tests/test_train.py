@@ -411,7 +411,7 @@ def test_slow_input_prints_the_data_wait_hint_once(flowers, tmp_path, capsys, mo
     result = fit(_config(globs, tmp_path, num_devices=1, epochs=2), progress=False)
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0] == "data: 0 loader workers (num_workers=0 as given)"
+    assert lines[0].startswith("compile cache: ") and lines[1] == "data: 0 loader workers (num_workers=0 as given)"
     # 0.64 s of sleep per step
     assert all(r["data_wait"] > 0.5 for r in result.history), [r["data_wait"] for r in result.history]
     hints = _hints(out)

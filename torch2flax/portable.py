@@ -201,8 +201,10 @@ class PortableModule:
             raise ConfigError(f"{self.source}: its portable program takes {self.input_hw[0]}x{self.input_hw[1]} images "
                               f"with {self.in_chans} channels, got an input of shape {tuple(x.shape)}: predict at "
                               "that size (--image-size) or load the full model (predict --full-model)")
+        import jax.numpy as jnp
+
         tree = _collections(variables)
-        return _program_call(self, _tree_spec(tree))(tree, x.astype(self.dtype))
+        return _program_call(self, _tree_spec(tree))(tree, jnp.asarray(x, dtype=self.dtype))
 
     def __repr__(self) -> str:
         h, w = self.input_hw

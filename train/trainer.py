@@ -312,7 +312,7 @@ def fit(config: TrainConfig, *, resume: bool = False, stop_after_epochs: int | N
     """
     distributed.initialize()  # before any JAX work, on either path (fit_folds indexes and writes first)
     cache = compile_cache.enable(config.compile_cache, run_out=config.out)  # one cache for every fold
-    if progress and distributed.is_main():
+    if distributed.is_main():
         print(f"compile cache: {cache or 'off'}", flush=True)
     if config.folds:
         from torch2flax.train.cv import fit_folds
