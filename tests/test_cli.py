@@ -52,11 +52,14 @@ def test_cli_convert_then_verify(r18, tmp_path, capsys, monkeypatch):
         return code, out.out, out.err
 
     code, out, err = run("convert", "resnet18", "--timm-checkpoint", "x.safetensors", "--out", "r18.msgpack",
-                         "--image-size", "32", "--batch-size", "2")
+                         "--image-size", "32", "--batch-size", "2", "--portable")
     assert code == 0, err
     assert "logits" in out and "features" in out and "FAIL" not in out
     assert "wrote r18.msgpack" in out and "wrote r18.msgpack.json" in out
     assert (tmp_path / "r18.msgpack").stat().st_size > 46e6  # 11.7M float32 parameters
+    import torch2flax
+
+    assert torch2flax.load("r18.msgpack")[0].input_hw == (32, 32)  # --portable: the program, at --image-size
 
     code, out, err = run("verify", "r18.msgpack", "--timm-checkpoint", "x.safetensors", "--image-size", "32")
     assert code == 0 and out.count(" ok ") == 2 and "deprecated" not in err, out + err

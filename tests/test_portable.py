@@ -127,20 +127,17 @@ print(json.dumps({"module": type(module).__name__,
 
 
 def test_an_exported_familys_portable_file_predicts_without_torch_or_timm(tmp_path):
-    """`torch2flax convert test_efficientnet --portable` (the exported backend: any timm family),
-    then the same model with randomised BatchNorm statistics: a venv without torch and timm loads
-    the file and gives the full model's logits within 1e-6 of the largest."""
+    """timm's test_efficientnet through the exported backend (any timm family), with randomised
+    BatchNorm statistics, saved with its program (`convert --portable`: tests/test_cli.py): a venv
+    without torch and timm loads the file and gives the full model's logits within 1e-6 of the largest."""
     import torch2flax
-    from torch2flax.cli import main
 
     out = str(tmp_path / "effnet.msgpack")
-    assert main(["convert", "test_efficientnet", "--num-classes", "10", "--image-size", "48", "--no-verify",
-                 "--portable", "--out", out]) == 0
-    module, variables = torch2flax.load(out, portable=False)
+    module, variables = torch2flax.convert("test_efficientnet", num_classes=10, image_size=48)
     assert type(module).__name__ == "ExportedModel"
-    assert torch2flax.load(out)[0].input_hw == (48, 48)  # the program is at --image-size
     variables = _randomized(variables, seed=4)
     torch2flax.save(out, module, variables, portable=True)
+    assert torch2flax.load(out)[0].input_hw == (48, 48)
     x = np.random.default_rng(1).standard_normal((4, 48, 48, 3)).astype(np.float32)
     np.save(tmp_path / "x.npy", x)
     python = _torchless_venv(tmp_path)

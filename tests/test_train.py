@@ -106,7 +106,7 @@ def one_device(flowers, tmp_path_factory, request):
 
     _, globs = flowers
     failed, out = request.session.testsfailed, tmp_path_factory.mktemp("one")
-    # portable: best.msgpack gets its program when the run ends (test_predict_runs_portable_programs)
+    # portable: best.msgpack gets its program when the run ends (test_one_device_equals_eight_with_sync_bn)
     yield fit(_config(globs, out, num_devices=1, portable=True), progress=False), out
     remove_unless_failed(request, out, failed)
 
@@ -131,9 +131,15 @@ def test_fit_on_one_device_learns(flowers, tmp_path, mixing):
 @pytest.mark.slow
 @pytest.mark.core
 def test_one_device_equals_eight_with_sync_bn(one_device, reference):
+    import torch2flax
+    from torch2flax.portable import PortableModule
+
     result, out = one_device
     ref_result, ref_params = reference
     _assert_same_training(result, ref_result, _params(out), ref_params)
+    # `portable=True` (train --portable): best.msgpack got its program, at the run's image size
+    program = torch2flax.load(out / "best.msgpack")[0]
+    assert isinstance(program, PortableModule) and program.input_hw == (SIZE, SIZE)
 
 
 @pytest.mark.slow
@@ -312,10 +318,11 @@ def jax_leaves(tree):
 
 @pytest.mark.slow
 @pytest.mark.core
-def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference, tmp_path, capsys):
+def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference, tmp_path, capsys, monkeypatch):
     """`predict --checkpoint A B --weights 3 1`: the trained reduced resnet18 (native, 32 px) and
     timm's test_efficientnet (exported graph, 48 px); each member predicts with its own eval
-    transform, size and TTA, and the probabilities are the weighted mean of the members' probs.npy."""
+    transform, size and TTA, and the probabilities are the weighted mean of the members' probs.npy;
+    from portable files, the same."""
     import torch
 
     import torch2flax
@@ -347,41 +354,25 @@ def test_predict_ensembles_backbones_backends_and_image_sizes(flowers, reference
     assert [r[0] for r in rows[1:]] == sets["test"].ids and [int(r[1]) for r in rows[1:]] == list(ens.argmax(1))
     assert f"predicted {len(sets['test'].ids)} records" in capsys.readouterr().out
 
+    # The same ensemble from portable files (`io.add_portable`, at each member's size) runs the
+    # programs, rebuilding nothing from timm, and gives the same probabilities (1e-6).
+    import shutil
 
-@pytest.mark.slow
-@pytest.mark.core
-def test_predict_runs_portable_programs_and_train_writes_one(flowers, one_device, tmp_path, monkeypatch):
-    """`train --portable` (the one-device run) adds best.msgpack's program; `predict` of it with an
-    exported test_efficientnet at 48 px (`io.add_portable`) runs both programs, rebuilding nothing
-    from timm, and gives the probabilities of the full models (`portable=False`) within 1e-6."""
-    import torch
-
-    import torch2flax
     from torch2flax import io
-    from torch2flax.portable import PortableModule
-    from torch2flax.train import predict
-    from torch2flax.train.checkpoint import DataSpec, TrainCheckpoint, save_checkpoint
 
-    _, globs = flowers
-    _, out = one_device
-    best = os.path.join(out, "best.msgpack")
-    assert isinstance(torch2flax.load(best)[0], PortableModule)
-    torch.manual_seed(1)
-    effnet = str(tmp_path / "effnet48.msgpack")
-    save_checkpoint(effnet, *torch2flax.convert("test_efficientnet", num_classes=NUM_CLASSES, image_size=48),
-                    TrainCheckpoint(epoch=0, data=DataSpec(48, 1.0)))
-    io.add_portable(effnet, image_size=48)
-    common = dict(tta=["hflip", "none"], batch_size=16, num_workers=0, progress=False)
-    full = predict([best, effnet], globs["test"], str(tmp_path / "full.csv"), portable=False, **common)
+    portable = []
+    for path, size in ((best, SIZE), (effnet, 48)):
+        portable.append(str(tmp_path / f"portable-{os.path.basename(path)}"))
+        shutil.copy(path, portable[-1])
+        io.add_portable(portable[-1], image_size=size)
 
     def rebuilt(*args, **kwargs):
         raise AssertionError("a model was rebuilt from its config")
 
     monkeypatch.setattr(io, "module_from_config", rebuilt)
-    fast = predict([best, effnet], globs["test"], str(tmp_path / "fast.csv"), **common)
-    np.testing.assert_array_equal(fast.ids, full.ids)
-    np.testing.assert_allclose(fast.probs, full.probs, rtol=0, atol=1e-6)
-    assert (tmp_path / "fast.csv").read_text() == (tmp_path / "full.csv").read_text()
+    fast = predict(portable, globs["test"], str(tmp_path / "fast.csv"), weights=[3, 1], tta=["hflip", "none"],
+                   **common)
+    np.testing.assert_allclose(fast.probs, ens, rtol=0, atol=1e-6)
 
 
 class _Sleepy:

@@ -61,7 +61,13 @@ def portable_program(module: Any, variables: Mapping, *, image_size: int | tuple
 
     from torch2flax.backend import input_hw
 
-    image_size, in_chans = input_hw(module, image_size), int(module.in_chans)
+    # A size given is the size the model runs at (the trainer's validation size), even for an exported
+    # graph traced at another (a convnet's graph runs at any size); else its fixed or pretrained size.
+    if image_size:
+        image_size = (image_size, image_size) if isinstance(image_size, int) else tuple(map(int, image_size))
+    else:
+        image_size = input_hw(module)
+    in_chans = int(module.in_chans)
     tree = _collections(variables)
     spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
     (b,) = export.symbolic_shape(BATCH)
