@@ -173,6 +173,9 @@ def test_recipes_and_saved_pipelines_give_the_same_batches_for_any_worker_count(
         load_augment(str(tmp_path / "nope.json"))
 
 
+# slow: worker processes (5-7 s); core: every stack's Python starts them
+@pytest.mark.slow
+@pytest.mark.core
 def test_two_workers_never_repeat_each_others_crops():
     """Control: a plain DataLoader's two workers draw identical crops; make_loader's do not."""
     from torch2flax.loaders import RecordTransform, make_loader, numpy_collate, train_transform
@@ -273,6 +276,9 @@ def _user_epoch(num_workers, epoch):
             np.concatenate([b["draw"].reshape(-1) for b in batches]))
 
 
+# slow: worker processes (5-7 s); core: every stack's Python starts them
+@pytest.mark.slow
+@pytest.mark.core
 def test_user_transform_with_module_compose_and_np_random_is_seeded():
     np.random.seed(123)
     expected = np.random.random()
