@@ -174,6 +174,7 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
         config = json.loads(payload["config"])
     except ValueError as e:  # a hand-edited or truncated JSON sidecar
         raise DataError(f"{source}: its model config is not valid JSON ({e})") from None
+    tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
     if portable is True and "portable" not in payload:
         raise DataError(f"{source}: holds no portable program; write one with `torch2flax convert ... --portable`, "
                         "`train --portable` or torch2flax.save(path, module, variables, portable=True)")
@@ -183,20 +184,17 @@ def model_from_payload(payload: Mapping[str, Any], source: str, head: Any = None
         check_format(config, source)
         record = payload["portable"]
         check_record(record, source)
-        tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
         check_variables(record, tree, source)
         module = PortableModule(record, record.get("pretrained_cfg", {}), config, source=source)
-        return module, freeze(jax.tree.map(jnp.asarray, tree))
-    module = module_from_config(config, source=source, head=head)
-    shapes = variable_shapes(module)
-    tree = {k: v for k, v in tree.items() if k in COLLECTIONS}
-    try:
-        tree, _ = unreplicate_like(tree, dict(shapes), source=source)
-    except DataError as e:
-        hint = file_backend(config, source).mismatch_hint(config)
-        if not hint:
-            raise
-        raise DataError(f"{e}. {hint}") from None
+    else:
+        module = module_from_config(config, source=source, head=head)
+        try:
+            tree, _ = unreplicate_like(tree, dict(variable_shapes(module)), source=source)
+        except DataError as e:
+            hint = file_backend(config, source).mismatch_hint(config)
+            if not hint:
+                raise
+            raise DataError(f"{e}. {hint}") from None
     return module, freeze(jax.tree.map(jnp.asarray, tree))
 
 

@@ -36,9 +36,7 @@ DTYPES = ("float32", "bfloat16")
 # jaxlib 0.7.2 (setup.cfg's lowest jax) reads StableHLO up to 1.13.0; later jaxlibs read every
 # version back to 0.9.0. A program written at this version loads on every supported jax.
 STABLEHLO_TARGET = "1.13.0"
-# Calling conventions 9 and 10 are both read by jax 0.7.2 through 0.12.1 (jax.export's
-# minimum/maximum_supported_calling_convention_version); the writer's default is recorded.
-BATCH = "b"
+BATCH = "b"  # the symbolic batch dimension
 
 
 def _version_key(v: str) -> tuple[int, ...]:
@@ -50,9 +48,9 @@ def _shape(shape: Sequence[Any]) -> list[Any]:
 
 
 def portable_program(module: Any, variables: Mapping, *, image_size: int | tuple[int, int] | None = None,
-            dtypes: Sequence[str] = DTYPES, platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
-    """The serialized eval forward of `module` at `image_size` (its fixed size if it has one, else
-    this, else its pretrained size), one program per dtype: the record `io.save(..., portable=True)`
+                     dtypes: Sequence[str] = DTYPES, platforms: Sequence[str] = PLATFORMS) -> dict[str, Any]:
+    """The serialized eval forward of `module` at `image_size` (default: its fixed size if it has
+    one, else its pretrained size), one program per dtype: the record `io.save(..., portable=True)`
     stores under the file's `"portable"` key."""
     import jax
     import jax.numpy as jnp
@@ -85,6 +83,7 @@ def portable_program(module: Any, variables: Mapping, *, image_size: int | tuple
         (out,) = exp.out_avals
         programs[name] = {
             "stablehlo": bytes(stablehlo.serialize_portable_artifact_str(exp.mlir_module(), target)),
+            # the writer's default; 9 and 10 are both read by jax 0.7.2 through 0.12.1
             "calling_convention_version": int(exp.calling_convention_version),
             "module_kept_var_idx": [int(i) for i in exp.module_kept_var_idx],
             "uses_global_constants": bool(exp.uses_global_constants),

@@ -45,8 +45,9 @@ def resolve(setting: str | None = AUTO, run_out: str | None = None) -> str | Non
     value = setting if setting is not None else os.environ.get(ENV)
     if value is not None:
         return None if value.strip().lower() == OFF else os.path.abspath(os.path.expanduser(value))
-    if users_jax_dir():
-        return users_jax_dir()
+    users = users_jax_dir()
+    if users:
+        return users
     if on_kaggle() and run_out:
         return os.path.abspath(os.path.join(run_out, RUN_SUBDIR))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
