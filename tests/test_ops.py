@@ -161,9 +161,11 @@ REDUCTIONS = [
     case(A._softmax.default, X, 1, False, grad=True),
     case(A._log_softmax.default, X, -1, False, grad=True),
     case(A._safe_softmax.default, X, -1, grad=True),
-    # a fully masked row (all -inf) gives zeros, a partly masked one a softmax over the rest
+    # a fully masked row (all -inf) gives zeros, a partly masked one a softmax over the rest; the
+    # gradient is torch's (zero on a masked row, not NaN)
     case(A._safe_softmax.default, torch.where(torch.arange(5) < 2, -math.inf, X).index_fill(2, torch.tensor([1]),
-                                                                                          -math.inf), -1, id="masked"),
+                                                                                          -math.inf), -1, id="masked",
+         grad=True),
 ]
 
 SHAPES = [
@@ -289,6 +291,9 @@ MATMULS = [
     case(A.bmm.default, rnd(2, 3, 4), rnd(2, 4, 5), grad=True),
     case(A.addmm.default, rnd(5), rnd(3, 4), rnd(4, 5), grad=True),
     case(A.addmm.default, rnd(3, 5), rnd(3, 4), rnd(4, 5), beta=0.5, alpha=2.0, grad=True, id="beta-alpha"),
+    # kept whole at export: one dot_general over the last dim of an N-D input, no flattening views
+    case(A.linear.default, rnd(2, 3, 4), rnd(5, 4), rnd(5), grad=True),
+    case(A.linear.default, rnd(3, 4), rnd(5, 4), grad=True, id="no-bias"),
 ]
 
 W, B, RM, RV = rnd(3), rnd(3), rnd(3), rnd(3, lo=0.5, hi=2.0)
@@ -730,3 +735,31 @@ def test_channels_last_stays_channels_last_through_a_resnet_block():
         hlo = jax.jit(jax.grad(lambda d: block(layout.ChannelsLast(d)).sum())).lower(x.data).as_text()
     transposes = [line for line in hlo.splitlines() if "stablehlo.transpose" in line]
     assert all("4x4x3x3" in t or "3x3x4x4" in t for t in transposes), transposes
+
+
+def test_linear_on_tokens_is_one_dot_general_without_flattening_views():
+    """`nn.Linear` on a [batch, tokens, features] input stays one `aten.linear` at export and one
+    `dot_general` in JAX: torch's decomposition (view to 2-D, addmm, view back) made every view a
+    relayout copy on a TPU where the token count is not a multiple of its tile (vit_small on a
+    v5e: 0.681 -> 0.582 GB of HBM traffic per image, docs/benchmarks.md#compiled-for-a-tpu)."""
+    import jax
+
+    from torch2flax.export import ops
+    from torch2flax.export.capture import export_timm
+
+    class Tokens(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, 5)
+
+        def forward(self, x):
+            return self.fc(x.flatten(2).transpose(1, 2))  # 7 x 7 = 49 tokens
+
+    program = export_timm(Tokens().eval(), train=False, input_size=(3, 7, 7))
+    (linear,) = [n for n in program.graph.nodes if n.target == torch.ops.aten.linear.default]
+    assert linear.args[0].target == torch.ops.aten.permute.default  # the tokens, not a 2-D view of them
+    assert torch.ops.aten.addmm.default not in [n.target for n in program.graph.nodes]
+    x, w, b = rnd(2, 49, 3).numpy(), rnd(5, 3).numpy(), rnd(5).numpy()
+    jaxpr = jax.make_jaxpr(ops.linear)(x, w, b)
+    assert [e.primitive.name for e in jaxpr.eqns if e.primitive.name in ("reshape", "transpose", "dot_general")] \
+        == ["dot_general"]

@@ -150,8 +150,32 @@ def test_unknown_tpu_lists_the_known():
     with pytest.raises(TPUCheckError, match="unknown TPU 'v9-8': expected one of v3-8, "):
         target("v9-8")
     from torch2flax.errors import ConfigError
+    from torch2flax.train.cli import TPU_NAMES
+    from torch2flax.train.tpu_check import TPUS
 
     assert issubclass(TPUCheckError, ConfigError) and issubclass(TPUCheckError, ValueError)  # a user's fix
+    assert TPU_NAMES == tuple(TPUS)  # the CLI's choices (kept free of jax's import) are the targets
+
+
+@pytest.mark.slow
+def test_a_v4_8_is_four_megacore_devices(libtpu):
+    """A v4 chip's two cores are one device (jax shows a v4-8 as 4 devices of 32 GiB): libtpu's
+    default "v4:2x2x1" would describe 8 single-core devices, and per-device memory would be halved."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from torch2flax.train.tpu_check import target, tpu_devices
+
+    tpu = target("v4-8")
+    devices, _ = tpu_devices(tpu)
+    assert (len(devices), {d.device_kind for d in devices}, tpu.hbm_gib) == (4, {"TPU v4"}, 32)
+    assert len({tuple(d.coords) for d in devices}) == 4  # one device per chip
+    x = jax.ShapeDtypeStruct((4 * 128, 256), jnp.bfloat16,
+                             sharding=NamedSharding(Mesh(np.array(devices), ("b",)), PartitionSpec("b")))
+    compiled = jax.jit(lambda a: a @ a.T).lower(x).compile()
+    assert compiled.memory_analysis().argument_size_in_bytes == 128 * 256 * 2  # a quarter of x per device
 
 
 # --------------------------------------------------------------------------------------- compiling

@@ -11,7 +11,7 @@ from torch2flax.train.config import TrainConfig, field_value, fixed_on_resume
 from torch2flax.utils import add_deprecated_alias
 
 # train/tpu_check.TPUS' keys (that module imports jax: kept out of `--help`'s path).
-TPU_NAMES = ("v3-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v6e-1", "v6e-8")
+TPU_NAMES = ("v3-8", "v4-8", "v5e-1", "v5e-4", "v5e-8", "v5p-8", "v6e-1", "v6e-8")
 _FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 

@@ -56,14 +56,16 @@ class TPU:
     hbm_gib: float  # per device
     peak_bf16_tflops: float  # per device
     hbm_gbps: float  # per device, GB/s
+    chip_config: str = ""  # libtpu's chip_config_name, where the default is not what a slice shows jax
 
 
 # Per-device peak bf16 FLOP/s and HBM bandwidth (cloud.google.com/tpu/docs/system-architecture-tpu-vm,
-# the v5e/v5p/v6e pages): v3 123 TFLOP/s and 900 GB/s per chip, shared by its 2 cores (one device each).
-# v4-8 is left out: libtpu's "v4:2x2x1" describes 8 single-core devices, where a v4-8 shows jax 4
-# megacore chips, so its memory per device would be wrong.
+# the v4/v5e/v5p/v6e pages): v3 123 TFLOP/s and 900 GB/s per chip, shared by its 2 cores (one device each).
+# A v4 chip's two cores are one megacore device (a v4-8 shows jax 4): libtpu's "v4:2x2x1" describes 8
+# single-core devices unless asked for the "megacore" chip config (then 4 devices of 32 GiB).
 TPUS = {t.name: t for t in (
     TPU("v3-8", "v3:2x2", (2, 2, 1), 8, "TPU v3", 16, 61.5, 450),
+    TPU("v4-8", "v4:2x2x1", (2, 2, 1), 4, "TPU v4", 32, 275, 1200, chip_config="megacore"),
     TPU("v5e-1", "v5e:1x1", (1, 1, 1), 1, "TPU v5 lite", 16, 197, 819),
     TPU("v5e-4", "v5e:2x2", (2, 2, 1), 4, "TPU v5 lite", 16, 197, 819),
     TPU("v5e-8", "v5e:2x4", (2, 4, 1), 8, "TPU v5 lite", 16, 197, 819),
@@ -153,19 +155,20 @@ import sys, jax, jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 t = topologies.get_topology_desc(platform="tpu", topology_name=sys.argv[1],
-                                 chips_per_host_bounds=tuple(map(int, sys.argv[2].split(","))))
+                                 chips_per_host_bounds=tuple(map(int, sys.argv[2].split(","))),
+                                 **({"chip_config_name": sys.argv[3]} if sys.argv[3] else {}))
 s = jax.ShapeDtypeStruct((128, 128), jnp.bfloat16, sharding=NamedSharding(Mesh(t.devices, ("b",)), P()))
 jax.jit(lambda x: x @ x).lower(s).compile()
 """
 
 
 @functools.cache
-def _probe(path: str, topology: str, bounds: tuple[int, ...]) -> tuple[int, str]:
+def _probe(path: str, topology: str, bounds: tuple[int, ...], chip_config: str) -> tuple[int, str]:
     # ALLOW_MULTIPLE_LIBTPU_LOAD: this process may hold libtpu's lockfile (jax starts a TPU backend
     # whenever libtpu is installed, even with no TPU); the child only describes a topology.
     env = {**os.environ, "TPU_LIBRARY_PATH": path, "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu",
            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    done = subprocess.run([sys.executable, "-c", _PROBE, topology, ",".join(map(str, bounds))], env=env,
+    done = subprocess.run([sys.executable, "-c", _PROBE, topology, ",".join(map(str, bounds)), chip_config], env=env,
                           capture_output=True, text=True, timeout=600)
     return done.returncode, done.stderr
 
@@ -182,7 +185,7 @@ def tpu_devices(tpu: TPU) -> tuple[list[Any], str]:
         raise TPUCheckError(f"compiling for a {tpu.name} needs libtpu, and none is installed: {how_to_get_libtpu()}")
     # A libtpu that does not pair with jax can crash the process (SIGSEGV compiling for a topology: jax
     # 0.7.2 with libtpu 0.0.21.1), which would take a notebook's kernel with it: try it in a child first.
-    code, err = _probe(path, tpu.topology, tpu.host_bounds)
+    code, err = _probe(path, tpu.topology, tpu.host_bounds, tpu.chip_config)
     if code != 0:
         expected = libtpu_expected()
         why = f"killed by signal {-code}" if code < 0 else "failed: " + _last_lines(err, 3)
@@ -201,7 +204,8 @@ def tpu_devices(tpu: TPU) -> tuple[list[Any], str]:
     from jax.experimental import topologies
 
     topo = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology,
-                                        chips_per_host_bounds=tpu.host_bounds)
+                                        chips_per_host_bounds=tpu.host_bounds,
+                                        **({"chip_config_name": tpu.chip_config} if tpu.chip_config else {}))
     note = f"libtpu {version or path}'s {tpu.topology} topology"
     if not _pairs(version, libtpu_expected()):
         note += f" (jax {jax.__version__} pins libtpu {libtpu_expected()}: an unpaired libtpu)"

@@ -75,8 +75,9 @@ def export_timm(
 
 
 def decompositions() -> Any:
-    """torch.export's core-ATen table without `aten._safe_softmax`, which the interpreter lowers
-    whole (`ops.safe_softmax` says why)."""
+    """torch.export's core-ATen table without `aten._safe_softmax` and `aten.linear`, which the
+    interpreter lowers whole (`ops.safe_softmax` and `ops.linear` say why)."""
     table = torch.export.default_decompositions()
     table.pop(torch.ops.aten._safe_softmax.default, None)
+    table.pop(torch.ops.aten.linear.default, None)
     return table

@@ -624,7 +624,8 @@ def softmax(x, dim, half_to_float=False):
 
 @register(aten._safe_softmax.default)
 def safe_softmax(x, dim, dtype=None):
-    """`scaled_dot_product_attention`'s softmax: rows that are all -inf (fully masked) give zeros.
+    """`scaled_dot_product_attention`'s softmax: rows that are all -inf (fully masked) give zeros,
+    and so does their gradient.
 
     Kept whole at export (`capture.DECOMPOSITIONS`): torch's decomposition compares every score
     with -inf and reduces the boolean map, an attention-sized mask that training keeps for the
@@ -633,8 +634,26 @@ def safe_softmax(x, dim, dtype=None):
     """
     if dtype is not None:
         x = x.astype(jax_dtype(dtype))
-    y = jax.nn.softmax(x, axis=dim)
-    return jnp.where(jnp.max(x, axis=dim, keepdims=True) == -jnp.inf, jnp.zeros((), y.dtype), y)
+    return _row_safe_softmax(x, dim)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def _row_safe_softmax(x, axis):
+    # Not jnp.where(all -inf, 0, jax.nn.softmax(x)): softmax's rule differentiates through the NaN
+    # row that where hides, and with jax 0.7.2 a fully masked row's gradient came out NaN
+    # (tests/test_ops.py). Here an all -inf row is exp(-inf) / 1 = 0, and the rule below uses only
+    # the output, as softmax's own does.
+    m = jnp.max(x, axis=axis, keepdims=True)
+    e = jnp.exp(x - lax.stop_gradient(jnp.where(jnp.isneginf(m), jnp.zeros((), m.dtype), m)))
+    s = jnp.sum(e, axis=axis, keepdims=True)
+    return e / jnp.where(s == 0, jnp.ones((), s.dtype), s)
+
+
+@_row_safe_softmax.defjvp
+def _row_safe_softmax_jvp(axis, primals, tangents):
+    (x,), (t,) = primals, tangents
+    y = _row_safe_softmax(x, axis)
+    return y, y * (t - jnp.sum(y * t, axis=axis, keepdims=True))
 
 
 @register(aten._log_softmax.default)
@@ -650,6 +669,20 @@ register(aten.mm.default, aten.bmm.default)(jnp.matmul)
 @register(aten.addmm.default)
 def addmm(bias, a, b, beta=1, alpha=1):
     return _alpha(bias, beta) + _alpha(jnp.matmul(a, b), alpha)
+
+
+@register(aten.linear.default)
+def linear(x, weight, bias=None):
+    """`nn.Linear` on the whole input, kept whole at export (`capture.decompositions`).
+
+    torch's decomposition flattens the leading dims (`view` to 2-D, `addmm`, `view` back): where
+    a dim is not a multiple of the TPU's tile (197 tokens), each view is a relayout copy, in the
+    forward and backward pass (vit_small's train step on a v5e: docs/tpu-compare.md). One
+    `dot_general` over the last dim needs none.
+    """
+    dtype = jnp.result_type(x, weight)
+    y = lax.dot_general(x.astype(dtype), weight.astype(dtype), (((x.ndim - 1,), (1,)), ((), ())))
+    return y if bias is None else y + bias
 
 
 @register(aten.convolution.default)
