@@ -169,9 +169,9 @@ def run_coverage(args) -> None:
 TPU_COLUMN = "TPU v5e-8 bf16, HBM/chip at 32/chip"
 
 
-def _tpu_cell(r: dict[str, Any] | None) -> str:
+def _tpu_cell(r: dict[str, Any] | None, converted: bool = True) -> str:
     if r is None:
-        return "not run"
+        return "not run" if converted else "n/a: not converted"
     if r["compiled"]:
         return f"{r['hbm'] / GiB:.2f} GiB"
     return f"NO: {r['error']}"[:120]
@@ -197,7 +197,8 @@ def add_tpu_column(md: str, rows: list[dict[str, Any]]) -> None:
             header = next(o for o in reversed(out) if o.startswith("| family |"))
             if line.count("|") == header.count("|"):  # the column is there: rewrite it
                 line = "|".join(cells[:-2]) + "|"
-            line = line + f" {_tpu_cell(by_family.get(family))} |"
+            converted = bool(cells[3].strip())  # the input column: empty where the family was skipped
+            line = line + f" {_tpu_cell(by_family.get(family), converted)} |"
         out.append(line)
     with open(md, "w") as f:
         f.write("\n".join(out) + "\n")
