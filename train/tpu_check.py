@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
+import json
 import os
 import re
 import subprocess
@@ -57,6 +58,11 @@ class TPU:
     peak_bf16_tflops: float  # per device
     hbm_gbps: float  # per device, GB/s
     chip_config: str = ""  # libtpu's chip_config_name, where the default is not what a slice shows jax
+
+    def topology_kwargs(self) -> dict[str, Any]:
+        """`get_topology_desc`'s arguments for this slice (the child probe's too)."""
+        kw: dict[str, Any] = {"topology_name": self.topology, "chips_per_host_bounds": list(self.host_bounds)}
+        return {**kw, "chip_config_name": self.chip_config} if self.chip_config else kw
 
 
 # Per-device peak bf16 FLOP/s and HBM bandwidth (cloud.google.com/tpu/docs/system-architecture-tpu-vm,
@@ -151,24 +157,22 @@ def how_to_get_libtpu() -> str:
 
 
 _PROBE = """
-import sys, jax, jax.numpy as jnp
+import json, sys, jax, jax.numpy as jnp
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-t = topologies.get_topology_desc(platform="tpu", topology_name=sys.argv[1],
-                                 chips_per_host_bounds=tuple(map(int, sys.argv[2].split(","))),
-                                 **({"chip_config_name": sys.argv[3]} if sys.argv[3] else {}))
+t = topologies.get_topology_desc(platform="tpu", **json.loads(sys.argv[1]))
 s = jax.ShapeDtypeStruct((128, 128), jnp.bfloat16, sharding=NamedSharding(Mesh(t.devices, ("b",)), P()))
 jax.jit(lambda x: x @ x).lower(s).compile()
 """
 
 
 @functools.cache
-def _probe(path: str, topology: str, bounds: tuple[int, ...], chip_config: str) -> tuple[int, str]:
+def _probe(path: str, topology_kwargs: str) -> tuple[int, str]:
     # ALLOW_MULTIPLE_LIBTPU_LOAD: this process may hold libtpu's lockfile (jax starts a TPU backend
     # whenever libtpu is installed, even with no TPU); the child only describes a topology.
     env = {**os.environ, "TPU_LIBRARY_PATH": path, "TPU_SKIP_MDS_QUERY": "1", "JAX_PLATFORMS": "cpu",
            "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    done = subprocess.run([sys.executable, "-c", _PROBE, topology, ",".join(map(str, bounds)), chip_config], env=env,
+    done = subprocess.run([sys.executable, "-c", _PROBE, topology_kwargs], env=env,
                           capture_output=True, text=True, timeout=600)
     return done.returncode, done.stderr
 
@@ -185,7 +189,7 @@ def tpu_devices(tpu: TPU) -> tuple[list[Any], str]:
         raise TPUCheckError(f"compiling for a {tpu.name} needs libtpu, and none is installed: {how_to_get_libtpu()}")
     # A libtpu that does not pair with jax can crash the process (SIGSEGV compiling for a topology: jax
     # 0.7.2 with libtpu 0.0.21.1), which would take a notebook's kernel with it: try it in a child first.
-    code, err = _probe(path, tpu.topology, tpu.host_bounds, tpu.chip_config)
+    code, err = _probe(path, json.dumps(tpu.topology_kwargs()))  # a string: the cache's key
     if code != 0:
         expected = libtpu_expected()
         why = f"killed by signal {-code}" if code < 0 else "failed: " + _last_lines(err, 3)
@@ -203,9 +207,7 @@ def tpu_devices(tpu: TPU) -> tuple[list[Any], str]:
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
-    topo = topologies.get_topology_desc(platform="tpu", topology_name=tpu.topology,
-                                        chips_per_host_bounds=tpu.host_bounds,
-                                        **({"chip_config_name": tpu.chip_config} if tpu.chip_config else {}))
+    topo = topologies.get_topology_desc(platform="tpu", **tpu.topology_kwargs())
     note = f"libtpu {version or path}'s {tpu.topology} topology"
     if not _pairs(version, libtpu_expected()):
         note += f" (jax {jax.__version__} pins libtpu {libtpu_expected()}: an unpaired libtpu)"

@@ -627,7 +627,7 @@ def safe_softmax(x, dim, dtype=None):
     """`scaled_dot_product_attention`'s softmax: rows that are all -inf (fully masked) give zeros,
     and so does their gradient.
 
-    Kept whole at export (`capture.DECOMPOSITIONS`): torch's decomposition compares every score
+    Kept whole at export (`capture.decompositions`): torch's decomposition compares every score
     with -inf and reduces the boolean map, an attention-sized mask that training keeps for the
     backward pass (vit_small's train step on a v5e: +65% HBM traffic against a plain Flax ViT,
     docs/benchmarks.md). A row is all -inf exactly when its max is, which softmax computes anyway.
