@@ -1,6 +1,8 @@
 """JAX's persistent compilation cache as `train`, `predict` and `demo` use it (`train.compile_cache`):
 where it goes, that a second process loads its programs from it, and that entries it cannot use
-(unreadable, or written by another jax: tests/test_cross_stack.py) are compiled again, not fatal."""
+(unreadable, or written by another jax: tests/test_cross_stack.py) are compiled again, not fatal.
+A resumed run loading its train and eval steps from the entries of the run it continues (a killed
+`torch2flax train --compile-cache DIR`): tests/test_cv.py::test_a_fold_killed_partway_resumes_exactly."""
 from __future__ import annotations
 
 import json
@@ -103,44 +105,3 @@ def test_train_predict_and_demo_take_the_flag():
     assert parser.parse_args(["predict", "--checkpoint", "c", "--test", "t"]).compile_cache == "auto"
     assert parser.parse_args(["train", "--train", "x"]).compile_cache is None  # the config's (auto) unless given
 
-
-# `torch2flax train ...` in a fresh process, counting the programs it loads from the cache.
-COUNTED_CLI = """
-import json, sys
-import jax
-hits = []
-jax.monitoring.register_event_listener(
-    lambda event, **kw: hits.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
-from torch2flax.cli import main
-status = main(sys.argv[1:])
-print(json.dumps({"status": status, "hits": len(hits)}))
-"""
-
-
-@pytest.mark.slow
-def test_a_resumed_run_loads_its_steps_from_the_cache_the_first_run_filled(tmp_path):
-    from tests.helpers import save_reduced_resnet18, write_flower_splits
-
-    _, globs = write_flower_splits(tmp_path / "data", train=16, val=16, test=1, num_classes=3, size=32)
-    init = save_reduced_resnet18(tmp_path / "r18.msgpack", num_classes=3)
-    cache, out = tmp_path / "cache", tmp_path / "run"
-    env = single_device_env(JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the small model's steps too
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)
-
-    def train(*args: str) -> tuple[dict, str]:
-        proc = subprocess.run([sys.executable, "-c", COUNTED_CLI, "train", *args, "--quiet"], capture_output=True,
-                              text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        return json.loads(proc.stdout.strip().splitlines()[-1]), proc.stdout
-
-    first, printed = train("--train", globs["train"], "--val", globs["val"], "--init", str(init), "--num-classes", "3",
-                           "--image-size", "32", "--batch-size", "16", "--epochs", "2", "--num-workers", "0",
-                           "--num-devices", "1", "--out", str(out), "--stop-after-epochs", "1",
-                           "--compile-cache", str(cache))
-    assert f"compile cache: {cache}" in printed
-    entries = set(os.listdir(cache))
-    assert entries
-    resumed, _ = train("--resume", str(out), "--compile-cache", str(cache))
-    # Nearly every program comes from the cache (2026-12-07, jax 0.10.2: 58 hits on 56 entries, one
-    # new entry), the train and eval steps among them.
-    assert resumed["hits"] >= len(entries) - 2 and len(set(os.listdir(cache)) - entries) <= 2

@@ -1,8 +1,11 @@
 """k-fold cross-validation (`train.cv`, `loaders.folds`): folds, out-of-fold rows, the CV score."""
+import contextlib
 import csv
 import functools
 import json
+import logging
 import os
+import re
 
 import numpy as np
 import pytest
@@ -177,13 +180,15 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
 
 # slow: fits in a subprocess
 @pytest.mark.slow
-def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
+def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path, caplog, capsys):
     """`torch2flax train --train A B --folds 3 --fold 1 --checkpoint-every 1`, SIGKILLed in epoch 2 of 2
     (it dies at once; the newest committed checkpoint stands), leaves fold 1 without OOF rows;
     `--resume OUT/fold1` finishes that fold (same split) from its newest checkpoint, ending where the
     uninterrupted fold ends (loss rel 1e-6, weights and OOF probabilities 1e-6), and writes its rows.
     The fold trains with MixUp and CutMix (`train.mix`, in the compiled step: their draws resume
-    too) and an albumentations pipeline file (its per-sample seeding too)."""
+    too) and an albumentations pipeline file (its per-sample seeding too). The killed process had
+    `--compile-cache DIR`: the resume (in this process) loads its train and eval steps from the
+    entries it wrote (`train.compile_cache`; tests/test_compile_cache.py has the cache's own tests)."""
     import signal
     import subprocess
     import sys
@@ -195,7 +200,7 @@ def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
     from torch2flax.train.checkpoint import latest_step_dir
 
     globs, labels, root = labelled
-    out = tmp_path / "cv"
+    out, cache = tmp_path / "cv", tmp_path / "cache"
     augment = tmp_path / "my_aug.yaml"
     A.save(A.Compose([A.RandomResizedCrop((SIZE, SIZE), scale=(0.5, 1.0)), A.HorizontalFlip(),
                       A.CoarseDropout(p=0.5)]), str(augment), data_format="yaml")
@@ -204,9 +209,10 @@ def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
             "--crop-pct", "1.0", "--scale-min", "0.5", "--batch-size", "16", "--epochs", "2", "--lr", "2e-3",
             "--warmup-epochs", "0.5", "--num-workers", "0", "--num-devices", "1",
             "--out", str(out), "--quiet", "--mixup", "0.2", "--cutmix", "1.0", "--mix-prob", "0.8",
-            "--checkpoint-every", "1"]
+            "--checkpoint-every", "1", "--compile-cache", str(cache)]
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}  # the small model's steps too
     proc = subprocess.Popen([sys.executable, "-c", PACED_CLI, *argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, env=env)
     checkpoints = out / "fold1" / "checkpoints"
 
     def newest() -> int:
@@ -221,7 +227,13 @@ def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
     proc.communicate(timeout=120)
     assert 6 <= newest() < 8 and not (out / "fold1" / "oof.csv").exists()
     assert not (out / "fold0").exists()
-    assert main(["train", "--resume", str(out / "fold1"), "--quiet"]) == 0
+    written = set(os.listdir(cache))
+    with _cache_hits(caplog) as hits:
+        assert main(["train", "--resume", str(out / "fold1"), "--quiet"]) == 0  # the saved --compile-cache
+    assert f"compile cache: {cache}\n" in capsys.readouterr().out
+    # The killed run's two largest programs (its train and eval steps) are loaded, not compiled.
+    largest = sorted((n for n in written if (cache / n).is_file()), key=lambda n: (cache / n).stat().st_size)[-2:]
+    assert len(largest) == 2 and all(any(name.startswith(key) for key in hits) for name in largest), (largest, hits)
     with open(out / "fold1" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == [0, 1] and all(np.isfinite(float(r["train_loss"])) for r in rows)
@@ -253,6 +265,27 @@ def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
     oof = [np.loadtxt(d / "fold1" / "oof.csv", delimiter=",", skiprows=1, usecols=range(4, 4 + NUM_CLASSES))
            for d in (out, ref)]
     np.testing.assert_allclose(oof[0], oof[1], atol=1e-6, rtol=0)
+
+
+@contextlib.contextmanager
+def _cache_hits(caplog):
+    """The keys of the programs loaded from JAX's persistent cache meanwhile (jax logs each hit);
+    this process's cache folder is put back afterwards (the run moved it to its own)."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+
+    from torch2flax.train import compile_cache
+
+    saved, enabled = jax.config.jax_compilation_cache_dir, list(compile_cache._enabled)
+    hits: list[str] = []
+    try:
+        with caplog.at_level(logging.DEBUG, logger="jax._src.compiler"):
+            yield hits
+            hits += re.findall(r"cache hit for '[^']+' with key '([^']+)'", caplog.text, flags=re.IGNORECASE)
+    finally:
+        compilation_cache.reset_cache()
+        jax.config.update("jax_compilation_cache_dir", saved)
+        compile_cache._enabled[:] = enabled
 
 
 def test_member_tta_modes_are_one_for_all_or_one_per_checkpoint():

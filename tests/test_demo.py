@@ -30,7 +30,7 @@ sys.exit(main(sys.argv[1:]))
 
 def test_demo_one_epoch_writes_everything(tmp_path, capsys):
     out = tmp_path / "demo"
-    env = single_device_env()  # the plain single-CPU setup
+    env = single_device_env(xla_defaults=True)  # the plain single-CPU setup, compiled as users compile
     proc = subprocess.run([sys.executable, "-c", OFFLINE_CLI, "demo", "--out", str(out), "--epochs", "1",
                            "--quiet", "--no-pretrained"], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

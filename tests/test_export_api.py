@@ -242,3 +242,37 @@ def test_a_model_without_drop_path_rate_trains_and_setting_it_is_the_users_error
     assert converted.module.num_classes == 3 and "drop_path_rate" not in dict(converted.module.timm_kwargs)
     with pytest.raises(ConfigError, match="drop_path_rate"):
         prepare_model("ghostnet_050", drop_path_rate=0.1, **kw)
+
+
+def test_the_train_graph_is_exported_at_the_first_training_step_of_a_users_own_loop():
+    """`convert` exports the eval graph only; a hand-written jitted step (a notebook's loop) exports
+    the train graph inside its first trace, and the program it caches must not hold that trace's
+    values: the second step once failed with "Execution supplied 63 arguments but compiled program
+    expected 76" (the BatchNorm step counters, made as tracers of the first trace)."""
+    import jax
+
+    import torch2flax
+    from torch2flax.export import model
+
+    module, variables = torch2flax.convert("resnet18", backend="export", image_size=32, layers=[1, 1, 1, 1],
+                                           num_classes=3)
+    exported = {(key[0], key[2]) for key in model.CACHE._programs}
+    assert (module.spec, False) in exported and (module.spec, True) not in exported
+
+    def loss(params, stats, x):
+        out, updates = module.apply({"params": params, "batch_stats": stats}, x, train=True, mutable=["batch_stats"])
+        return (out**2).mean(), updates["batch_stats"]
+
+    @jax.jit
+    def step(params, stats, x):
+        (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params, stats, x)
+        return jax.tree_util.tree_map(lambda p, g: p - 1e-3 * g, params, grads), stats, value
+
+    params, stats = variables["params"], variables["batch_stats"]
+    x = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+    losses = []
+    for _ in range(3):
+        params, stats, value = step(params, stats, x)
+        losses.append(float(value))
+    assert (module.spec, True) in {(key[0], key[2]) for key in model.CACHE._programs}
+    assert losses[2] < losses[1] < losses[0], losses  # small steps down the gradient

@@ -1,8 +1,8 @@
 """The exported-graph backend: any timm model in Flax via `torch.export` and an ATen op table we own.
 
-`convert_exported(name_or_model)` exports the timm model's eval and train
-graphs (dynamic batch, fixed image size), checks them against the op table
-(`ops.OPS`) and returns `(ExportedModel, variables)`, where `ExportedModel` is a
+`convert_exported(name_or_model)` exports the timm model's eval graph (dynamic
+batch, fixed image size; the train graph on first use), checks it against the op
+table (`ops.OPS`) and returns `(ExportedModel, variables)`, where `ExportedModel` is a
 Flax linen module with the native models' contract (NHWC input,
 `__call__(x, train)`, `forward_features`, `forward_head`, `batch_stats`).
 """

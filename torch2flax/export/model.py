@@ -120,7 +120,12 @@ class ExportCache:
         with self._lock:
             prog = self._programs.get(key)
         if prog is None:
-            prog = _lower(self.model(spec), spec, method, train)
+            # Often first asked for inside a jit trace (the train graph at the first training step,
+            # another image size's graph): without this, the program's constants (`jnp` arrays made
+            # while lowering) would be that trace's tracers, cached and reused by later traces
+            # (measured: "Execution supplied 166 arguments but compiled program expected 181").
+            with jax.ensure_compile_time_eval():
+                prog = _lower(self.model(spec), spec, method, train)
             with self._lock:
                 if spec in self._models:  # not evicted meanwhile
                     self._programs[key] = prog
@@ -441,10 +446,11 @@ def convert_exported(
 ) -> tuple[ExportedModel, FrozenDict]:
     """Any timm model (name or instance) as `(ExportedModel, variables)` via torch.export.
 
-    Exports the eval and train graphs of `forward` at `image_size` (default: the
-    model's pretrained input size) and checks every op against the op table: an
-    unsupported op raises `UnsupportedOpError` here, naming the op, the model, the
-    node and its source line. The timm model comes from `torch2flax.timm_source.timm_model`
+    Exports the eval graph of `forward` at `image_size` (default: the model's
+    pretrained input size) and checks every op against the op table: an unsupported
+    op raises `UnsupportedOpError` here, naming the op, the model, the node and its
+    source line. The train graph is exported, and checked alike, when the model is
+    first applied with `train=True` (a training step's trace). The timm model comes from `torch2flax.timm_source.timm_model`
     (`checkpoint`, `pretrained`, `num_classes` as in `torch2flax.convert`). `variables` is a
     FrozenDict of float32 `params` and `batch_stats` (see `ExportedModel`).
     """
@@ -473,8 +479,10 @@ def from_source(source: Any, image_size: int | tuple[int, int] | None = None) ->
                       in_chans(model), _image_size(image_size, model), instance_key)
     CACHE.put(spec, model)
     try:
+        # The eval graph now; the train graph when the model first trains (`ExportedModel` exports
+        # on first use, as after `load`): converting for inference, parity or features exports once
+        # (the train graph took as long again: 8.4 of GhostNet's 17.4 s at 32 px, 2026-12-08).
         program(spec, "forward", False)
-        program(spec, "forward", True)
     except Exception:
         CACHE.drop(spec)
         raise
