@@ -101,12 +101,6 @@ def _known_xla_flags(flags: tuple[str, ...]) -> list[str]:
     return os.environ[key].split()
 
 
-def _jax_before(version: tuple[int, int]) -> bool:
-    from importlib import metadata
-
-    return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2]) < version
-
-
 if os.environ.get("TORCH2FLAX_TEST_XLA_DEFAULTS") != "1":
     # jax 0.7's XLA:CPU at backend optimisation level 0 (what JAX_DISABLE_MOST_OPTIMIZATIONS sets)
     # computes wrong gradients: the SE-ResNet-50 (layers 1,1,1,1) train step of test_models_resnet
@@ -115,7 +109,9 @@ if os.environ.get("TORCH2FLAX_TEST_XLA_DEFAULTS") != "1":
     # --xla_backend_optimization_level=0 (--xla_llvm_disable_expensive_passes alone is right). jax
     # 0.10 and 0.12 are right at level 0. So on jax < 0.8 only LLVM's expensive passes are skipped.
     _flags = ["--xla_cpu_use_fusion_emitters=false"]
-    if _jax_before((0, 8)):
+    from tests.helpers import jax_before
+
+    if jax_before((0, 8)):
         _flags.append("--xla_llvm_disable_expensive_passes=true")
     else:
         os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")

@@ -243,6 +243,14 @@ def remove_unless_failed(request, path, failed_before: int) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def jax_before(version: tuple[int, int]) -> bool:
+    """Whether the installed jaxlib is older than `version` (read without importing jax: conftest
+    asks before jax starts)."""
+    from importlib import metadata
+
+    return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2]) < version
+
+
 def single_device_env(*, xla_defaults: bool = False, **extra: str) -> dict[str, str]:
     """This process's environment for a subprocess that sees one CPU device, as on a laptop:
     conftest's XLA_FLAGS without the forced device count (its other flags kept). `xla_defaults`:

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from tests.helpers import PACED_CLI, remove_unless_failed, save_reduced_resnet18, write_flower_splits
+from tests.helpers import PACED_CLI, jax_before, remove_unless_failed, save_reduced_resnet18, write_flower_splits
 
 NUM_CLASSES = 4
 SIZE = 32
@@ -175,12 +175,6 @@ def test_fold_all_writes_oof_rows_for_every_record_and_the_cv_score_is_sklearns(
     remove_unless_failed(request, out, failed)
 
 
-def _jax_version() -> tuple[int, int]:
-    from importlib import metadata
-
-    return tuple(int(p) for p in metadata.version("jax").split(".")[:2])
-
-
 # `torch2flax train ...`; its last line: the keys of the programs it loaded from JAX's persistent cache (jax logs each hit).
 HITS_CLI = """
 import json, logging, re, sys
@@ -248,9 +242,8 @@ def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
     proc.communicate(timeout=120)
     assert 6 <= newest() < 8 and not (out / "fold1" / "oof.csv").exists()
     assert not (out / "fold0").exists()
-    written = set(os.listdir(cache))
-    # The resume in a fresh process, as after a preemption (on jax 0.7.2 this process's own compile of
-    # the steps missed the entries: 2026-12-08), with the saved --compile-cache.
+    entries = [name for name in os.listdir(cache) if (cache / name).is_file()]  # the killed run's
+    # The resume in a fresh process, as after a preemption, with the saved --compile-cache.
     resumed = subprocess.run([sys.executable, "-c", HITS_CLI, "train", "--resume", str(out / "fold1"), "--quiet"],
                              capture_output=True, text=True, env=env, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -260,10 +253,9 @@ def test_a_fold_killed_partway_resumes_exactly(labelled, tmp_path):
     # 0.12.1). Not so on jax 0.7.2 (Kaggle's and Colab's TPU stacks, 2026-12-08): there the resumed run
     # compiles its steps again (measured: 40 of the 43 entries loaded, the steps among the 3 missed), not
     # yet understood, so only the rest is held there.
-    entries = [n for n in written if (cache / n).is_file()]
     largest = sorted(entries, key=lambda n: (cache / n).stat().st_size)[-2:]
     loaded = [name for name in entries if any(name.startswith(key) for key in hits)]
-    if (0, 10) <= _jax_version():
+    if not jax_before((0, 10)):
         assert len(largest) == 2 and set(largest) <= set(loaded), (largest, hits)
     else:
         assert len(loaded) >= len(entries) - 3, (entries, hits)
